@@ -1,0 +1,1 @@
+"""Everything from the Plan on: surgery, ONNX export, ONNX Runtime validation, latency, report, CLI."""
