@@ -1,0 +1,156 @@
+"""The budget solver: share kept widths out across blocks so the plan fits a MAC budget exactly.
+
+Starting from the dense model, it removes one ``align``-sized chunk at a time from whichever
+(block, group) loses the least normalised importance per MAC saved, until MACs ≤ budget × dense.
+Widths therefore differ between blocks, every pruned width is a multiple of ``align`` (GEMM kernels
+stay fast), and no width falls below ``align``. MACs are counted exactly (``search.macs``), so
+the final plan never exceeds the budget.
+
+Scores are divided by their group's mean per (head, channel) or per unit, which makes a q/k chunk
+(align channels in each of H heads) and an MLP chunk (align units) comparable: both cost roughly
+their element count in importance, and the MAC price decides.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from search.errors import BudgetError
+from search.importance import BlockScores
+from search.macs import BlockWidths, ModelGeometry, model_macs, unit_macs
+from search.plan import BlockPlan, Plan
+
+GROUPS = ("qk", "v", "mlp")
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """How the solver turns scores into a plan.
+
+    Attributes:
+        budget: fraction of dense MACs to keep, in (0, 1].
+        align: kept widths are multiples of this (dense widths may stay as they are).
+        per_head_indices: choose q/k and v indices in each head separately (same count per head)
+            instead of the same indices in every head.
+    """
+
+    budget: float
+    align: int = 8
+    per_head_indices: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.budget <= 1.0:
+            raise BudgetError(f"budget must be in (0, 1], got {self.budget}; e.g. --budget 0.63 keeps 63% of the MACs")
+        if self.align < 1:
+            raise BudgetError(f"--align must be a positive integer, got {self.align}")
+
+
+def _normalised(scores: torch.Tensor) -> torch.Tensor:
+    scores = scores.double().clamp_min(0)
+    return scores / scores.mean().clamp_min(1e-30)
+
+
+def _removal_costs(scores: torch.Tensor, per_head: bool) -> torch.Tensor:
+    """Ascending cost of removing the 1st, 2nd, ... channel position of a group.
+
+    For heads x channels scores, removing one position removes one channel in every head: with shared
+    indices that is the lowest head-summed index; per head, each head's own lowest channel.
+    """
+    s = _normalised(scores)
+    if s.dim() == 1:
+        return s.sort().values
+    if per_head:
+        return s.sort(dim=1).values.sum(0)
+    return s.sum(0).sort().values
+
+
+def _next_width(width: int, align: int) -> int | None:
+    nxt = ((width - 1) // align) * align
+    return nxt if nxt >= align else None
+
+
+def min_widths(geometry: ModelGeometry, align: int) -> tuple[BlockWidths, ...]:
+    """The smallest widths the solver may reach: ``align`` everywhere (or dense, if narrower)."""
+    return tuple(
+        BlockWidths(heads=w.heads, qk=min(w.qk, align), v=min(w.v, align), mlp=min(w.mlp, align))
+        for w in geometry.dense_widths()
+    )
+
+
+def solve_widths(
+    geometry: ModelGeometry, scores: tuple[BlockScores, ...], config: SolverConfig
+) -> tuple[BlockWidths, ...]:
+    """Kept widths per block with MACs ≤ budget × dense; raises BudgetError when unreachable."""
+    dense = model_macs(geometry)
+    target = config.budget * dense
+    floor = model_macs(geometry, min_widths(geometry, config.align))
+    if floor > target:
+        raise BudgetError(
+            f"budget {config.budget:g} is unreachable: the smallest model with widths aligned to "
+            f"{config.align} keeps {floor / dense:.3f} of the MACs; raise --budget or lower --align"
+        )
+    costs = [{g: _removal_costs(getattr(s, g), config.per_head_indices) for g in GROUPS} for s in scores]
+    widths = list(geometry.dense_widths())
+    macs = dense
+    while macs > target:
+        best: tuple[float, int, str, int, int] | None = None
+        for i, w in enumerate(widths):
+            dense_w = geometry.blocks[i].dense
+            for g in GROUPS:
+                cur = getattr(w, g)
+                nxt = _next_width(cur, config.align)
+                if nxt is None:
+                    continue
+                full = getattr(dense_w, g)
+                lost = float(costs[i][g][full - cur : full - nxt].sum())
+                saved = unit_macs(geometry, i, w, g) * (cur - nxt)
+                if best is None or lost / saved < best[0]:
+                    best = (lost / saved, i, g, nxt, saved)
+        assert best is not None, "floor check guarantees a move exists while above target"
+        _, i, g, nxt, saved = best
+        widths[i] = replace(widths[i], **{g: nxt})
+        macs -= saved
+    return tuple(widths)
+
+
+def _top(scores: torch.Tensor, k: int) -> tuple[int, ...]:
+    return tuple(sorted(torch.topk(scores.double(), k, sorted=False).indices.tolist()))
+
+
+def select_indices(scores: BlockScores, widths: BlockWidths, per_head: bool) -> BlockPlan:
+    """Keep the highest-scoring channels of one block at the given widths."""
+    heads = tuple(range(scores.qk.shape[0]))
+
+    def rows(s: torch.Tensor, k: int) -> tuple[tuple[int, ...], ...]:
+        if per_head:
+            return tuple(_top(s[h], k) for h in heads)
+        return (_top(s.double().sum(0), k),) * len(heads)
+
+    return BlockPlan(heads=heads, qk=rows(scores.qk, widths.qk), v=rows(scores.v, widths.v), mlp=_top(scores.mlp, widths.mlp))
+
+
+def make_plan(
+    geometry: ModelGeometry,
+    scores: tuple[BlockScores, ...],
+    config: SolverConfig,
+    *,
+    model: str,
+    img_size: int,
+    method: str,
+) -> Plan:
+    """Solve widths under the budget and pick the indices to keep: the search's final Plan."""
+    widths = solve_widths(geometry, scores, config)
+    blocks = tuple(select_indices(s, w, config.per_head_indices) for s, w in zip(scores, widths))
+    plan = Plan(
+        model=model,
+        img_size=img_size,
+        method=method,
+        budget=config.budget,
+        align=config.align,
+        dense_macs=model_macs(geometry),
+        pruned_macs=model_macs(geometry, widths),
+        blocks=blocks,
+    )
+    plan.check(geometry, model)
+    return plan
