@@ -1,0 +1,86 @@
+"""``prune-export MODEL --budget B -o OUT.onnx``: the command line.
+
+Bad input ends in one line on stderr and a non-zero exit, never a traceback. Progress goes to
+stderr and the summary table to stdout.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from search.errors import BudgetError, UserError
+from search.methods import method_names
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+DEBUG_ENV = "PRUNE_EXPORT_DEBUG"
+
+
+def parse_budget(text: str) -> float:
+    """The budget as a float in (0, 1]; BudgetError with the accepted range otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise BudgetError(f"--budget must be a number in (0, 1], got '{text}'; e.g. --budget 0.63") from None
+    if not 0.0 < value <= 1.0:
+        raise BudgetError(f"--budget must be in (0, 1], got {text}; it is the fraction of dense MACs to keep")
+    return value
+
+
+def _check_method(name: str) -> str:
+    if name not in method_names():
+        raise typer.BadParameter(f"unknown method '{name}'; choose one of {', '.join(method_names())}")
+    return name
+
+
+@app.command()
+def prune_export(
+    model: str = typer.Argument(..., help="Model: dinov2_s, deit_t, deit_s, deit_b, or a timm ViT name."),
+    output: Path = typer.Option(..., "-o", "--output", help="ONNX file to write; the report goes next to it."),
+    budget: str = typer.Option("0.63", "--budget", "-b", help="Fraction of dense MACs to keep, in (0, 1]."),
+    method: str = typer.Option("magnitude", help="Selection method.", callback=_check_method),
+    align: int = typer.Option(8, min=1, help="Kept widths are multiples of this."),
+    checkpoint: Optional[Path] = typer.Option(None, help="State dict (.pth/.pt/.safetensors) to load."),
+    random_init: bool = typer.Option(False, "--random-init", help="Allow random weights (latency only)."),
+    img_size: Optional[int] = typer.Option(None, min=16, help="Input resolution (default: the model's)."),
+    data: Optional[Path] = typer.Option(None, help="ImageFolder for calibration and parity."),
+    plan: Optional[Path] = typer.Option(None, help="Replay this plan.json instead of searching."),
+    per_head_indices: bool = typer.Option(False, "--per-head-indices", help="Choose indices per head (same count)."),
+    seed: int = typer.Option(0, help="Seed for random weights, random scores and sampling."),
+    calib_images: int = typer.Option(16, min=1, help="Images for calibration and parity."),
+    latency_runs: int = typer.Option(20, min=0, help="Interleaved runs per model for latency (0 skips)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime threads (default: all cores)."),
+) -> None:
+    """Prune a vision transformer under a MAC budget and write a validated ONNX file."""
+    err = Console(stderr=True)
+    try:
+        from exporter.pipeline import RunConfig, run
+        from exporter.report import print_summary
+
+        cfg = RunConfig(
+            model=model, budget=parse_budget(budget), output=output, method=method, align=align,
+            checkpoint=checkpoint, random_init=random_init, img_size=img_size, data=data, plan=plan,
+            per_head_indices=per_head_indices, seed=seed, calib_images=calib_images,
+            latency_runs=latency_runs, threads=threads,
+        )
+        report = run(cfg, err)
+        print_summary(report, Console())
+    except UserError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]: finished stages are kept in the .work directory next to -o; re-run to resume")
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the traceback)", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,92 @@
+"""Errors raised from the Plan on: export, MAC counting, ONNX Runtime sessions and parity.
+
+Each derives from :class:`search.errors.UserError`, so the CLI prints it as one line, and each
+keeps the figures that explain it as attributes, so reports and tests can read them without
+parsing the message.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+from search.errors import UserError
+
+if TYPE_CHECKING:
+    from exporter.validate import ParityResult
+
+
+class ExportError(UserError):
+    """A step of ONNX export (trace, simplify, check, save) failed; ``stage`` names the step."""
+
+    def __init__(self, stage: str, cause: BaseException | str) -> None:
+        self.stage = stage
+        self.cause = cause
+        detail = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else cause
+        super().__init__(f"ONNX export failed at {stage}: {detail}")
+
+
+class MacCountError(UserError):
+    """The MACs of an ONNX graph cannot be counted exactly; ``node`` names the culprit."""
+
+    def __init__(self, node: str, op_type: str, reason: str, tensor: str | None = None) -> None:
+        self.node = node
+        self.op_type = op_type
+        self.tensor = tensor
+        super().__init__(f"cannot count MACs of {op_type} node {node!r}: {reason}")
+
+
+class ProviderUnavailableError(UserError):
+    """The requested ONNX Runtime execution provider is not in this onnxruntime build."""
+
+    def __init__(self, provider: str, available: Sequence[str]) -> None:
+        self.provider = provider
+        self.available = list(available)
+        super().__init__(
+            f"execution provider {provider} is not available; this onnxruntime has "
+            f"{', '.join(self.available)}"
+        )
+
+
+class ParityError(UserError):
+    """The ONNX model does not reproduce the PyTorch model; the output file must not be kept."""
+
+    def __init__(
+        self,
+        message: str,
+        result: ParityResult | None = None,
+        max_abs_diff: float | None = None,
+    ) -> None:
+        self.result = result
+        self.max_abs_diff = result.max_abs_diff if result is not None else max_abs_diff
+        super().__init__(message)
+
+
+class OutputNameMismatch(ParityError):
+    """The ONNX graph's output names differ from the expected ones."""
+
+    def __init__(self, expected: Sequence[str], actual: Sequence[str]) -> None:
+        self.expected = list(expected)
+        self.actual = list(actual)
+        super().__init__(f"ONNX outputs are named {self.actual}, expected {self.expected}")
+
+
+class OutputShapeMismatch(ParityError):
+    """ONNX Runtime returned an output of another shape than PyTorch did."""
+
+    def __init__(self, expected: tuple[int, ...], actual: tuple[int, ...]) -> None:
+        self.expected = tuple(expected)
+        self.actual = tuple(actual)
+        super().__init__(f"ONNX output has shape {self.actual}, PyTorch gives {self.expected}")
+
+
+class OutputValuesMismatch(ParityError):
+    """ONNX Runtime's outputs differ from PyTorch's by more than the tolerance."""
+
+    def __init__(self, result: ParityResult, tolerance: float, min_cosine: float) -> None:
+        self.tolerance = tolerance
+        self.required_cosine = min_cosine
+        super().__init__(
+            f"ONNX output differs from PyTorch: max |diff| {result.max_abs_diff:.3g} "
+            f"(allowed {tolerance:.3g}), min cosine {result.min_cosine:.6f} "
+            f"(required {min_cosine}) over {result.num_samples} samples",
+            result=result,
+        )

@@ -1,0 +1,129 @@
+"""Export a PyTorch model to a simplified, checked ONNX file with a dynamic batch axis.
+
+We use the legacy TorchScript exporter (``dynamo=False``): it exports timm ViTs in a fraction of
+a second at any opset from 17, while the dynamo exporter forces opset 18. The graph is then
+simplified with onnxsim (constant folding, shape-op elimination), which keeps the symbolic batch
+dimension, and checked with the ONNX checker before it is written atomically.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from pathlib import Path
+
+import onnx
+import onnxsim
+import torch
+from torch import nn
+
+from search.atomic import atomic_path, ensure_writable_dir
+from exporter.errors import ExportError
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+BATCH_AXIS = "batch"
+MIN_OPSET = 17  # LayerNormalization is a single op from opset 17 on.
+TRACE_BATCH = 2  # tracing at batch 1 lets size-1 squeezes hide the batch axis.
+
+
+def _cpu_fp32(model: nn.Module) -> nn.Module:
+    """The model itself if it is already all CPU fp32, else a CPU fp32 copy (caller's untouched)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    on_cpu_fp32 = all(
+        t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point())
+        for t in tensors
+    )
+    return model if on_cpu_fp32 else copy.deepcopy(model).cpu().float()
+
+
+def _trace(model: nn.Module, input_size: tuple[int, int, int], opset: int) -> onnx.ModelProto:
+    """Run torch's TorchScript exporter into memory, silencing its tracer warnings."""
+    example = torch.randn((TRACE_BATCH, *input_size), generator=torch.Generator().manual_seed(0))
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}},
+            do_constant_folding=True,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _batch_is_dynamic(value: onnx.ValueInfoProto) -> bool:
+    dims = value.type.tensor_type.shape.dim
+    return len(dims) > 0 and dims[0].dim_param == BATCH_AXIS
+
+
+def export_onnx(
+    model: nn.Module,
+    path: Path,
+    input_size: tuple[int, int, int],
+    opset: int = 17,
+) -> Path:
+    """Export ``model`` to ``path`` as ONNX with input "input", output "output", dynamic batch.
+
+    The model is exported in eval mode on CPU in fp32 (a copy is made if it lives elsewhere; its
+    training flag is restored afterwards). Initializers stay inline, so models over 2 GB are
+    refused by the save step.
+
+    Args:
+        model: the network; its forward takes one image batch and returns one tensor.
+        path: destination; it appears only once the file is complete and checked.
+        input_size: (channels, height, width) of one sample.
+        opset: ONNX opset, at least 17.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ExportError: a step failed; ``stage`` says which and ``cause`` holds the original error.
+        OutputPathError: the directory of ``path`` cannot be written.
+    """
+    path = Path(path)
+    if opset < MIN_OPSET:
+        raise ExportError("settings", f"opset {opset} is below the minimum {MIN_OPSET}")
+    if len(input_size) != 3:
+        raise ExportError("settings", f"input_size must be (C, H, W), got {tuple(input_size)}")
+    ensure_writable_dir(path)
+
+    was_training = model.training
+    try:
+        exportable = _cpu_fp32(model).eval()
+        try:
+            graph = _trace(exportable, tuple(input_size), opset)
+        except Exception as err:
+            raise ExportError("torch.onnx.export", err) from err
+    finally:
+        model.train(was_training)
+
+    try:
+        simplified, ok = onnxsim.simplify(graph)
+    except Exception as err:
+        raise ExportError("onnxsim", err) from err
+    if not ok:
+        raise ExportError("onnxsim", "simplified graph failed onnxsim's own check")
+
+    if len(simplified.graph.input) != 1 or not _batch_is_dynamic(simplified.graph.input[0]):
+        raise ExportError("dynamic batch", "the graph input lost its symbolic batch axis")
+    if not all(_batch_is_dynamic(out) for out in simplified.graph.output):
+        raise ExportError("dynamic batch", "a graph output lost its symbolic batch axis")
+
+    try:
+        onnx.checker.check_model(simplified, full_check=True)
+    except Exception as err:
+        raise ExportError("onnx.checker", err) from err
+
+    try:
+        with atomic_path(path) as temp:
+            onnx.save(simplified, temp)
+    except Exception as err:
+        raise ExportError("save", err) from err
+    return path

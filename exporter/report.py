@@ -1,0 +1,158 @@
+"""The run report: JSON for machines, Markdown and a PNG for people, a rich table for the terminal.
+
+The JSON sits next to the ONNX file (``model.onnx`` → ``model.json``) and carries what a server
+needs besides the graph (preprocessing) and what a reviewer needs to trust it (weights source,
+MACs counted two ways, parity figures, latency with the machine it was measured on).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from search.atomic import atomic_path
+from search.macs import ModelGeometry
+from search.plan import Plan
+
+RANDOM_WEIGHTS_WARNING = "RANDOM WEIGHTS: this model was not trained; its accuracy figures mean nothing"
+
+
+def report_paths(onnx_path: Path) -> dict[str, Path]:
+    """Where the report files of ``onnx_path`` go."""
+    return {ext: onnx_path.with_suffix(f".{ext}") for ext in ("json", "md", "png")}
+
+
+def block_rows(plan: Plan, geometry: ModelGeometry) -> list[dict[str, Any]]:
+    """Per-block kept and dense widths, as the report lists them."""
+    rows = []
+    for i, (kept, g) in enumerate(zip(plan.widths(), geometry.blocks)):
+        rows.append(
+            {
+                "block": i,
+                "heads": kept.heads,
+                "qk": kept.qk,
+                "v": kept.v,
+                "mlp": kept.mlp,
+                "dense": {"heads": g.attention.num_heads, "qk": g.attention.qk_dim, "v": g.attention.v_dim, "mlp": g.mlp_hidden},
+                "shared_indices": plan.blocks[i].shared_indices,
+            }
+        )
+    return rows
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """A short human-readable summary of the report."""
+    m, macs, params = report["model"], report["macs"], report["params"]
+    lines = [f"# prune-export: {m['name']} at budget {report['plan']['budget']:g}", ""]
+    if m["random_weights"]:
+        lines += [f"> **{RANDOM_WEIGHTS_WARNING}**", ""]
+    lines += [
+        f"- weights: {m['weights']}",
+        f"- method: {report['plan']['method']}, align {report['plan']['align']}",
+        f"- MACs: {macs['pruned'] / 1e9:.3f} G of {macs['dense'] / 1e9:.3f} G (ratio {macs['ratio']:.4f}; "
+        f"ONNX graph count {_fmt_ratio(macs.get('onnx_ratio'))})",
+        f"- params: {params['pruned'] / 1e6:.2f} M of {params['dense'] / 1e6:.2f} M",
+    ]
+    parity = report.get("parity")
+    if parity:
+        lines.append(
+            f"- parity (ONNX Runtime vs PyTorch, {parity['num_samples']} inputs: {parity['inputs']}): "
+            f"max |Δ| {parity['max_abs_diff']:.2e}, min cosine {parity['min_cosine']:.6f}"
+            + ("" if parity.get("top1_agreement") is None else f", top-1 agreement {parity['top1_agreement']:.3f}")
+        )
+    for entry in report.get("latency", []):
+        lines.append(
+            f"- latency {entry['provider']} batch {entry['batch']}, {entry['threads']} threads, "
+            f"median of {entry['runs']} interleaved runs: pruned {entry['median_ms']['pruned']:.2f} ms, "
+            f"dense {entry['median_ms']['dense']:.2f} ms, ratio **{entry['ratio']:.3f}**"
+        )
+    machine = report.get("machine")
+    if machine:
+        lines.append(f"- machine: {machine.get('cpu_model', '?')}, {machine.get('cpu_count')} CPUs, onnxruntime {machine.get('onnxruntime')}")
+    lines += ["", "| block | heads | qk/head | v/head | mlp |", "|---:|---:|---:|---:|---:|"]
+    for b in report["blocks"]:
+        d = b["dense"]
+        lines.append(f"| {b['block']} | {b['heads']}/{d['heads']} | {b['qk']}/{d['qk']} | {b['v']}/{d['v']} | {b['mlp']}/{d['mlp']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_widths(report: dict[str, Any], path: Path) -> None:
+    """Bar chart of the fraction of q/k, v and MLP width each block keeps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = report["blocks"]
+    xs = list(range(len(blocks)))
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(blocks) + 2), 3.5))
+    width = 0.27
+    for offset, (group, colour) in zip((-width, 0, width), (("qk", "#4c72b0"), ("v", "#55a868"), ("mlp", "#c44e52"))):
+        kept = [b[group] * b["heads"] / (b["dense"][group] * b["dense"]["heads"]) if group != "mlp" else b["mlp"] / b["dense"]["mlp"] for b in blocks]
+        ax.bar([x + offset for x in xs], kept, width, label=group, color=colour)
+    ax.axhline(report["macs"]["ratio"], color="grey", linestyle="--", linewidth=1, label=f"MAC ratio {report['macs']['ratio']:.3f}")
+    ax.set_xticks(xs)
+    ax.set_xlabel("block")
+    ax.set_ylabel("fraction of dense width kept")
+    ax.set_ylim(0, 1.05)
+    title = f"{report['model']['name']} at budget {report['plan']['budget']:g} ({report['plan']['method']})"
+    if report["model"]["random_weights"]:
+        title += " - random weights"
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize="small", ncols=4)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], onnx_path: Path) -> dict[str, Path]:
+    """Write the JSON, Markdown and PNG next to ``onnx_path``; returns their paths."""
+    paths = report_paths(onnx_path)
+    write_json(report, paths["json"])
+    with atomic_path(paths["md"]) as tmp:
+        tmp.write_text(markdown(report))
+    plot_widths(report, paths["png"])
+    return paths
+
+
+def summary_table(report: dict[str, Any]) -> Table:
+    """The short table printed at the end of a run."""
+    table = Table(title=f"{report['model']['name']} → {report['onnx']['path']}", show_header=True)
+    table.add_column("")
+    table.add_column("dense", justify="right")
+    table.add_column("pruned", justify="right")
+    table.add_column("ratio", justify="right")
+    macs, params = report["macs"], report["params"]
+    table.add_row("GMACs", f"{macs['dense'] / 1e9:.3f}", f"{macs['pruned'] / 1e9:.3f}", f"{macs['ratio']:.3f}")
+    table.add_row("params (M)", f"{params['dense'] / 1e6:.2f}", f"{params['pruned'] / 1e6:.2f}", f"{params['ratio']:.3f}")
+    for entry in report.get("latency", []):
+        table.add_row(
+            f"ms {entry['provider'].replace('ExecutionProvider', '')} b{entry['batch']}",
+            f"{entry['median_ms']['dense']:.2f}",
+            f"{entry['median_ms']['pruned']:.2f}",
+            f"{entry['ratio']:.3f}",
+        )
+    parity = report.get("parity")
+    if parity:
+        agree = "" if parity.get("top1_agreement") is None else f", top-1 {parity['top1_agreement']:.3f}"
+        table.caption = f"parity: max |Δ| {parity['max_abs_diff']:.1e}, cosine {parity['min_cosine']:.6f}{agree}"
+    return table
+
+
+def print_summary(report: dict[str, Any], console: Console) -> None:
+    if report["model"]["random_weights"]:
+        console.print(f"[bold red]{RANDOM_WEIGHTS_WARNING}[/]")
+    console.print(summary_table(report))

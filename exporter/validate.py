@@ -1,0 +1,163 @@
+"""Check an exported ONNX file against its PyTorch model in ONNX Runtime.
+
+Following optimum's exporter, the checks run in order of cost and specificity: output names,
+then output shapes, then values; the first that fails raises a typed error carrying its figures.
+Values are compared two ways: an absolute bound scaled by the output's magnitude, and the
+per-sample cosine, which catches a systematic drift that a loose absolute bound would let pass.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from exporter.errors import (
+    OutputNameMismatch,
+    OutputShapeMismatch,
+    OutputValuesMismatch,
+    ParityError,
+    ProviderUnavailableError,
+)
+
+EXPECTED_OUTPUTS = ["output"]
+MIN_COSINE = 0.9999
+CPU = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    """Figures from comparing ONNX Runtime's outputs with PyTorch's on the same inputs."""
+
+    max_abs_diff: float
+    mean_abs_diff: float
+    min_cosine: float
+    top1_agreement: float | None  # None for backbones, whose outputs have no classes
+    num_samples: int
+    passed: bool
+
+
+def available_providers() -> list[str]:
+    """ONNX Runtime's execution providers in this build, in its order of preference; CPU always."""
+    providers = list(ort.get_available_providers())
+    return providers if CPU in providers else [*providers, CPU]
+
+
+def make_session(path: Path, threads: int, provider: str = CPU) -> ort.InferenceSession:
+    """An inference session with fixed threads and no spinning, so sessions can be compared.
+
+    Idle sessions whose worker threads spin steal cores from the one being timed, which skewed a
+    measured latency ratio from 0.61 to 0.69 (DESIGN.md, "Measured here").
+
+    Raises:
+        ProviderUnavailableError: ``provider`` is not in :func:`available_providers`.
+    """
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    available = available_providers()
+    if provider not in available:
+        raise ProviderUnavailableError(provider, available)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = [provider] if provider == CPU else [provider, CPU]
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
+def _cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Cosine between each sample's flattened outputs; 1 when both are zero."""
+    ref = reference.reshape(len(reference), -1).astype(np.float64)
+    cand = candidate.reshape(len(candidate), -1).astype(np.float64)
+    ref_norm = np.linalg.norm(ref, axis=1)
+    cand_norm = np.linalg.norm(cand, axis=1)
+    norms = ref_norm * cand_norm
+    cos = np.sum(ref * cand, axis=1) / np.where(norms > 0, norms, 1.0)
+    both_zero = (ref_norm == 0) & (cand_norm == 0)
+    return np.where(both_zero, 1.0, np.where(norms > 0, cos, 0.0))
+
+
+def _torch_output(model: nn.Module, batch: torch.Tensor) -> np.ndarray:
+    device = next(model.parameters(), torch.empty(0)).device
+    out = model(batch.to(device))
+    if not isinstance(out, torch.Tensor):
+        raise ParityError(f"PyTorch model returned {type(out).__name__}, expected one tensor")
+    return out.detach().float().cpu().numpy()
+
+
+def check_parity(
+    onnx_path: Path,
+    model: nn.Module,
+    inputs: torch.Tensor,
+    classifier: bool,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    batch_size: int = 8,
+) -> ParityResult:
+    """Compare ``onnx_path`` in ONNX Runtime (CPU) with ``model`` on ``inputs``, batch by batch.
+
+    Values pass when max|diff| <= atol + rtol * max|reference| and every sample's cosine is at
+    least 0.9999. The model runs in eval mode without gradients; its training flag is restored.
+
+    Raises:
+        OutputNameMismatch: the graph's outputs are not exactly ["output"].
+        OutputShapeMismatch: a batch's ONNX output shape differs from PyTorch's.
+        OutputValuesMismatch: values outside tolerance; carries the :class:`ParityResult`.
+    """
+    if len(inputs) == 0:
+        raise ParityError("no inputs to compare on; give at least one sample")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    session = make_session(onnx_path, threads=os.cpu_count() or 1)
+    names = [out.name for out in session.get_outputs()]
+    if names != EXPECTED_OUTPUTS:
+        raise OutputNameMismatch(EXPECTED_OUTPUTS, names)
+    input_name = session.get_inputs()[0].name
+
+    abs_max = abs_sum = ref_max = 0.0
+    count = agree = 0
+    min_cos = 1.0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(inputs), batch_size):
+                batch = inputs[start : start + batch_size]
+                ref = _torch_output(model, batch)
+                got = session.run(None, {input_name: batch.float().cpu().numpy()})[0]
+                if got.shape != ref.shape:
+                    raise OutputShapeMismatch(ref.shape, got.shape)
+                diff = np.abs(got.astype(np.float64) - ref)
+                abs_max = max(abs_max, float(diff.max(initial=0.0)))
+                abs_sum += float(diff.sum())
+                count += diff.size
+                ref_max = max(ref_max, float(np.abs(ref).max(initial=0.0)))
+                min_cos = min(min_cos, float(_cosines(ref, got).min()))
+                if classifier:
+                    ref_top = ref.reshape(len(ref), -1).argmax(axis=1)
+                    got_top = got.reshape(len(got), -1).argmax(axis=1)
+                    agree += int((ref_top == got_top).sum())
+                if np.isnan(got).any():
+                    abs_max = min_cos = float("nan")
+    finally:
+        model.train(was_training)
+
+    tolerance = atol + rtol * ref_max
+    # Written so that a NaN anywhere fails: every comparison with NaN is False.
+    passed = bool(abs_max <= tolerance and min_cos >= MIN_COSINE)
+    result = ParityResult(
+        max_abs_diff=abs_max,
+        mean_abs_diff=abs_sum / count if count else 0.0,
+        min_cosine=min_cos,
+        top1_agreement=agree / len(inputs) if classifier else None,
+        num_samples=len(inputs),
+        passed=passed,
+    )
+    if not passed:
+        raise OutputValuesMismatch(result, tolerance=tolerance, min_cosine=MIN_COSINE)
+    return result
