@@ -55,7 +55,7 @@ def prune_export(
     threads: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime threads (default: all cores)."),
 ) -> None:
     """Prune a vision transformer under a MAC budget and write a validated ONNX file."""
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     try:
         from exporter.pipeline import RunConfig, run
         from exporter.report import print_summary

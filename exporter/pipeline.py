@@ -131,7 +131,7 @@ def _weights_key(cfg: RunConfig, loaded: LoadedModel) -> dict[str, Any]:
         stat = Path(cfg.checkpoint).stat()
         key["checkpoint_stat"] = [stat.st_size, stat.st_mtime_ns]
     if loaded.random_weights:
-        key["seed"] = cfg.seed
+        key["init_seed"] = cfg.seed
     return key
 
 

@@ -1,0 +1,42 @@
+# prune-export: one entry point per job. Every target sets up what it needs first.
+PYTHON    ?= python3
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+CACHE     ?= .cache
+PER_CLASS ?= 20
+FMNIST    := $(CACHE)/fashion-mnist
+SUDO      := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+STAMP     := $(VENV)/.installed
+
+.PHONY: install system test test-all demo bench clean
+
+## Debian packages: the real labelled images (Fashion-MNIST) used by the demo and the benches.
+system:
+	@[ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist)
+
+$(STAMP): pyproject.toml
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+## Python packages, all from pyproject.toml, into ./.venv.
+install: system $(STAMP)
+
+## The test suite (tiny models; minutes-long real-model checks are marked slow and left out).
+test: install
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: install
+	$(PY) -m pytest -q
+
+$(FMNIST)/train/manifest.json: | system $(STAMP)
+	$(PY) -m search.fashion_mnist --split train --per-class $(PER_CLASS) --out $(FMNIST)/train
+
+## The main job: prune real DINOv2-S weights on real images, export, validate, report in artifacts/demo/.
+demo: install $(FMNIST)/train/manifest.json
+	$(VENV)/bin/prune-export dinov2_s --data $(FMNIST)/train --budget 0.63 -o artifacts/demo/dinov2_s_0.63.onnx
+
+clean:
+	rm -rf $(CACHE) artifacts/demo/*.work
