@@ -106,12 +106,12 @@ def plot_widths(report: dict[str, Any], path: Path) -> None:
     ax.set_xticks(xs)
     ax.set_xlabel("block")
     ax.set_ylabel("fraction of dense width kept")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.3)
     title = f"{report['model']['name']} at budget {report['plan']['budget']:g} ({report['plan']['method']})"
     if report["model"]["random_weights"]:
         title += " - random weights"
     ax.set_title(title)
-    ax.legend(loc="lower right", fontsize="small", ncols=4)
+    ax.legend(loc="upper center", fontsize="small", ncols=4, frameon=False)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
