@@ -33,11 +33,15 @@ class SolverConfig:
         align: kept widths are multiples of this (dense widths may stay as they are).
         per_head_indices: choose q/k and v indices in each head separately (same count per head)
             instead of the same indices in every head.
+        normalise: divide scores by their group's mean first. Needed for scores whose scale differs
+            between blocks (weight magnitudes); off for scores already on one scale (acp's gates),
+            where it would erase the cross-block allocation the search learned.
     """
 
     budget: float
     align: int = 8
     per_head_indices: bool = False
+    normalise: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget <= 1.0:
@@ -51,13 +55,13 @@ def _normalised(scores: torch.Tensor) -> torch.Tensor:
     return scores / scores.mean().clamp_min(1e-30)
 
 
-def _removal_costs(scores: torch.Tensor, per_head: bool) -> torch.Tensor:
+def _removal_costs(scores: torch.Tensor, per_head: bool, normalise: bool) -> torch.Tensor:
     """Ascending cost of removing the 1st, 2nd, ... channel position of a group.
 
     For heads x channels scores, removing one position removes one channel in every head: with shared
     indices that is the lowest head-summed index; per head, each head's own lowest channel.
     """
-    s = _normalised(scores)
+    s = _normalised(scores) if normalise else scores.double().clamp_min(0)
     if s.dim() == 1:
         return s.sort().values
     if per_head:
@@ -90,7 +94,7 @@ def solve_widths(
             f"budget {config.budget:g} is unreachable: the smallest model with widths aligned to "
             f"{config.align} keeps {floor / dense:.3f} of the MACs; raise --budget or lower --align"
         )
-    costs = [{g: _removal_costs(getattr(s, g), config.per_head_indices) for g in GROUPS} for s in scores]
+    costs = [{g: _removal_costs(getattr(s, g), config.per_head_indices, config.normalise) for g in GROUPS} for s in scores]
     widths = list(geometry.dense_widths())
     macs = dense
     while macs > target:

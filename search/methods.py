@@ -1,36 +1,62 @@
 """Selection methods: named ways of scoring channels, all ending in the same budget solver.
 
-Each method maps the dense model (and calibration images, for the methods that look at
-activations) to one ``BlockScores`` per block. ``search.allocate.make_plan`` then turns any
-method's scores into a Plan, so methods differ only in what they think matters.
+Each method maps the dense model (and images, for the methods that look at activations) to one
+``BlockScores`` per block; ``search.allocate.make_plan`` turns any method's scores into a Plan, so
+methods differ only in what they think matters.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from search.acp import AcpConfig, acp_search
 from search.importance import BlockScores, magnitude_scores, random_scores
 from search.macs import ModelGeometry
+from search.runtime import Runtime
 
 
 @dataclass(frozen=True)
 class SearchInputs:
-    """What a method may look at: the dense model, its geometry, calibration images and a seed."""
+    """What a method may look at.
+
+    Attributes:
+        model: the dense model.
+        geometry: its geometry.
+        images: preprocessed images (from --data, or random inputs without it).
+        classifier: whether the model outputs logits (else token features).
+        acp: settings of the acp search (budget, steps, ablation switches).
+        runtime: device and process group.
+        state_path: where a resumable method checkpoints its state.
+    """
 
     model: nn.Module
     geometry: ModelGeometry
     images: torch.Tensor
-    seed: int
+    classifier: bool
+    acp: AcpConfig
+    runtime: Runtime
+    state_path: Path | None = None
 
 
-ScoreFn = Callable[[SearchInputs], tuple[BlockScores, ...]]
+@dataclass(frozen=True)
+class Method:
+    """A selection method: its scoring function, and whether its scores need per-group normalising."""
 
-METHODS: dict[str, ScoreFn] = {
-    "magnitude": lambda inputs: magnitude_scores(inputs.model),
-    "random": lambda inputs: random_scores(inputs.geometry, inputs.seed),
+    score: Callable[[SearchInputs], tuple[BlockScores, ...]]
+    normalise: bool
+
+
+METHODS: dict[str, Method] = {
+    "acp": Method(
+        lambda i: acp_search(i.model, i.geometry, i.images, i.acp, i.classifier, i.runtime, i.state_path),
+        normalise=False,
+    ),
+    "magnitude": Method(lambda i: magnitude_scores(i.model), normalise=True),
+    "random": Method(lambda i: random_scores(i.geometry, i.acp.seed), normalise=True),
 }
 
 

@@ -1,0 +1,155 @@
+"""Automatic channel pruning for multi-head attention (Lee & Hwang, 2024): the ``acp`` method.
+
+1. Capture activations on a calibration batch; compute similarity weights and, unless turned off,
+   the attention-difference initial logits (``search.similarity``, ``search.attention_init``).
+2. Train the indicators (``search.gates``) with the dense weights frozen: the gated model is
+   distilled from the dense one while a differentiable expected-MACs term pushes the soft widths
+   down to the budget, so the widths of every block are chosen by the search itself.
+3. Rank channels by similarity weight × indicator; ``search.allocate`` turns the ranking into an
+   aligned Plan with MACs ≤ budget × dense exactly.
+
+The loop checkpoints its state every ``checkpoint_every`` steps, and a re-run with the same inputs
+resumes from the last checkpoint. Batches are drawn from a generator seeded by (seed, step), so a
+resumed run follows the same trajectory as an uninterrupted one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from search.activations import capture
+from search.atomic import atomic_path
+from search.attention_init import init_logits
+from search.distill import distill_loss, distill_targets
+from search.gates import ChannelGates, gated
+from search.importance import BlockScores
+from search.macs import ModelGeometry, model_macs
+from search.progress import progress_bar
+from search.runtime import Runtime
+from search.similarity import similarity_weights
+
+
+@dataclass(frozen=True)
+class AcpConfig:
+    """Settings of the indicator search.
+
+    Attributes:
+        budget: fraction of dense MACs to keep.
+        steps: optimisation steps of the indicators.
+        batch_size: global batch per step (split over ranks under torchrun).
+        lr: Adam learning rate on the gate logits.
+        budget_weight: weight of the expected-MACs excess in the loss.
+        similarity: use similarity-based weights in the ranking.
+        attn_init: initialise indicators from attention differences (else a constant).
+        calib_images: images used for similarity weights and the initialisation.
+        checkpoint_every: steps between checkpoints.
+        seed: seeds batch sampling.
+    """
+
+    budget: float
+    steps: int = 60
+    batch_size: int = 16
+    lr: float = 0.05
+    budget_weight: float = 5.0
+    similarity: bool = True
+    attn_init: bool = True
+    calib_images: int = 8
+    checkpoint_every: int = 10
+    seed: int = 0
+
+
+class GatedStudent(nn.Module):
+    """The dense model (frozen) under the gates; the only trainable parameters are the gates."""
+
+    def __init__(self, model: nn.Module, gates: ChannelGates, classifier: bool) -> None:
+        super().__init__()
+        self.model, self.gates, self.classifier = model, gates, classifier
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with gated(self.model, self.gates):
+            return distill_targets(self.model, images, self.classifier)
+
+
+def batch_indices(pool_size: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """The global batch of ``step``: the same on every rank and in every resumed run."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randint(pool_size, (batch_size,), generator=gen)
+
+
+def _initial_scores(model: nn.Module, geometry: ModelGeometry, images: torch.Tensor, config: AcpConfig):
+    acts = capture(model, geometry, images[: config.calib_images])
+    weights = tuple(similarity_weights(a) for a in acts) if config.similarity else None
+    logits = init_logits(model, acts) if config.attn_init else None
+    return weights, logits
+
+
+def acp_search(
+    model: nn.Module,
+    geometry: ModelGeometry,
+    images: torch.Tensor,
+    config: AcpConfig,
+    classifier: bool,
+    runtime: Runtime,
+    state_path: Path | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> tuple[BlockScores, ...]:
+    """Search the indicators and return the final ranking scores (weight × indicator) per block.
+
+    Args:
+        model: the dense model; it is not modified.
+        geometry: its geometry.
+        images: the pool of preprocessed images the batches are drawn from.
+        config: search settings.
+        classifier: distil logits (True) or token features (False).
+        runtime: device and process group.
+        state_path: where to checkpoint and resume; None disables both.
+        on_step: called after every finished step (progress reporting, tests).
+    """
+    model = model.to(runtime.device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    pool = images.to(runtime.device)
+    weights, logits = _initial_scores(model, geometry, pool, config)
+    gates = ChannelGates(geometry, init=logits).to(runtime.device)
+    optimiser = torch.optim.Adam(gates.parameters(), lr=config.lr)
+    start = 0
+    if state_path is not None and state_path.is_file():
+        state = torch.load(state_path, map_location=runtime.device, weights_only=True)
+        gates.load_state_dict(state["gates"])
+        optimiser.load_state_dict(state["optimiser"])
+        start = int(state["step"])
+    student: nn.Module = GatedStudent(model, gates, classifier)
+    if runtime.distributed:
+        student = DistributedDataParallel(student)
+    dense = float(model_macs(geometry))
+    with progress_bar("acp search", total=config.steps, completed=start, enabled=runtime.is_main) as advance:
+        for step in range(start, config.steps):
+            idx = runtime.shard(batch_indices(len(pool), config.batch_size, config.seed, step))
+            batch = pool[idx]
+            with torch.no_grad(), runtime.autocast():
+                teacher = distill_targets(model, batch, classifier)
+            with runtime.autocast():
+                kd = distill_loss(student(batch), teacher, classifier)
+            ratio = gates.expected_macs() / dense
+            loss = kd + config.budget_weight * torch.relu(ratio - config.budget)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            done = step + 1
+            if state_path is not None and runtime.is_main and (done % config.checkpoint_every == 0 or done == config.steps):
+                with atomic_path(state_path) as tmp:
+                    torch.save({"step": done, "gates": gates.state_dict(), "optimiser": optimiser.state_dict()}, tmp)
+            if runtime.distributed:
+                torch.distributed.barrier()
+            advance(f"kd {float(kd):.4f}  E[MACs] {float(ratio):.3f}")
+            if on_step is not None:
+                on_step(done)
+    indicators = gates.scores()
+    if weights is None:
+        return indicators
+    return tuple(BlockScores(qk=w.qk * s.qk, v=w.v * s.v, mlp=w.mlp * s.mlp) for w, s in zip(weights, indicators))

@@ -1,0 +1,113 @@
+"""Pruning indicators: a learnable soft gate per (head, channel) for q/k and v, and per MLP unit.
+
+Parametrisation (our choice; DESIGN.md leaves it open): gate = sigmoid(logit). A sigmoid keeps every
+gate in (0, 1), so the expected kept width of a group is simply the sum of its gates, and the
+expected MACs (linear in every width) are differentiable without a straight-through trick. Logits
+start high (gates near 1: the search starts from the dense model) and are set per channel by the
+attention-difference initialisation when it is on.
+
+Where the gates act, for softmax attention:
+- q/k channel j of head h: on q only. q·k sums over j, so scaling q_j scales exactly the term that
+  removing channel j would delete, while gating k too would square the gate.
+- v channel j of head h: on v, which scales output channel j of that head.
+- MLP unit f: on the activation output, before fc2.
+They are applied by forward hooks on each block's ``attn.qkv`` and ``mlp.act``, so the model's own
+forward runs unchanged (timm's Attention and our PrunedAttention share the qkv layout).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from search.importance import BlockScores
+from search.macs import ModelGeometry, unit_macs
+
+
+class ChannelGates(nn.Module):
+    """Gate logits for every prunable group of a model.
+
+    Args:
+        geometry: the dense model's geometry (sets the shape of every gate tensor).
+        init: optional per-block initial logits; defaults to ``init_logit`` everywhere.
+        init_logit: the constant starting logit when ``init`` is None.
+    """
+
+    def __init__(self, geometry: ModelGeometry, init: tuple[BlockScores, ...] | None = None, init_logit: float = 3.0) -> None:
+        super().__init__()
+        self.geometry = geometry
+        qk, v, mlp = [], [], []
+        for i, g in enumerate(geometry.blocks):
+            a = g.attention
+            if init is None:
+                qk.append(torch.full((a.num_heads, a.qk_dim), init_logit))
+                v.append(torch.full((a.num_heads, a.v_dim), init_logit))
+                mlp.append(torch.full((g.mlp_hidden,), init_logit))
+            else:
+                qk.append(init[i].qk.float().clone())
+                v.append(init[i].v.float().clone())
+                mlp.append(init[i].mlp.float().clone())
+        self.qk = nn.ParameterList(nn.Parameter(t) for t in qk)
+        self.v = nn.ParameterList(nn.Parameter(t) for t in v)
+        self.mlp = nn.ParameterList(nn.Parameter(t) for t in mlp)
+        coeffs = [
+            [unit_macs(geometry, i, g.dense, group) / (g.attention.num_heads if group != "mlp" else 1) for group in ("qk", "v", "mlp")]
+            for i, g in enumerate(geometry.blocks)
+        ]
+        self.register_buffer("mac_coeffs", torch.tensor(coeffs, dtype=torch.float64), persistent=False)
+
+    def values(self, block: int) -> BlockScores:
+        """The gates of one block, in (0, 1)."""
+        return BlockScores(qk=torch.sigmoid(self.qk[block]), v=torch.sigmoid(self.v[block]), mlp=torch.sigmoid(self.mlp[block]))
+
+    def expected_macs(self) -> torch.Tensor:
+        """Differentiable MACs at the soft widths (sum of gates per group), batch 1.
+
+        Every MAC term is linear in each width, so the dense per-channel prices (``mac_coeffs``,
+        per channel of one head for q/k and v) turn soft widths into exact expected MACs.
+        """
+        total = torch.tensor(float(self.geometry.fixed_macs), dtype=torch.float64, device=self.mac_coeffs.device)
+        for i in range(len(self.geometry.blocks)):
+            g = self.values(i)
+            widths = torch.stack([g.qk.sum(), g.v.sum(), g.mlp.sum()]).double()
+            total = total + (self.mac_coeffs[i] * widths).sum()
+        return total
+
+    def scores(self) -> tuple[BlockScores, ...]:
+        """Detached gate values per block, the indicator part of the final ranking."""
+        with torch.no_grad():
+            return tuple(BlockScores(qk=s.qk.cpu(), v=s.v.cpu(), mlp=s.mlp.cpu()) for s in map(self.values, range(len(self.qk))))
+
+
+def _qkv_hook(gates: ChannelGates, block: int, heads: int, qk: int, v: int):
+    def hook(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        g = gates.values(block)
+        ones = torch.ones(heads * qk, dtype=out.dtype, device=out.device)
+        scale = torch.cat([g.qk.reshape(-1).to(out.dtype), ones, g.v.reshape(-1).to(out.dtype)])
+        return out * scale
+
+    return hook
+
+
+def _act_hook(gates: ChannelGates, block: int):
+    def hook(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out * gates.values(block).mlp.to(out.dtype)
+
+    return hook
+
+
+@contextlib.contextmanager
+def gated(model: nn.Module, gates: ChannelGates) -> Iterator[nn.Module]:
+    """Within the block, ``model``'s forward applies ``gates``; the hooks are removed on exit."""
+    handles = []
+    try:
+        for i, (block, g) in enumerate(zip(model.blocks, gates.geometry.blocks)):
+            a = g.attention
+            handles.append(block.attn.qkv.register_forward_hook(_qkv_hook(gates, i, a.num_heads, a.qk_dim, a.v_dim)))
+            handles.append(block.mlp.act.register_forward_hook(_act_hook(gates, i)))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
