@@ -49,8 +49,16 @@ def prune_export(
     data: Optional[Path] = typer.Option(None, help="ImageFolder for calibration and parity."),
     plan: Optional[Path] = typer.Option(None, help="Replay this plan.json instead of searching."),
     per_head_indices: bool = typer.Option(False, "--per-head-indices", help="Choose indices per head (same count)."),
+    search_steps: int = typer.Option(60, min=1, help="acp: indicator-training steps."),
+    finetune_steps: Optional[int] = typer.Option(None, min=0, help="Recovery steps (default: 100 with --data, else 0)."),
+    no_similarity: bool = typer.Option(False, "--no-similarity", help="acp ablation: no similarity-based weights."),
+    no_attn_init: bool = typer.Option(False, "--no-attn-init", help="acp ablation: constant indicator init."),
+    no_reweight: bool = typer.Option(False, "--no-reweight", help="Ablation: no reweight modules in recovery."),
+    search_images: int = typer.Option(256, min=1, help="Images from --data for search and recovery."),
+    heldout_images: int = typer.Option(200, min=2, help="Further images from --data held out for model selection."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda for search and recovery."),
     seed: int = typer.Option(0, help="Seed for random weights, random scores and sampling."),
-    calib_images: int = typer.Option(16, min=1, help="Images for calibration and parity."),
+    calib_images: int = typer.Option(16, min=1, help="Held-out images for the parity check."),
     latency_runs: int = typer.Option(20, min=0, help="Interleaved runs per model for latency (0 skips)."),
     threads: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime threads (default: all cores)."),
 ) -> None:
@@ -63,11 +71,14 @@ def prune_export(
         cfg = RunConfig(
             model=model, budget=parse_budget(budget), output=output, method=method, align=align,
             checkpoint=checkpoint, random_init=random_init, img_size=img_size, data=data, plan=plan,
-            per_head_indices=per_head_indices, seed=seed, calib_images=calib_images,
-            latency_runs=latency_runs, threads=threads,
+            per_head_indices=per_head_indices, similarity=not no_similarity, attn_init=not no_attn_init,
+            reweight=not no_reweight, search_steps=search_steps, finetune_steps=finetune_steps,
+            search_images=search_images, heldout_images=heldout_images, device=device, seed=seed,
+            calib_images=calib_images, latency_runs=latency_runs, threads=threads,
         )
         report = run(cfg, err)
-        print_summary(report, Console())
+        if report is not None:
+            print_summary(report, Console())
     except UserError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(exc.exit_code) from None

@@ -1,4 +1,4 @@
-"""The whole run, stage by stage: model → plan → surgery → ONNX → validation → report.
+"""The whole run, stage by stage: model → images → plan → surgery and recovery → ONNX → validation → report.
 
 Every stage's output lands in a work directory next to the output (``model.onnx`` →
 ``model.work/``), keyed by the inputs that produced it. Re-running the same command reuses what
@@ -26,16 +26,20 @@ from exporter.latency import machine_info, measure_latency
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_onnx_macs, count_ops
 from exporter.report import block_rows, write_report
+from exporter.recovery import HeldOut, RecoveryConfig, evaluate, recover
+from exporter.reweight import add_reweights, fold_reweights
 from exporter.surgery import apply_plan
 from exporter.validate import available_providers, check_parity
+from search.acp import AcpConfig
 from search.allocate import SolverConfig, make_plan
 from search.atomic import atomic_path, ensure_writable_dir
-from search.data import calibration_images
-from search.errors import OutputPathError
+from search.data import balanced_subset, image_folder, stack_images
+from search.errors import OutputPathError, UserError
 from search.macs import describe
 from search.methods import METHODS, SearchInputs
 from search.models import LoadedModel, load_model
 from search.plan import Plan
+from search.runtime import Runtime, runtime
 
 LATENCY_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 
@@ -53,11 +57,19 @@ class RunConfig:
         checkpoint: state dict to load instead of pretrained weights.
         random_init: allow random weights when no others are available.
         img_size: input resolution; None for the model's default.
-        data: ImageFolder for calibration and parity; None for random inputs.
+        data: ImageFolder for search, recovery, calibration and parity; None for random inputs.
         plan: replay this plan instead of searching.
         per_head_indices: choose indices per head (same count) instead of shared indices.
-        seed: seeds random weights, random scores and input sampling.
-        calib_images: images used for calibration and parity.
+        similarity: acp: similarity-based weights in the ranking.
+        attn_init: acp: attention-difference initialisation of the indicators.
+        reweight: train reweight modules during recovery (folded before export).
+        search_steps: acp indicator-training steps.
+        finetune_steps: recovery steps; None means 100 with --data and 0 without.
+        search_images: images drawn from --data for search and recovery.
+        heldout_images: further images, held out, to pick the best recovery state and check parity.
+        device: auto, cpu or cuda for search and recovery.
+        seed: seeds random weights, sampling and the search.
+        calib_images: images used for parity.
         latency_runs: interleaved runs per model for the latency medians (0 skips latency).
         latency_batches: batch sizes to time.
         threads: ONNX Runtime intra-op threads; None for every core this process may use.
@@ -75,6 +87,14 @@ class RunConfig:
     data: Path | None = None
     plan: Path | None = None
     per_head_indices: bool = False
+    similarity: bool = True
+    attn_init: bool = True
+    reweight: bool = True
+    search_steps: int = 60
+    finetune_steps: int | None = None
+    search_images: int = 256
+    heldout_images: int = 200
+    device: str = "auto"
     seed: int = 0
     calib_images: int = 16
     latency_runs: int = 20
@@ -85,6 +105,12 @@ class RunConfig:
     @property
     def work_dir(self) -> Path:
         return self.output.with_suffix(".work")
+
+    @property
+    def recovery_steps(self) -> int:
+        if self.finetune_steps is not None:
+            return self.finetune_steps
+        return 100 if self.data is not None else 0
 
 
 def _key(**fields: Any) -> str:
@@ -135,11 +161,42 @@ def _weights_key(cfg: RunConfig, loaded: LoadedModel) -> dict[str, Any]:
     return key
 
 
-def _search(cfg: RunConfig, loaded: LoadedModel, images: torch.Tensor) -> Plan:
+@dataclass(frozen=True)
+class Images:
+    """The images of one run: a pool for search and recovery, and a disjoint held-out set."""
+
+    pool: torch.Tensor
+    held_out: HeldOut
+    label: str
+
+
+def load_images(cfg: RunConfig, loaded: LoadedModel) -> Images:
+    """Images from --data (class-balanced, fixed seed) or, without it, fixed-seed random inputs."""
+    if cfg.data is None:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        size = loaded.data_config["input_size"]
+        pool = torch.randn(max(cfg.calib_images, 32), *size, generator=gen)
+        held = torch.randn(cfg.calib_images, *size, generator=gen)
+        return Images(pool, HeldOut(held, None), "random normal inputs (no --data)")
+    dataset = image_folder(cfg.data, loaded.data_config)
+    subset = balanced_subset(dataset, cfg.search_images + cfg.heldout_images, cfg.seed)
+    images, labels = stack_images(subset)
+    held = max(1, min(cfg.heldout_images, len(images) // 2))
+    pool = images[held:] if len(images) > held else images
+    labels_held = labels[:held] if len(dataset.classes) > 1 else None
+    label = f"{len(pool)} search + {held} held-out images from {Path(cfg.data).resolve()}"
+    return Images(pool, HeldOut(images[:held], labels_held), label)
+
+
+def _search(cfg: RunConfig, loaded: LoadedModel, images: Images, rt: Runtime, state_path: Path) -> Plan:
     geometry = describe(loaded.model)
-    inputs = SearchInputs(model=loaded.model, geometry=geometry, images=images, seed=cfg.seed)
-    scores = METHODS[cfg.method](inputs)
-    solver = SolverConfig(budget=cfg.budget, align=cfg.align, per_head_indices=cfg.per_head_indices)
+    acp = AcpConfig(
+        budget=cfg.budget, steps=cfg.search_steps, similarity=cfg.similarity, attn_init=cfg.attn_init, seed=cfg.seed
+    )
+    method = METHODS[cfg.method]
+    inputs = SearchInputs(loaded.model, geometry, images.pool, loaded.is_classifier, acp, rt, state_path)
+    scores = method.score(inputs)
+    solver = SolverConfig(cfg.budget, cfg.align, cfg.per_head_indices, normalise=method.normalise)
     return make_plan(geometry, scores, solver, model=loaded.timm_name, img_size=loaded.img_size, method=cfg.method)
 
 
@@ -161,20 +218,95 @@ def _default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
+def _sync(rt: Runtime) -> None:
+    if rt.distributed:
+        torch.distributed.barrier()
+
+
+def _plan_stage(cfg: RunConfig, loaded: LoadedModel, images: Images, rt: Runtime, weights_key: dict, notes: list[str]) -> Plan:
+    geometry = describe(loaded.model)
+    if cfg.plan is not None:
+        plan = Plan.load(cfg.plan)
+        plan.check(geometry, loaded.timm_name)
+        notes.append(f"replayed {cfg.plan}")
+        return plan
+    work = cfg.work_dir
+    key = _key(
+        **weights_key, method=cfg.method, budget=cfg.budget, align=cfg.align, per_head=cfg.per_head_indices,
+        seed=cfg.seed, data=str(cfg.data), images=[cfg.search_images, cfg.heldout_images],
+        acp=[cfg.search_steps, cfg.similarity, cfg.attn_init] if cfg.method == "acp" else None,
+    )
+    path, key_path = work / "plan.json", work / "plan.json.key"
+    if path.is_file() and key_path.is_file() and key_path.read_text().strip() == key:
+        notes.append(f"resumed {path}")
+        return Plan.load(path)
+    state_path = work / f"search-{key}.pt"
+    plan = _search(cfg, loaded, images, rt, state_path)
+    if rt.is_main:
+        cached_file(work, "plan.json", key, lambda p: _write_plan(plan, p))
+    _sync(rt)
+    notes.append(f"searched ({cfg.method}), saved {path}")
+    return plan
+
+
+def _recovery_stage(
+    cfg: RunConfig, loaded: LoadedModel, plan: Plan, images: Images, rt: Runtime, weights_key: dict, notes: list[str]
+) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+    pruned = apply_plan(loaded.model, plan)
+    if cfg.recovery_steps == 0:
+        notes.append("no recovery (--finetune-steps 0)")
+        return pruned, None
+    work = cfg.work_dir
+    recovery = RecoveryConfig(steps=cfg.recovery_steps, seed=cfg.seed)
+    key = _key(**weights_key, plan=plan.to_json(), recovery=asdict(recovery), reweight=cfg.reweight, data=str(cfg.data),
+               images=[cfg.search_images, cfg.heldout_images])
+    path, key_path = work / "recovered.pt", work / "recovered.pt.key"
+    if path.is_file() and key_path.is_file() and key_path.read_text().strip() == key:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        pruned.load_state_dict(saved["model"])
+        notes.append(f"resumed {path}")
+        return pruned.eval(), json.loads(saved["summary"])
+    if cfg.reweight:
+        add_reweights(pruned)
+    result = recover(pruned, loaded.model, images.pool, images.held_out, recovery, loaded.is_classifier, rt, work / f"recovery-{key}.pt")
+    fold_reweights(pruned)
+    pruned = pruned.cpu().eval()
+    summary = {**asdict(result), "steps": recovery.steps, "lr": recovery.lr, "batch_size": recovery.batch_size, "reweight": cfg.reweight}
+    if rt.is_main:
+        def save(p: Path) -> None:
+            with atomic_path(p) as tmp:
+                torch.save({"model": pruned.state_dict(), "summary": json.dumps(summary)}, tmp)
+
+        cached_file(work, "recovered.pt", key, save)
+    _sync(rt)
+    notes.append(f"{result.metric}: {result.history[0][1]:.4f} → best {result.best_value:.4f} at step {result.best_step}")
+    return pruned, summary
+
+
+def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any] | None:
     """Run the pipeline and return the report; writes ``cfg.output`` and its report files.
+
+    Under torchrun every rank takes part in the search and the recovery; rank 0 alone exports,
+    validates and writes, and the other ranks return None.
 
     Raises UserError subclasses for bad input or a failed check; nothing is written to
     ``cfg.output`` then, and the finished stages stay in the work directory.
     """
     console = console or Console(stderr=True)
-    stage = Stages(console)
     out = Path(cfg.output)
     if out.suffix != ".onnx":
         raise OutputPathError(f"-o {out} must name a .onnx file (the report goes next to it)")
+    if cfg.method not in METHODS:
+        raise UserError(f"unknown method '{cfg.method}'; choose one of {', '.join(METHODS)}")
     ensure_writable_dir(out)
-    work = cfg.work_dir
-    work.mkdir(exist_ok=True)
+    cfg.work_dir.mkdir(exist_ok=True)
+    with runtime(cfg.device) as rt:
+        return _run(cfg, console if rt.is_main else Console(stderr=True, quiet=True), rt)
+
+
+def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None:
+    stage = Stages(console)
+    out, work = Path(cfg.output), cfg.work_dir
     torch.manual_seed(cfg.seed)
 
     with stage("load model") as notes:
@@ -185,38 +317,35 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
     model = loaded.model
     geometry = describe(model)
     input_size = tuple(loaded.data_config["input_size"])
+    console.print(
+        f"[dim]method {cfg.method}, budget {cfg.budget:g}, align {cfg.align}, "
+        + (f"search steps {cfg.search_steps}, " if cfg.method == "acp" else "")
+        + f"recovery steps {cfg.recovery_steps}, device {rt.device}"
+        + (f", {rt.world_size} ranks" if rt.distributed else "") + "[/]"
+    )
 
-    with stage("calibration images") as notes:
-        images, images_label = calibration_images(cfg.data, loaded.data_config, cfg.calib_images, cfg.seed)
-        notes.append(images_label)
+    with stage("images") as notes:
+        images = load_images(cfg, loaded)
+        notes.append(images.label)
 
     weights_key = _weights_key(cfg, loaded)
     with stage("plan") as notes:
-        if cfg.plan is not None:
-            plan = Plan.load(cfg.plan)
-            plan.check(geometry, loaded.timm_name)
-            notes.append(f"replayed {cfg.plan}")
-        else:
-            search_key = _key(
-                **weights_key, method=cfg.method, budget=cfg.budget, align=cfg.align,
-                per_head=cfg.per_head_indices, seed=cfg.seed, data=str(cfg.data), calib=cfg.calib_images,
-            )
-            plan_path, reused = cached_file(work, "plan.json", search_key, lambda p: _write_plan(_search(cfg, loaded, images), p))
-            plan = Plan.load(plan_path)
-            notes.append(("resumed " if reused else "searched, saved ") + str(plan_path))
+        plan = _plan_stage(cfg, loaded, images, rt, weights_key, notes)
         notes.append(f"MAC ratio {plan.mac_ratio:.4f}")
 
-    with stage("surgery"):
-        pruned = apply_plan(model, plan)
+    with stage("surgery and recovery") as notes:
+        pruned, recovery = _recovery_stage(cfg, loaded, plan, images, rt, weights_key, notes)
+    if not rt.is_main:
+        return None
+    model.cpu()
 
+    parity_images = images.held_out.images[: cfg.calib_images]
+    pruned_key = _key(**weights_key, plan=plan.to_json(), recovery=recovery, opset=cfg.opset)
     with stage("export ONNX") as notes:
         dense_path, dense_reused = cached_file(
             work, "dense.onnx", _key(**weights_key, opset=cfg.opset), lambda p: export_onnx(model, p, input_size, cfg.opset)
         )
-        pruned_path, pruned_reused = cached_file(
-            work, "pruned.onnx", _key(**weights_key, plan=plan.to_json(), opset=cfg.opset),
-            lambda p: export_onnx(pruned, p, input_size, cfg.opset),
-        )
+        pruned_path, pruned_reused = cached_file(work, "pruned.onnx", pruned_key, lambda p: export_onnx(pruned, p, input_size, cfg.opset))
         notes.append(f"dense {'reused' if dense_reused else 'exported'}, pruned {'reused' if pruned_reused else 'exported'}")
 
     with stage("count MACs in the graphs") as notes:
@@ -224,8 +353,20 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
         notes.append(f"graph ratio {onnx_pruned / onnx_dense:.4f}")
 
     with stage("parity in ONNX Runtime") as notes:
-        parity = check_parity(pruned_path, pruned, images, classifier=loaded.is_classifier)
+        parity = check_parity(pruned_path, pruned, parity_images, classifier=loaded.is_classifier)
         notes.append(f"max |Δ| {parity.max_abs_diff:.2e}, cosine {parity.min_cosine:.6f}")
+
+    accuracy = None
+    if images.held_out.labels is not None and not loaded.is_classifier:
+        with stage("held-out k-NN accuracy") as notes:
+            cpu = Runtime(torch.device("cpu"))
+            accuracy = {
+                "metric": "k-NN top-1 (k=20, T=0.07), half the held-out images as bank, half as queries",
+                "held_out_images": len(images.held_out.images),
+                "dense": evaluate(model, model, images.held_out, False, cpu)[1],
+                "pruned": evaluate(pruned, model, images.held_out, False, cpu)[1],
+            }
+            notes.append(f"dense {accuracy['dense']:.4f}, pruned {accuracy['pruned']:.4f}")
 
     latency: list[dict[str, Any]] = []
     threads = cfg.threads or _default_threads()
@@ -256,13 +397,19 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
             "per_head_indices": not all(b.shared_indices for b in plan.blocks),
             "path": str(cfg.plan or work / "plan.json"),
         },
+        "search": {
+            "method": cfg.method, "device": str(rt.device), "ranks": rt.world_size,
+            **({"steps": cfg.search_steps, "similarity": cfg.similarity, "attn_init": cfg.attn_init} if cfg.method == "acp" else {}),
+        },
+        "recovery": recovery,
+        "accuracy": accuracy,
         "macs": {
             "dense": plan.dense_macs, "pruned": plan.pruned_macs, "ratio": plan.mac_ratio,
             "onnx_dense": onnx_dense, "onnx_pruned": onnx_pruned, "onnx_ratio": onnx_pruned / onnx_dense,
         },
         "params": {"dense": _params(model), "pruned": _params(pruned), "ratio": _params(pruned) / _params(model)},
         "blocks": block_rows(plan, geometry),
-        "parity": {**asdict(parity), "inputs": images_label, "reference": "PyTorch pruned model"},
+        "parity": {**asdict(parity), "inputs": images.label, "reference": "PyTorch pruned model"},
         "latency": latency,
         "machine": {**machine_info(), "threads": threads},
         "preprocessing": {k: loaded.data_config[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct") if k in loaded.data_config},

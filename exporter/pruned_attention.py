@@ -16,6 +16,9 @@ from torch import nn
 class PrunedAttention(nn.Module):
     """Multi-head softmax attention: softmax(q kᵀ · scale) v, heads of qk_dim and v_dim channels.
 
+    ``reweight`` (identity unless recovery adds one) acts on the attention output right before
+    ``proj``, so it folds exactly into proj's weights before export.
+
     Args:
         dim: token width in and out.
         num_heads: number of heads.
@@ -43,6 +46,7 @@ class PrunedAttention(nn.Module):
         self.head_dim = qk_dim
         self.scale = scale
         self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias)
+        self.reweight: nn.Module = nn.Identity()
         self.proj = nn.Linear(num_heads * v_dim, dim, bias=proj_bias)
 
     def forward(
@@ -55,4 +59,4 @@ class PrunedAttention(nn.Module):
         k = k.reshape(b, n, h, self.qk_dim).transpose(1, 2)
         v = v.reshape(b, n, h, self.v_dim).transpose(1, 2)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
-        return self.proj(x.transpose(1, 2).reshape(b, n, h * self.v_dim))
+        return self.proj(self.reweight(x.transpose(1, 2).reshape(b, n, h * self.v_dim)))

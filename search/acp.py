@@ -146,7 +146,7 @@ def acp_search(
                     torch.save({"step": done, "gates": gates.state_dict(), "optimiser": optimiser.state_dict()}, tmp)
             if runtime.distributed:
                 torch.distributed.barrier()
-            advance(f"kd {float(kd):.4f}  E[MACs] {float(ratio):.3f}")
+            advance(f"kd {kd.item():.4f}  E[MACs] {ratio.item():.3f}")
             if on_step is not None:
                 on_step(done)
     indicators = gates.scores()

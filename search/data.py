@@ -2,8 +2,8 @@
 
 ``--data DIR`` is an ImageFolder: one sub-folder per class, images inside. Images go through timm's
 evaluation transform built from the model's own data config, so what is pruned, validated and later
-served sees the same preprocessing. Without data, a fixed-seed Gaussian batch stands in; a report
-says which was used.
+served sees the same preprocessing. Without data, the pipeline uses a fixed-seed Gaussian batch
+and its report says so.
 """
 from __future__ import annotations
 
@@ -65,14 +65,3 @@ def stack_images(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = zip(*(dataset[i] for i in range(len(dataset))))
     return torch.stack(images), torch.tensor(labels)
 
-
-def calibration_images(
-    data_dir: Path | None, data_config: dict[str, Any], count: int, seed: int = 0
-) -> tuple[torch.Tensor, str]:
-    """A batch of ``count`` preprocessed images and a label for the report saying where they came from."""
-    if data_dir is None:
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randn(count, *data_config["input_size"], generator=gen), "random normal inputs (no --data)"
-    dataset = image_folder(data_dir, data_config)
-    images, _ = stack_images(balanced_subset(dataset, count, seed))
-    return images, f"{len(images)} images from {Path(data_dir).resolve()}"

@@ -98,11 +98,12 @@ def test_checkpoint_and_data_are_used(tmp_path):
     torch.save({"model": timm.create_model("test_vit").state_dict()}, ckpt)
     data = image_folder(tmp_path / "imgs")
     out = tmp_path / "m.onnx"
-    result = invoke("test_vit", "--checkpoint", ckpt, "--data", data, "-o", out, *FAST)
+    result = invoke("test_vit", "--checkpoint", ckpt, "--data", data, "--finetune-steps", "2", "-o", out, *FAST)
     assert result.exit_code == 0, result.output
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["model"]["weights"].startswith("checkpoint:") and report["model"]["random_weights"] is False
-    assert "4 images from" in report["parity"]["inputs"]
+    assert "3 search + 3 held-out images from" in report["parity"]["inputs"]
+    assert report["recovery"]["steps"] == 2 and len(report["recovery"]["history"]) == 2
 
 
 def test_failed_parity_writes_nothing_and_keeps_the_plan(tmp_path):

@@ -1,0 +1,182 @@
+"""Recovery: fine-tune the pruned model (and its reweights) by distillation from the dense model.
+
+DESIGN.md measured that a falling distillation loss can hide a collapsing feature space, so the
+loop watches a held-out metric, not the loss, and keeps the best state:
+- a labelled held-out set (ImageFolder classes): k-NN top-1 (DINO protocol) on the student's
+  features, half the held-out images as the bank and half as queries;
+- otherwise: the held-out distillation loss (lower is better).
+State is checkpointed every ``checkpoint_every`` steps and a re-run resumes from it; batches are
+drawn by (seed, step), so a resumed run follows the uninterrupted trajectory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from exporter.reweight import HeadReweight, UnitScale
+from search.acp import batch_indices
+from search.atomic import atomic_path
+from search.distill import distill_loss, distill_targets
+from search.knn import knn_top1
+from search.progress import progress_bar
+from search.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """Settings of the recovery fine-tune.
+
+    Attributes:
+        steps: optimisation steps (0 skips recovery).
+        batch_size: global batch per step.
+        lr: AdamW learning rate of the weights.
+        reweight_lr: learning rate of the reweight modules.
+        weight_decay: AdamW weight decay (not applied to reweights).
+        eval_every: steps between held-out evaluations.
+        checkpoint_every: steps between checkpoints.
+        seed: seeds batch sampling.
+    """
+
+    steps: int = 100
+    batch_size: int = 16
+    lr: float = 1e-4
+    reweight_lr: float = 1e-3
+    weight_decay: float = 0.01
+    eval_every: int = 20
+    checkpoint_every: int = 20
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Held-out images and, when the data is labelled, their labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class RecoveryResult:
+    """What recovery did: the held-out metric over time and the step whose state was kept."""
+
+    metric: str
+    history: tuple[tuple[int, float], ...]
+    best_step: int
+    best_value: float
+    extra: dict = field(default_factory=dict)
+
+
+class DistillStudent(nn.Module):
+    """The student seen through what is distilled, so DistributedDataParallel sees every forward."""
+
+    def __init__(self, model: nn.Module, classifier: bool) -> None:
+        super().__init__()
+        self.model, self.classifier = model, classifier
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return distill_targets(self.model, images, self.classifier)
+
+
+def _features(model: nn.Module, images: torch.Tensor, runtime: Runtime, classifier: bool) -> torch.Tensor:
+    outs = []
+    with torch.no_grad(), runtime.autocast():
+        for chunk in images.split(32):
+            out = model(chunk.to(runtime.device))
+            outs.append(out.float().cpu())
+    return torch.cat(outs)
+
+
+def evaluate(model: nn.Module, teacher: nn.Module, held_out: HeldOut, classifier: bool, runtime: Runtime) -> tuple[str, float]:
+    """The held-out metric as (name, value), oriented so that higher is better."""
+    model.eval()
+    if held_out.labels is not None and not classifier:
+        feats = _features(model, held_out.images, runtime, classifier)
+        half = len(feats) // 2
+        return "knn_top1", knn_top1(feats[:half], held_out.labels[:half], feats[half:], held_out.labels[half:])
+    with torch.no_grad(), runtime.autocast():
+        images = held_out.images.to(runtime.device)
+        loss = distill_loss(distill_targets(model, images, classifier), distill_targets(teacher, images, classifier), classifier)
+    return "neg_distill_loss", -float(loss)
+
+
+def _param_groups(model: nn.Module, config: RecoveryConfig) -> list[dict]:
+    reweights = [p for m in model.modules() if isinstance(m, (HeadReweight, UnitScale)) for p in m.parameters()]
+    ids = {id(p) for p in reweights}
+    weights = [p for p in model.parameters() if id(p) not in ids]
+    groups = [{"params": weights, "lr": config.lr, "weight_decay": config.weight_decay}]
+    if reweights:
+        groups.append({"params": reweights, "lr": config.reweight_lr, "weight_decay": 0.0})
+    return groups
+
+
+def recover(
+    student: nn.Module,
+    teacher: nn.Module,
+    images: torch.Tensor,
+    held_out: HeldOut,
+    config: RecoveryConfig,
+    classifier: bool,
+    runtime: Runtime,
+    state_path: Path | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> RecoveryResult:
+    """Distil ``teacher`` into ``student`` in place and leave the best held-out state loaded."""
+    student.to(runtime.device)
+    teacher.to(runtime.device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    optimiser = torch.optim.AdamW(_param_groups(student, config))
+    metric, initial = evaluate(student, teacher, held_out, classifier, runtime)
+    history: list[tuple[int, float]] = [(0, initial)]
+    best_step, best_value = 0, initial
+    best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    start = 0
+    if state_path is not None and state_path.is_file():
+        state = torch.load(state_path, map_location=runtime.device, weights_only=True)
+        student.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        start, best_step, best_value = int(state["step"]), int(state["best_step"]), float(state["best_value"])
+        best_state, history = state["best_model"], [tuple(h) for h in state["history"]]
+    trained: nn.Module = DistillStudent(student, classifier)
+    if runtime.distributed:
+        trained = DistributedDataParallel(trained)
+    with progress_bar("recovery", total=config.steps, completed=start, enabled=runtime.is_main) as advance:
+        for step in range(start, config.steps):
+            student.train()
+            idx = runtime.shard(batch_indices(len(images), config.batch_size, config.seed + 7919, step))
+            batch = images[idx].to(runtime.device)
+            with torch.no_grad(), runtime.autocast():
+                target = distill_targets(teacher, batch, classifier)
+            with runtime.autocast():
+                loss = distill_loss(trained(batch), target, classifier)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            done = step + 1
+            if done % config.eval_every == 0 or done == config.steps:
+                _, value = evaluate(student, teacher, held_out, classifier, runtime)
+                history.append((done, value))
+                if value > best_value:
+                    best_step, best_value = done, value
+                    best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+            if state_path is not None and runtime.is_main and (done % config.checkpoint_every == 0 or done == config.steps):
+                with atomic_path(state_path) as tmp:
+                    torch.save(
+                        {"step": done, "model": student.state_dict(), "optimiser": optimiser.state_dict(),
+                         "best_step": best_step, "best_value": best_value, "best_model": best_state, "history": history},
+                        tmp,
+                    )
+            advance(f"loss {loss.item():.4f}  {metric} best {best_value:.4f}@{best_step}")
+            if on_step is not None:
+                on_step(done)
+    student.load_state_dict(best_state)
+    student.eval()
+    return RecoveryResult(metric=metric, history=tuple(history), best_step=best_step, best_value=best_value)
+
