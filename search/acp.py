@@ -4,7 +4,10 @@
    the attention-difference initial logits (``search.similarity``, ``search.attention_init``).
 2. Train the indicators (``search.gates``) with the dense weights frozen: the gated model is
    distilled from the dense one while a differentiable expected-MACs term pushes the soft widths
-   down to the budget, so the widths of every block are chosen by the search itself.
+   down to the budget, so the widths of every block are chosen by the search itself. A
+   polarisation term g(1-g), ramped up over the run, drives each gate to 0 or 1: without it the
+   soft widths meet the budget by sliding every gate down together, and the hard cut at the end
+   is a different model from the one the search optimised.
 3. Rank channels by similarity weight × indicator; ``search.allocate`` turns the ranking into an
    aligned Plan with MACs ≤ budget × dense exactly.
 
@@ -44,6 +47,7 @@ class AcpConfig:
         batch_size: global batch per step (split over ranks under torchrun).
         lr: Adam learning rate on the gate logits.
         budget_weight: weight of the expected-MACs excess in the loss.
+        polarize: final weight of the g(1-g) term (linearly ramped from 0).
         similarity: use similarity-based weights in the ranking.
         attn_init: initialise indicators from attention differences (else a constant).
         calib_images: images used for similarity weights and the initialisation.
@@ -54,8 +58,9 @@ class AcpConfig:
     budget: float
     steps: int = 60
     batch_size: int = 16
-    lr: float = 0.05
+    lr: float = 0.1
     budget_weight: float = 5.0
+    polarize: float = 1.0
     similarity: bool = True
     attn_init: bool = True
     calib_images: int = 8
@@ -79,6 +84,20 @@ def batch_indices(pool_size: int, batch_size: int, seed: int, step: int) -> torc
     """The global batch of ``step``: the same on every rank and in every resumed run."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     return torch.randint(pool_size, (batch_size,), generator=gen)
+
+
+def done_fraction(step: int, steps: int) -> float:
+    return (step + 1) / steps
+
+
+def polarisation(gates: ChannelGates) -> torch.Tensor:
+    """Mean of 4·g(1-g) over each group's gates, averaged over groups: 0 when every gate is 0 or 1."""
+    terms = []
+    for i in range(len(gates.qk)):
+        block = gates.values(i)
+        for g in (block.qk, block.v, block.mlp):
+            terms.append((4 * g * (1 - g)).mean())
+    return torch.stack(terms).mean()
 
 
 def _initial_scores(model: nn.Module, geometry: ModelGeometry, images: torch.Tensor, config: AcpConfig):
@@ -136,7 +155,8 @@ def acp_search(
             with runtime.autocast():
                 kd = distill_loss(student(batch), teacher, classifier)
             ratio = gates.expected_macs() / dense
-            loss = kd + config.budget_weight * torch.relu(ratio - config.budget)
+            ramp = config.polarize * done_fraction(step, config.steps)
+            loss = kd + config.budget_weight * torch.relu(ratio - config.budget) + ramp * polarisation(gates)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
