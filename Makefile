@@ -38,5 +38,10 @@ $(FMNIST)/train/manifest.json: | system $(STAMP)
 demo: install $(FMNIST)/train/manifest.json
 	$(VENV)/bin/prune-export dinov2_s --data $(FMNIST)/train --budget 0.63 -o artifacts/demo/dinov2_s_0.63.onnx
 
+## Latency bench on ORT CPU (random weights) and the --align table, in artifacts/bench/; QUICK=1 keeps it under 10 minutes.
+bench: install
+	$(PY) -m exporter.align_table $(if $(QUICK),--runs 15,)
+	$(PY) -m exporter.bench_latency $(if $(QUICK),--quick,)
+
 clean:
 	rm -rf $(CACHE) artifacts/demo/*.work

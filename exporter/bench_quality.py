@@ -35,6 +35,7 @@ from exporter.pipeline import RunConfig, load_images, run
 from exporter.recovery import RecoveryConfig, recover
 from exporter.validate import make_session
 from search.atomic import atomic_path
+from search.errors import UserError
 from search.data import balanced_subset, image_folder, stack_images
 from search.fashion_mnist import write_image_folder
 from search.knn import knn_top1
@@ -43,7 +44,7 @@ from search.progress import progress_bar
 from search.runtime import Runtime
 
 OUT = Path("artifacts/bench")
-CACHE = Path(".cache/bench/quality")
+CACHE = Path(".cache/quality-bench")
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 acc = knn_of(path, bank, test, threads)
                 results.append({"row": "Torch-Pruning @ 0.63", "method": "torch-pruning", "budget": 0.63, "knn_top1": acc, **extra})
                 console.print(f"[bold]Torch-Pruning[/]: MAC ratio {extra['mac_ratio']:.4f}, k-NN top-1 {acc:.4f}")
-            except ImportError as exc:
+            except UserError as exc:
                 results.append({"row": "Torch-Pruning @ 0.63", "method": "torch-pruning", "budget": 0.63, "knn_top1": None, "skipped": str(exc)})
             advance("torch-pruning")
     write_outputs(results, cfg, args.quick, dense_report)
