@@ -59,6 +59,10 @@ def prune_export(
     device: str = typer.Option("auto", help="auto, cpu or cuda for search and recovery."),
     seed: int = typer.Option(0, help="Seed for random weights, random scores and sampling."),
     calib_images: int = typer.Option(16, min=1, help="Held-out images for the parity check."),
+    target: str = typer.Option("portable", help="portable (standard ONNX ops) or ort (ONNX Runtime-optimised graph)."),
+    precision: str = typer.Option("fp32", help="fp32, or fp16 for GPU artifacts."),
+    quantize: str = typer.Option("none", help="none or int8."),
+    quantize_mode: str = typer.Option("dynamic", help="int8: dynamic, or static calibrated on --data."),
     latency_runs: int = typer.Option(20, min=0, help="Interleaved runs per model for latency (0 skips)."),
     threads: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime threads (default: all cores)."),
 ) -> None:
@@ -74,7 +78,8 @@ def prune_export(
             per_head_indices=per_head_indices, similarity=not no_similarity, attn_init=not no_attn_init,
             reweight=not no_reweight, search_steps=search_steps, finetune_steps=finetune_steps,
             search_images=search_images, heldout_images=heldout_images, device=device, seed=seed,
-            calib_images=calib_images, latency_runs=latency_runs, threads=threads,
+            calib_images=calib_images, target=target, precision=precision, quantize=quantize,
+            quantize_mode=quantize_mode, latency_runs=latency_runs, threads=threads,
         )
         report = run(cfg, err)
         if report is not None:

@@ -26,6 +26,8 @@ from exporter.latency import machine_info, measure_latency
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_onnx_macs, count_ops
 from exporter.report import block_rows, write_report
+from exporter.ort_target import optimize_for_ort
+from exporter.quantize import approx_parity, convert_fp16, quantize_int8
 from exporter.recovery import HeldOut, RecoveryConfig, knn_accuracy, recover
 from exporter.reweight import add_reweights, fold_reweights
 from exporter.surgery import apply_plan
@@ -35,13 +37,16 @@ from search.allocate import SolverConfig, make_plan
 from search.atomic import atomic_path, ensure_writable_dir
 from search.data import balanced_subset, image_folder, stack_images
 from search.errors import OutputPathError, UserError
-from search.macs import describe
+from search.macs import ModelGeometry, describe
 from search.methods import METHODS, SearchInputs
 from search.models import LoadedModel, load_model
 from search.plan import Plan
 from search.runtime import Runtime, runtime
 
 LATENCY_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
+TARGETS = ("portable", "ort")
+PRECISIONS = ("fp32", "fp16")
+QUANTIZE = ("none", "int8")
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,10 @@ class RunConfig:
         device: auto, cpu or cuda for search and recovery.
         seed: seeds random weights, sampling and the search.
         calib_images: images used for parity.
+        target: ``portable`` (standard ONNX ops, runs anywhere) or ``ort`` (ONNX Runtime's offline-optimised graph).
+        precision: ``fp32``, or ``fp16`` for GPU artifacts (inputs and outputs stay fp32).
+        quantize: ``none``, or ``int8`` (ONNX Runtime quantization of the weight MatMuls).
+        quantize_mode: ``dynamic``, or ``static`` calibrated on the search images.
         latency_runs: interleaved runs per model for the latency medians (0 skips latency).
         latency_batches: batch sizes to time.
         threads: ONNX Runtime intra-op threads; None for every core this process may use.
@@ -97,6 +106,10 @@ class RunConfig:
     device: str = "auto"
     seed: int = 0
     calib_images: int = 16
+    target: str = "portable"
+    precision: str = "fp32"
+    quantize: str = "none"
+    quantize_mode: str = "dynamic"
     latency_runs: int = 20
     latency_batches: tuple[int, ...] = (1,)
     threads: int | None = None
@@ -283,6 +296,37 @@ def _recovery_stage(
     return pruned, summary
 
 
+def _describe_parity(parity: dict[str, Any]) -> str:
+    if "max_abs_diff" in parity:
+        return f"max |Δ| {parity['max_abs_diff']:.2e}, cosine {parity['min_cosine']:.6f}"
+    agree = "" if parity.get("top1_agreement") is None else f", top-1 agreement {parity['top1_agreement']:.3f}"
+    return f"mean cosine {parity['mean_cosine']:.5f}, min {parity['min_cosine']:.5f}{agree}"
+
+
+def build_artifact(
+    cfg: RunConfig, portable: Path, portable_parity: dict[str, Any], pruned: torch.nn.Module, geometry: ModelGeometry,
+    images: Images, parity_images: torch.Tensor, classifier: bool, threads: int,
+) -> tuple[Path, dict[str, Any]]:
+    """The file to ship, derived from the validated portable fp32 graph, with its own parity check.
+
+    ``ort`` keeps fp32 arithmetic, so it must pass the same exact parity as the portable graph.
+    fp16 and int8 change the arithmetic: their parity is cosine and top-1 agreement against the
+    PyTorch model, with thresholds (``exporter.quantize.approx_parity``), not a fake 1e-5 tolerance.
+    """
+    work, path, parity = cfg.work_dir, portable, portable_parity
+    if cfg.target == "ort":
+        path = optimize_for_ort(portable, work / "pruned-ort.onnx", geometry.blocks[0].attention.num_heads, geometry.embed_dim, threads)
+        parity = asdict(check_parity(path, pruned, parity_images, classifier=classifier))
+    if cfg.precision == "fp16":
+        path = convert_fp16(path, work / f"{path.stem}-fp16.onnx")
+        parity = approx_parity(path, pruned, parity_images, classifier)
+    if cfg.quantize == "int8":
+        calibration = images.pool[:64].numpy() if cfg.quantize_mode == "static" else None
+        path = quantize_int8(path, work / f"{path.stem}-int8-{cfg.quantize_mode}.onnx", cfg.quantize_mode, calibration)
+        parity = approx_parity(path, pruned, parity_images, classifier)
+    return path, parity
+
+
 def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any] | None:
     """Run the pipeline and return the report; writes ``cfg.output`` and its report files.
 
@@ -298,6 +342,12 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any] | None
         raise OutputPathError(f"-o {out} must name a .onnx file (the report goes next to it)")
     if cfg.method not in METHODS:
         raise UserError(f"unknown method '{cfg.method}'; choose one of {', '.join(METHODS)}")
+    for name, value, allowed in (("target", cfg.target, TARGETS), ("precision", cfg.precision, PRECISIONS),
+                                 ("quantize", cfg.quantize, QUANTIZE), ("quantize-mode", cfg.quantize_mode, ("dynamic", "static"))):
+        if value not in allowed:
+            raise UserError(f"--{name} must be one of {', '.join(allowed)}, got '{value}'")
+    if cfg.precision == "fp16" and cfg.quantize != "none":
+        raise UserError("--precision fp16 and --quantize int8 exclude each other; choose one")
     ensure_writable_dir(out)
     cfg.work_dir.mkdir(exist_ok=True)
     with runtime(cfg.device) as rt:
@@ -356,6 +406,11 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
         parity = check_parity(pruned_path, pruned, parity_images, classifier=loaded.is_classifier)
         notes.append(f"max |Δ| {parity.max_abs_diff:.2e}, cosine {parity.min_cosine:.6f}")
 
+    threads = cfg.threads or _default_threads()
+    with stage(f"artifact: {cfg.target}, {cfg.precision}" + ("" if cfg.quantize == "none" else f", {cfg.quantize} {cfg.quantize_mode}")) as notes:
+        artifact_path, artifact_parity = build_artifact(cfg, pruned_path, asdict(parity), pruned, geometry, images, parity_images, loaded.is_classifier, threads)
+        notes.append(_describe_parity(artifact_parity))
+
     accuracy = None
     if images.held_out.labels is not None and not loaded.is_classifier:
         with stage("held-out k-NN accuracy") as notes:
@@ -369,21 +424,20 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
             notes.append(f"dense {accuracy['dense']:.4f}, pruned {accuracy['pruned']:.4f}")
 
     latency: list[dict[str, Any]] = []
-    threads = cfg.threads or _default_threads()
     if cfg.latency_runs > 0:
         providers = [p for p in LATENCY_PROVIDERS if p in available_providers()]
         for provider in providers:
             for batch in cfg.latency_batches:
                 with stage(f"latency {provider.removesuffix('ExecutionProvider')} batch {batch}") as notes:
                     result = measure_latency(
-                        {"dense": dense_path, "pruned": pruned_path}, batch=batch, threads=threads,
+                        {"dense": dense_path, "pruned": artifact_path}, batch=batch, threads=threads,
                         runs=cfg.latency_runs, provider=provider, input_size=input_size, seed=cfg.seed,
                     )
                     entry = {**asdict(result), "ratio": result.ratio("pruned", "dense")}
                     latency.append(entry)
                     notes.append(f"ratio {entry['ratio']:.3f}")
 
-    _copy_into_place(pruned_path, out)
+    _copy_into_place(artifact_path, out)
     graph = onnx.load(str(out), load_external_data=False)
     report: dict[str, Any] = {
         "tool": "prune-export",
@@ -409,7 +463,9 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
         },
         "params": {"dense": _params(model), "pruned": _params(pruned), "ratio": _params(pruned) / _params(model)},
         "blocks": block_rows(plan, geometry),
-        "parity": {**asdict(parity), "inputs": images.label, "reference": "PyTorch pruned model"},
+        "parity": {**asdict(parity), "inputs": images.label, "reference": "PyTorch pruned model", "graph": "portable fp32"},
+        "artifact": {"target": cfg.target, "precision": cfg.precision, "quantize": cfg.quantize,
+                     "quantize_mode": cfg.quantize_mode if cfg.quantize != "none" else None, "parity": artifact_parity},
         "latency": latency,
         "machine": {**machine_info(), "threads": threads},
         "preprocessing": {k: loaded.data_config[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct") if k in loaded.data_config},

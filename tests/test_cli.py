@@ -186,3 +186,29 @@ def test_console_script_prints_one_line_and_exits_2(tmp_path):
     proc = subprocess.run([str(exe), "deit_b", "--budget", "2", "-o", str(tmp_path / "m.onnx")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "--budget" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, quantized",
+    [(["--target", "ort"], False), (["--quantize", "int8"], True), (["--precision", "fp16"], True),
+     (["--quantize", "int8", "--quantize-mode", "static"], True)],
+)
+def test_every_target_and_precision_passes_parity_and_runs(tmp_path, args, quantized):
+    out = tmp_path / "m.onnx"
+    result = invoke("test_vit", "--random-init", *args, "-o", out, *FAST)
+    assert result.exit_code == 0, result.output
+    artifact = json.loads(out.with_suffix(".json").read_text())["artifact"]
+    assert artifact["parity"]["passed"] is True
+    if quantized:
+        assert artifact["parity"]["mean_cosine"] >= 0.99
+    else:
+        assert artifact["parity"]["max_abs_diff"] < 1e-4
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        assert session.run(None, {"input": np.random.rand(batch, 3, 160, 160).astype(np.float32)})[0].shape == (batch, 1000)
+
+
+@pytest.mark.parametrize("args, needle", [(["--target", "tensorrt"], "--target"), (["--precision", "fp16", "--quantize", "int8"], "exclude")])
+def test_bad_artifact_options_fail_cleanly(tmp_path, args, needle):
+    out = tmp_path / "m.onnx"
+    assert_clean_failure(invoke("test_vit", "--random-init", *args, "-o", out), out, needle)
