@@ -127,3 +127,18 @@ def export_onnx(
     except Exception as err:
         raise ExportError("save", err) from err
     return path
+
+
+def save_checked(model: onnx.ModelProto, dst: Path) -> Path:
+    """Run ``onnx.checker`` on ``model``, then write it to ``dst`` whole (atomic rename).
+
+    Raises:
+        ExportError: the checker rejected the graph; nothing is written then.
+    """
+    try:
+        onnx.checker.check_model(model)
+    except Exception as err:
+        raise ExportError("onnx.checker", err) from err
+    with atomic_path(dst) as temp:
+        onnx.save(model, temp)
+    return dst

@@ -34,10 +34,11 @@ from typing import Literal
 import onnx
 import onnxruntime as ort
 
+from exporter.onnx_export import save_checked
 from exporter.errors import ExportError
 from exporter.rewrites.fuse_attention import fuse_attention
 from exporter.rewrites.unflatten_gemm import unflatten_gemm
-from search.atomic import atomic_path, ensure_writable_dir
+from search.atomic import ensure_writable_dir
 
 OfflineLevel = Literal["none", "basic", "extended", "all"]
 _LEVELS = {
@@ -156,10 +157,4 @@ def optimize_for_ort(
                 model = _offline_optimize(model, config.offline_level, threads, Path(tmp))
         except Exception as err:
             raise ExportError("onnxruntime offline optimization", err) from err
-    try:
-        onnx.checker.check_model(model)
-    except Exception as err:
-        raise ExportError("onnx.checker", err) from err
-    with atomic_path(dst) as temp:
-        onnx.save(model, temp)
-    return dst
+    return save_checked(model, dst)

@@ -25,6 +25,7 @@ import onnx
 import torch
 from torch import nn
 
+from exporter.onnx_export import save_checked
 from exporter.errors import ExportError, ParityError
 from exporter.rewrites.graph import GraphView, topological_sort
 from exporter.rewrites.unflatten_gemm import unflatten_gemm
@@ -135,13 +136,7 @@ def quantize_int8(
         raise ExportError(f"int8 {mode} quantization", err) from err
     finally:
         root.setLevel(level)
-    try:
-        onnx.checker.check_model(result)
-    except Exception as err:
-        raise ExportError("onnx.checker", err) from err
-    with atomic_path(dst) as temp:
-        onnx.save(result, temp)
-    return dst
+    return save_checked(result, dst)
 
 
 def convert_fp16(src: Path, dst: Path) -> Path:
