@@ -349,9 +349,16 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any] | None
     if cfg.precision == "fp16" and cfg.quantize != "none":
         raise UserError("--precision fp16 and --quantize int8 exclude each other; choose one")
     ensure_writable_dir(out)
-    cfg.work_dir.mkdir(exist_ok=True)
-    with runtime(cfg.device) as rt:
-        return _run(cfg, console if rt.is_main else Console(stderr=True, quiet=True), rt)
+    work = cfg.work_dir
+    created = not work.exists()
+    work.mkdir(exist_ok=True)
+    try:
+        with runtime(cfg.device) as rt:
+            return _run(cfg, console if rt.is_main else Console(stderr=True, quiet=True), rt)
+    except BaseException:
+        if created and not any(work.iterdir()):
+            work.rmdir()
+        raise
 
 
 def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None:

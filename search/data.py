@@ -31,7 +31,8 @@ def image_folder(root: Path, data_config: dict[str, Any], is_training: bool = Fa
     """The ImageFolder at ``root`` with the model's transform; DataError if missing or empty."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"data directory {root} does not exist; give an ImageFolder (one sub-folder per class)")
+        problem = "is a file, not a directory" if root.exists() else "does not exist"
+        raise DataError(f"data directory {root} {problem}; give an ImageFolder (one sub-folder per class)")
     cfg = {k: data_config[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct") if k in data_config}
     cfg["input_size"] = tuple(cfg["input_size"])
     transform = timm.data.create_transform(**cfg, is_training=is_training)

@@ -31,8 +31,9 @@ def invoke(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def assert_clean_failure(result, out: Path, *needles: str) -> None:
+def assert_clean_failure(result, out: Path, *needles: str, work_kept: bool = False) -> None:
     assert result.exit_code == 2, result.output
+    assert out.with_suffix(".work").exists() == work_kept
     assert "Traceback" not in result.output
     assert "error:" in result.output
     for needle in needles:
@@ -119,7 +120,7 @@ def test_failed_parity_writes_nothing_and_keeps_the_plan(tmp_path):
     init.CopyFrom(numpy_helper.from_array(weights + noise, init.name))
     onnx.save(graph, str(cached))
     result = invoke("test_vit", "--random-init", "-o", out, *FAST)
-    assert_clean_failure(result, out, "parity")
+    assert_clean_failure(result, out, "parity", work_kept=True)
     assert (out.with_suffix(".work") / "plan.json").is_file()
 
 
@@ -153,6 +154,9 @@ def test_missing_corrupt_and_mismatched_checkpoints(tmp_path):
 def test_missing_empty_and_corrupt_data(tmp_path):
     out = tmp_path / "m.onnx"
     assert_clean_failure(invoke("test_vit", "--random-init", "--data", tmp_path / "nope", "-o", out), out, "does not exist")
+    assert_clean_failure(invoke("test_vit", "--random-init", "--data", tmp_path / "nope.txt", "-o", out), out, "does not exist")
+    (tmp_path / "file.png").write_bytes(b"x")
+    assert_clean_failure(invoke("test_vit", "--random-init", "--data", tmp_path / "file.png", "-o", out), out, "not a directory")
     (tmp_path / "empty").mkdir()
     assert_clean_failure(invoke("test_vit", "--random-init", "--data", tmp_path / "empty", "-o", out), out, "no images")
     data = image_folder(tmp_path / "imgs")
@@ -212,3 +216,9 @@ def test_every_target_and_precision_passes_parity_and_runs(tmp_path, args, quant
 def test_bad_artifact_options_fail_cleanly(tmp_path, args, needle):
     out = tmp_path / "m.onnx"
     assert_clean_failure(invoke("test_vit", "--random-init", *args, "-o", out), out, needle)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
+def test_cuda_without_a_gpu_fails_cleanly(tmp_path):
+    out = tmp_path / "m.onnx"
+    assert_clean_failure(invoke("test_vit", "--random-init", "--device", "cuda", "-o", out), out, "no GPU", "--device auto")
