@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     base = RunConfig("dinov2_s", 1.0, CACHE / "dense.onnx", data=train_dir, img_size=cfg.img_size, finetune_steps=0,
                      latency_runs=0, search_steps=cfg.search_steps, seed=cfg.seed)
-    dense_report = run(base, console)
+    run(base, console)
     dense_acc = knn_of(CACHE / "dense.onnx", bank, test, threads)
     results.append({"row": "dense", "method": "dense", "budget": 1.0, "mac_ratio": 1.0, "knn_top1": dense_acc})
     console.print(f"[bold]dense[/]: k-NN top-1 {dense_acc:.4f}")
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             except UserError as exc:
                 results.append({"row": "Torch-Pruning @ 0.63", "method": "torch-pruning", "budget": 0.63, "knn_top1": None, "skipped": str(exc)})
             advance("torch-pruning")
-    write_outputs(results, cfg, args.quick, dense_report)
+    write_outputs(results, cfg, args.quick)
     return 0
 
 
@@ -204,12 +204,12 @@ def rescore(bank_per_class: int, test_per_class: int) -> int:
                 r["knn_top1"] = knn_of(row_path(r["row"]), bank, test, threads)
             advance(r["row"])
     cfg = replace(cfg, bank_per_class=bank_per_class, test_per_class=test_per_class)
-    write_outputs(rows_, cfg, meta["quick"], {}, rescored_from=meta)
+    write_outputs(rows_, cfg, meta["quick"], rescored_from=meta)
     return 0
 
 
 def write_outputs(
-    results: list[dict[str, Any]], cfg: BenchConfig, quick: bool, dense_report: dict[str, Any], rescored_from: dict | None = None
+    results: list[dict[str, Any]], cfg: BenchConfig, quick: bool, rescored_from: dict | None = None
 ) -> None:
     """artifacts/bench/quality.{json,md,png}."""
     OUT.mkdir(parents=True, exist_ok=True)

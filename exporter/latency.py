@@ -17,10 +17,9 @@ from typing import Any, Mapping
 import numpy as np
 import onnxruntime as ort
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from exporter.validate import CPU, make_session
+from search.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -102,22 +101,13 @@ def measure_latency(
 
     names = list(sessions)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    bar = Progress(
-        TextColumn("timing"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        transient=True,
-        disable=not progress,
-        console=Console(stderr=True),
-    )
-    with bar:
-        task = bar.add_task("rounds", total=runs)
+    with progress_bar("timing", total=runs, enabled=progress) as advance:
         for round_index in range(runs):
             for name in names if round_index % 2 == 0 else reversed(names):
                 start = time.perf_counter()
                 sessions[name].run(None, feeds[name])
                 samples[name].append((time.perf_counter() - start) * 1e3)
-            bar.advance(task)
+            advance()
 
     return LatencyResult(
         median_ms={name: statistics.median(times) for name, times in samples.items()},

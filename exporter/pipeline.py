@@ -130,6 +130,12 @@ def _key(**fields: Any) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def is_fresh(work: Path, name: str, key: str) -> bool:
+    """True when ``work/name`` exists and was made from inputs with this ``key``."""
+    path, key_path = work / name, work / f"{name}.key"
+    return path.is_file() and key_path.is_file() and key_path.read_text().strip() == key
+
+
 def cached_file(work: Path, name: str, key: str, build: Callable[[Path], Any]) -> tuple[Path, bool]:
     """``work/name`` built by ``build(path)`` unless a file made from the same ``key`` is there.
 
@@ -137,7 +143,7 @@ def cached_file(work: Path, name: str, key: str, build: Callable[[Path], Any]) -
     whose build was interrupted is never taken for a finished one.
     """
     path, key_path = work / name, work / f"{name}.key"
-    if path.is_file() and key_path.is_file() and key_path.read_text().strip() == key:
+    if is_fresh(work, name, key):
         return path, True
     key_path.unlink(missing_ok=True)
     build(path)
@@ -249,8 +255,8 @@ def _plan_stage(cfg: RunConfig, loaded: LoadedModel, images: Images, rt: Runtime
         seed=cfg.seed, data=str(cfg.data), images=[cfg.search_images, cfg.heldout_images],
         acp=[cfg.search_steps, cfg.similarity, cfg.attn_init] if cfg.method == "acp" else None,
     )
-    path, key_path = work / "plan.json", work / "plan.json.key"
-    if path.is_file() and key_path.is_file() and key_path.read_text().strip() == key:
+    path = work / "plan.json"
+    if is_fresh(work, "plan.json", key):
         notes.append(f"resumed {path}")
         return Plan.load(path)
     state_path = work / f"search-{key}.pt"
@@ -273,8 +279,8 @@ def _recovery_stage(
     recovery = RecoveryConfig(steps=cfg.recovery_steps, seed=cfg.seed)
     key = _key(**weights_key, plan=plan.to_json(), recovery=asdict(recovery), reweight=cfg.reweight, data=str(cfg.data),
                images=[cfg.search_images, cfg.heldout_images])
-    path, key_path = work / "recovered.pt", work / "recovered.pt.key"
-    if path.is_file() and key_path.is_file() and key_path.read_text().strip() == key:
+    path = work / "recovered.pt"
+    if is_fresh(work, "recovered.pt", key):
         saved = torch.load(path, map_location="cpu", weights_only=True)
         pruned.load_state_dict(saved["model"])
         notes.append(f"resumed {path}")

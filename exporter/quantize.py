@@ -30,7 +30,7 @@ from exporter.errors import ExportError, ParityError
 from exporter.rewrites.graph import GraphView, topological_sort
 from exporter.rewrites.unflatten_gemm import unflatten_gemm
 from exporter.validate import make_session
-from search.atomic import atomic_path, ensure_writable_dir
+from search.atomic import ensure_writable_dir
 
 MIN_MEAN_COSINE = 0.99
 MIN_TOP1_AGREEMENT = 0.9
@@ -158,12 +158,9 @@ def convert_fp16(src: Path, dst: Path) -> Path:
         model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=False)
         topological_sort(model)  # the tool appends its input Casts at the end of the node list
         model.ir_version = min(model.ir_version, _MAX_ORT_IR_VERSION)
-        onnx.checker.check_model(model)
     except Exception as err:
         raise ExportError("fp16 conversion", err) from err
-    with atomic_path(dst) as temp:
-        onnx.save(model, temp)
-    return dst
+    return save_checked(model, dst)
 
 
 def _cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:

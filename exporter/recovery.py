@@ -12,7 +12,7 @@ drawn by (seed, step), so a resumed run follows the uninterrupted trajectory.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -70,7 +70,6 @@ class RecoveryResult:
     history: tuple[tuple[int, float], ...]
     best_step: int
     best_value: float
-    extra: dict = field(default_factory=dict)
 
 
 class DistillStudent(nn.Module):
