@@ -12,6 +12,7 @@ drawn by (seed, step), so a resumed run follows the uninterrupted trajectory.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,8 +37,11 @@ class RecoveryConfig:
     Attributes:
         steps: optimisation steps (0 skips recovery).
         batch_size: global batch per step.
-        lr: AdamW learning rate of the weights.
-        reweight_lr: learning rate of the reweight modules.
+        lr: peak AdamW learning rate of the weights.
+        reweight_lr: peak learning rate of the reweight modules.
+        warmup: fraction of the steps over which the learning rates rise linearly from 0; they then
+            decay to 0 on a cosine. A pretrained ViT hit with the full rate at step 1 loses more
+            than recovery gives back.
         weight_decay: AdamW weight decay (not applied to reweights).
         eval_every: steps between held-out evaluations.
         checkpoint_every: steps between checkpoints.
@@ -49,6 +53,7 @@ class RecoveryConfig:
     lr: float = 1e-4
     reweight_lr: float = 1e-3
     weight_decay: float = 0.01
+    warmup: float = 0.1
     eval_every: int = 20
     checkpoint_every: int = 20
     seed: int = 0
@@ -124,13 +129,24 @@ def evaluate(model: nn.Module, teacher: nn.Module, held_out: HeldOut, classifier
     return "neg_distill_loss", -float(loss)
 
 
+def lr_factor(step: int, config: RecoveryConfig) -> float:
+    """Multiplier of the peak learning rates at ``step`` (0-based): linear warm-up, then cosine to 0.
+
+    A pure function of the step, so a resumed run uses the same rates as an uninterrupted one.
+    """
+    warmup = max(1, round(config.warmup * config.steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
+
+
 def _param_groups(model: nn.Module, config: RecoveryConfig) -> list[dict]:
     reweights = [p for m in model.modules() if isinstance(m, (HeadReweight, UnitScale)) for p in m.parameters()]
     ids = {id(p) for p in reweights}
     weights = [p for p in model.parameters() if id(p) not in ids]
-    groups = [{"params": weights, "lr": config.lr, "weight_decay": config.weight_decay}]
+    groups = [{"params": weights, "lr": config.lr, "peak_lr": config.lr, "weight_decay": config.weight_decay}]
     if reweights:
-        groups.append({"params": reweights, "lr": config.reweight_lr, "weight_decay": 0.0})
+        groups.append({"params": reweights, "lr": config.reweight_lr, "peak_lr": config.reweight_lr, "weight_decay": 0.0})
     return groups
 
 
@@ -176,6 +192,8 @@ def recover(
                 target = distill_targets(teacher, batch, classifier)
             with runtime.autocast():
                 loss = distill_loss(trained(batch), target, classifier)
+            for group in optimiser.param_groups:
+                group["lr"] = group["peak_lr"] * lr_factor(step, config)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
