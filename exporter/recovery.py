@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from exporter.reweight import HeadReweight, UnitScale
 from search.acp import batch_indices
 from search.atomic import atomic_path
-from search.distill import distill_loss, distill_targets
+from search.distill import DistillStudent, distill_loss, distill_targets
 from search.knn import knn_top1
 from search.progress import progress_bar
 from search.runtime import Runtime
@@ -75,17 +75,6 @@ class RecoveryResult:
     history: tuple[tuple[int, float], ...]
     best_step: int
     best_value: float
-
-
-class DistillStudent(nn.Module):
-    """The student seen through what is distilled, so DistributedDataParallel sees every forward."""
-
-    def __init__(self, model: nn.Module, classifier: bool) -> None:
-        super().__init__()
-        self.model, self.classifier = model, classifier
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return distill_targets(self.model, images, self.classifier)
 
 
 def _features(model: nn.Module, images: torch.Tensor, runtime: Runtime, classifier: bool) -> torch.Tensor:

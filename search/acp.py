@@ -28,8 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 from search.activations import capture
 from search.atomic import atomic_path
 from search.attention_init import init_logits
-from search.distill import distill_loss, distill_targets
-from search.gates import ChannelGates, gated
+from search.distill import DistillStudent, distill_loss, distill_targets
+from search.gates import ChannelGates
 from search.importance import BlockScores
 from search.macs import ModelGeometry, model_macs
 from search.progress import progress_bar
@@ -66,18 +66,6 @@ class AcpConfig:
     calib_images: int = 8
     checkpoint_every: int = 10
     seed: int = 0
-
-
-class GatedStudent(nn.Module):
-    """The dense model (frozen) under the gates; the only trainable parameters are the gates."""
-
-    def __init__(self, model: nn.Module, gates: ChannelGates, classifier: bool) -> None:
-        super().__init__()
-        self.model, self.gates, self.classifier = model, gates, classifier
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        with gated(self.model, self.gates):
-            return distill_targets(self.model, images, self.classifier)
 
 
 def batch_indices(pool_size: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
@@ -142,7 +130,7 @@ def acp_search(
         gates.load_state_dict(state["gates"])
         optimiser.load_state_dict(state["optimiser"])
         start = int(state["step"])
-    student: nn.Module = GatedStudent(model, gates, classifier)
+    student: nn.Module = DistillStudent(model, classifier, gates)
     if runtime.distributed:
         student = DistributedDataParallel(student)
     dense = float(model_macs(geometry))

@@ -17,9 +17,13 @@ DESIGN.md had already seen distillation of the final class token alone take k-NN
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from search.gates import ChannelGates, gated
 
 
 def block_outputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -48,3 +52,17 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, classifier: bool)
     per_block = (hidden_s - hidden_t).pow(2).mean(dim=(0, 2, 3)) / hidden_t.pow(2).mean(dim=(0, 2, 3)).clamp_min(1e-12)
     cls = (1.0 - F.cosine_similarity(student[:, -1, 0], teacher[:, -1, 0], dim=-1)).mean()
     return per_block.mean() + cls
+
+
+class DistillStudent(nn.Module):
+    """The student seen through what is distilled, as one module so DistributedDataParallel sees the
+    whole forward and owns every trainable parameter: the gates in the search (the model frozen under
+    them), the weights and reweights in recovery (``gates`` None)."""
+
+    def __init__(self, model: nn.Module, classifier: bool, gates: ChannelGates | None = None) -> None:
+        super().__init__()
+        self.model, self.classifier, self.gates = model, classifier, gates
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with gated(self.model, self.gates) if self.gates is not None else nullcontext():
+            return distill_targets(self.model, images, self.classifier)
