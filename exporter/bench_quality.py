@@ -117,7 +117,7 @@ def torch_pruning_row(cfg: BenchConfig, train_dir: Path, budget: float, out_dir:
                      classifier=False, runtime=Runtime(torch.device("cpu")))
     path = export_onnx(pruned.eval(), out_dir / "tp.onnx", tuple(loaded.data_config["input_size"]))
     dense_path = export_onnx(dense, out_dir / "tp_dense.onnx", tuple(loaded.data_config["input_size"]))
-    return path, {"mac_ratio": count_onnx_macs(path) / count_onnx_macs(dense_path), "recovery_best_step": result.best_step}
+    return path, {"mac_ratio": count_onnx_macs(path) / count_onnx_macs(dense_path), **recovery_summary(asdict(result))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,11 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--search-steps", type=int, default=None)
     parser.add_argument("--finetune-steps", type=int, default=None)
     parser.add_argument("--only", default=None, help="run only rows whose name contains this")
-    parser.add_argument("--rescore", nargs=2, type=int, metavar=("BANK", "TEST"), default=None,
-                        help="re-evaluate the last run's ONNX files with BANK and TEST images per class")
     args = parser.parse_args(argv)
-    if args.rescore:
-        return rescore(*args.rescore)
     cfg = BenchConfig(img_size=args.img_size)
     if args.quick:
         cfg = replace(cfg, bank_per_class=50, test_per_class=50)
@@ -167,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             acc = knn_of(out, bank, test, threads)
             results.append({
                 "row": row.name, "method": row.method, "budget": row.budget, "mac_ratio": report["macs"]["onnx_ratio"],
-                "knn_top1": acc, "heldout_knn_before_recovery": (report["recovery"] or {}).get("history", [[0, None]])[0][1],
-                "recovery_best_step": (report["recovery"] or {}).get("best_step"),
+                "knn_top1": acc, **recovery_summary(report["recovery"]),
             })
             console.print(f"[bold]{row.name}[/]: MAC ratio {results[-1]['mac_ratio']:.4f}, k-NN top-1 {acc:.4f} (dense {dense_acc:.4f})")
             advance(row.name)
@@ -185,37 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def row_path(row: str) -> Path:
-    """Where a row's ONNX file is kept between a run and a re-score."""
-    return {"dense": CACHE / "dense.onnx", "Torch-Pruning @ 0.63": CACHE / "tp.onnx"}.get(row, CACHE / f"{_slug(row)}.onnx")
+def recovery_summary(recovery: dict[str, Any] | None) -> dict[str, Any]:
+    """The held-out relation agreement at recovery's start and at the step whose state was kept."""
+    if not recovery:
+        return {}
+    return {"relation_agreement_start": recovery["history"][0][1], "relation_agreement_best": recovery["best_value"],
+            "recovery_best_step": recovery["best_step"]}
 
 
-def rescore(bank_per_class: int, test_per_class: int) -> int:
-    """Re-evaluate every row of the last run on a larger bank and test set (less k-NN noise)."""
-    os.environ.setdefault("PRUNE_EXPORT_OFFLINE", "1")
-    payload = json.loads((OUT / "quality.json").read_text())
-    meta = payload["meta"]
-    cfg = BenchConfig(**meta["config"])
-    loaded = load_model("dinov2_s", img_size=cfg.img_size)
-    data_root = Path(".cache/fashion-mnist")
-    bank = stack_images(image_folder(write_image_folder("train", data_root / f"bank{bank_per_class}", bank_per_class, seed=cfg.seed + 1), loaded.data_config))
-    test = stack_images(image_folder(write_image_folder("test", data_root / f"test{test_per_class}", test_per_class, seed=cfg.seed), loaded.data_config))
-    threads = len(os.sched_getaffinity(0))
-    rows_ = payload["rows"]
-    with progress_bar("re-score", total=len(rows_)) as advance:
-        for r in rows_:
-            if r.get("knn_top1") is not None:
-                r["knn_top1_small"] = r.get("knn_top1_small", r["knn_top1"])
-                r["knn_top1"] = knn_of(row_path(r["row"]), bank, test, threads)
-            advance(r["row"])
-    cfg = replace(cfg, bank_per_class=bank_per_class, test_per_class=test_per_class)
-    write_outputs(rows_, cfg, meta["quick"], rescored_from=meta)
-    return 0
-
-
-def write_outputs(
-    results: list[dict[str, Any]], cfg: BenchConfig, quick: bool, rescored_from: dict | None = None
-) -> None:
+def write_outputs(results: list[dict[str, Any]], cfg: BenchConfig, quick: bool) -> None:
     """artifacts/bench/quality.{json,md,png}."""
     OUT.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -229,10 +202,6 @@ def write_outputs(
         "machine": machine_info(),
         "python": platform.python_version(),
     }
-    if rescored_from is not None:
-        meta["rescored"] = f"k-NN re-evaluated with bank {cfg.bank_per_class}/class, test {cfg.test_per_class}/class; " \
-                           f"knn_top1_small is the run's own smaller evaluation"
-        meta["config"]["run_bank_test_per_class"] = [rescored_from["config"]["bank_per_class"], rescored_from["config"]["test_per_class"]]
     payload = {"meta": meta, "rows": results}
     with atomic_path(OUT / "quality.json") as tmp:
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
@@ -243,17 +212,22 @@ def write_outputs(
         f"- {meta['metric']}; {cfg.img_size} px; bank {cfg.bank_per_class}/class, test {cfg.test_per_class}/class",
         f"- acp search steps {cfg.search_steps}, recovery steps {cfg.finetune_steps} for every row (batch 16); {meta['device']}",
         f"- machine: {meta['machine'].get('cpu_model')}, {meta['machine'].get('cpu_count')} CPUs; created {meta['created']}",
-        "- reproduce: `python -m exporter.bench_quality" + (" --quick`" if quick else "`")
-        + ("" if rescored_from is None else f", then `python -m exporter.bench_quality --rescore {cfg.bank_per_class} {cfg.test_per_class}`"),
+        "- reproduce: `python -m exporter.bench_quality" + (" --quick`" if quick else "` (part of `make bench`)"),
         "",
-        "| row | MAC ratio | k-NN top-1 | vs dense (points) | run's own smaller eval |",
+        f"- one row's binomial noise: ±{100 * (0.25 / (10 * cfg.test_per_class)) ** 0.5:.1f} points (1 s.e.)",
+        "- recovery: held-out relation agreement (student vs dense cosine-similarity structure, 200 images) at "
+        "step 0 → at the step whose state was kept",
+        "",
+        "| row | MAC ratio | k-NN top-1 | vs dense (points) | recovery: relation agreement (kept step) |",
         "|---|---:|---:|---:|---:|",
     ]
     for r in results:
-        acc, mac, small = r.get("knn_top1"), r.get("mac_ratio"), r.get("knn_top1_small")
+        acc, mac = r.get("knn_top1"), r.get("mac_ratio")
+        ra = "" if r.get("relation_agreement_start") is None else \
+            f"{r['relation_agreement_start']:.3f} → {r['relation_agreement_best']:.3f} ({r['recovery_best_step']})"
         lines.append(
             f"| {r['row']} | {'' if mac is None else f'{mac:.4f}'} | {'skipped' if acc is None else f'{100 * acc:.1f}%'} | "
-            f"{'' if acc is None else f'{100 * (acc - dense):+.1f}'} | {'' if small is None else f'{100 * small:.1f}%'} |"
+            f"{'' if acc is None else f'{100 * (acc - dense):+.1f}'} | {ra} |"
         )
     with atomic_path(OUT / "quality.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
