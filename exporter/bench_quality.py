@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     selected = [r for r in rows(args.quick) if args.only is None or args.only in r.name]
     results: list[dict[str, Any]] = []
-    base = RunConfig("dinov2_s", 1.0, CACHE / "dense.onnx", data=train_dir, img_size=cfg.img_size, finetune_steps=0,
+    base = RunConfig("dinov2_s", 1.0, CACHE / "dense.onnx", method="magnitude", data=train_dir, img_size=cfg.img_size, finetune_steps=0,
                      latency_runs=0, search_steps=cfg.search_steps, seed=cfg.seed)
     run(base, console)
     dense_acc = knn_of(CACHE / "dense.onnx", bank, test, threads)

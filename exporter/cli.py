@@ -30,8 +30,8 @@ def parse_budget(text: str) -> float:
     return value
 
 
-def _check_method(name: str) -> str:
-    if name not in method_names():
+def _check_method(name: Optional[str]) -> Optional[str]:
+    if name is not None and name not in method_names():
         raise typer.BadParameter(f"unknown method '{name}'; choose one of {', '.join(method_names())}")
     return name
 
@@ -41,7 +41,10 @@ def prune_export(
     model: str = typer.Argument(..., help="Model: dinov2_s, deit_t, deit_s, deit_b, or a timm ViT name."),
     output: Path = typer.Option(..., "-o", "--output", help="ONNX file to write; the report goes next to it."),
     budget: str = typer.Option("0.63", "--budget", "-b", help="Fraction of dense MACs to keep, in (0, 1]."),
-    method: str = typer.Option("magnitude", help="Selection method.", callback=_check_method),
+    method: Optional[str] = typer.Option(
+        None, help="Selection method: acp, magnitude or random. Default: acp with --data, magnitude without.",
+        callback=_check_method,
+    ),
     align: int = typer.Option(8, min=1, help="Kept widths are multiples of this."),
     checkpoint: Optional[Path] = typer.Option(None, help="State dict (.pth/.pt/.safetensors) to load."),
     random_init: bool = typer.Option(False, "--random-init", help="Allow random weights (latency only)."),

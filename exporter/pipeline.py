@@ -57,7 +57,8 @@ class RunConfig:
         model: bundled name, alias or timm ViT name.
         budget: fraction of dense MACs to keep, in (0, 1].
         output: the ONNX file to write.
-        method: selection method (see ``search.methods``).
+        method: selection method (see ``search.methods``); None means acp with --data and magnitude
+            without: acp learns from images, and on random inputs it would learn nothing worth its time.
         align: kept widths are multiples of this.
         checkpoint: state dict to load instead of pretrained weights.
         random_init: allow random weights when no others are available.
@@ -88,7 +89,7 @@ class RunConfig:
     model: str
     budget: float
     output: Path
-    method: str = "magnitude"
+    method: str | None = None
     align: int = 8
     checkpoint: Path | None = None
     random_init: bool = False
@@ -118,6 +119,12 @@ class RunConfig:
     @property
     def work_dir(self) -> Path:
         return self.output.with_suffix(".work")
+
+    @property
+    def selection_method(self) -> str:
+        if self.method is not None:
+            return self.method
+        return "acp" if self.data is not None else "magnitude"
 
     @property
     def recovery_steps(self) -> int:
@@ -212,11 +219,11 @@ def _search(cfg: RunConfig, loaded: LoadedModel, images: Images, rt: Runtime, st
     acp = AcpConfig(
         budget=cfg.budget, steps=cfg.search_steps, similarity=cfg.similarity, attn_init=cfg.attn_init, seed=cfg.seed
     )
-    method = METHODS[cfg.method]
+    method = METHODS[cfg.selection_method]
     inputs = SearchInputs(loaded.model, geometry, images.pool, loaded.is_classifier, acp, rt, state_path)
     scores = method.score(inputs)
     solver = SolverConfig(cfg.budget, cfg.align, cfg.per_head_indices, normalise=method.normalise)
-    return make_plan(geometry, scores, solver, model=loaded.timm_name, img_size=loaded.img_size, method=cfg.method)
+    return make_plan(geometry, scores, solver, model=loaded.timm_name, img_size=loaded.img_size, method=cfg.selection_method)
 
 
 def _write_plan(plan: Plan, path: Path) -> None:
@@ -251,9 +258,9 @@ def _plan_stage(cfg: RunConfig, loaded: LoadedModel, images: Images, rt: Runtime
         return plan
     work = cfg.work_dir
     key = _key(
-        **weights_key, method=cfg.method, budget=cfg.budget, align=cfg.align, per_head=cfg.per_head_indices,
+        **weights_key, method=cfg.selection_method, budget=cfg.budget, align=cfg.align, per_head=cfg.per_head_indices,
         seed=cfg.seed, data=str(cfg.data), images=[cfg.search_images, cfg.heldout_images],
-        acp=[cfg.search_steps, cfg.similarity, cfg.attn_init] if cfg.method == "acp" else None,
+        acp=[cfg.search_steps, cfg.similarity, cfg.attn_init] if cfg.selection_method == "acp" else None,
     )
     path = work / "plan.json"
     if is_fresh(work, "plan.json", key):
@@ -264,7 +271,7 @@ def _plan_stage(cfg: RunConfig, loaded: LoadedModel, images: Images, rt: Runtime
     if rt.is_main:
         cached_file(work, "plan.json", key, lambda p: _write_plan(plan, p))
     _sync(rt)
-    notes.append(f"searched ({cfg.method}), saved {path}")
+    notes.append(f"searched ({cfg.selection_method}), saved {path}")
     return plan
 
 
@@ -346,8 +353,8 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any] | None
     out = Path(cfg.output)
     if out.suffix != ".onnx":
         raise OutputPathError(f"-o {out} must name a .onnx file (the report goes next to it)")
-    if cfg.method not in METHODS:
-        raise UserError(f"unknown method '{cfg.method}'; choose one of {', '.join(METHODS)}")
+    if cfg.selection_method not in METHODS:
+        raise UserError(f"unknown method '{cfg.selection_method}'; choose one of {', '.join(METHODS)}")
     for name, value, allowed in (("target", cfg.target, TARGETS), ("precision", cfg.precision, PRECISIONS),
                                  ("quantize", cfg.quantize, QUANTIZE), ("quantize-mode", cfg.quantize_mode, ("dynamic", "static"))):
         if value not in allowed:
@@ -381,8 +388,8 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
     geometry = describe(model)
     input_size = tuple(loaded.data_config["input_size"])
     console.print(
-        f"[dim]method {cfg.method}, budget {cfg.budget:g}, align {cfg.align}, "
-        + (f"search steps {cfg.search_steps}, " if cfg.method == "acp" else "")
+        f"[dim]method {cfg.selection_method}, budget {cfg.budget:g}, align {cfg.align}, "
+        + (f"search steps {cfg.search_steps}, " if cfg.selection_method == "acp" else "")
         + f"recovery steps {cfg.recovery_steps}, device {rt.device}"
         + (f", {rt.world_size} ranks" if rt.distributed else "") + "[/]"
     )
@@ -465,8 +472,8 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
             "path": str(cfg.plan or work / "plan.json"),
         },
         "search": {
-            "method": cfg.method, "device": str(rt.device), "ranks": rt.world_size,
-            **({"steps": cfg.search_steps, "similarity": cfg.similarity, "attn_init": cfg.attn_init} if cfg.method == "acp" else {}),
+            "method": cfg.selection_method, "device": str(rt.device), "ranks": rt.world_size,
+            **({"steps": cfg.search_steps, "similarity": cfg.similarity, "attn_init": cfg.attn_init} if cfg.selection_method == "acp" else {}),
         },
         "recovery": recovery,
         "accuracy": accuracy,

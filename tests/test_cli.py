@@ -91,6 +91,7 @@ def test_budget_one_exports_the_dense_model(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["macs"]["ratio"] == 1.0 and report["macs"]["onnx_pruned"] == report["macs"]["onnx_dense"]
+    assert report["plan"]["method"] == "magnitude"  # the default without --data
 
 
 def test_checkpoint_and_data_are_used(tmp_path):
@@ -105,6 +106,7 @@ def test_checkpoint_and_data_are_used(tmp_path):
     assert report["model"]["weights"].startswith("checkpoint:") and report["model"]["random_weights"] is False
     assert "3 search + 3 held-out images from" in report["parity"]["inputs"]
     assert report["recovery"]["steps"] == 2 and len(report["recovery"]["history"]) == 2
+    assert report["plan"]["method"] == "acp" and report["search"]["steps"] == 60  # the default with --data
 
 
 def test_failed_parity_writes_nothing_and_keeps_the_plan(tmp_path):
