@@ -74,7 +74,7 @@ def rows(quick: bool) -> list[Row]:
 class BenchConfig:
     """Settings shared by every row.
 
-    The steps are below the CLI defaults (60 search, 100 recovery) and the images are 112 px so that
+    The steps are below the CLI defaults (40 search, 50 recovery) and the images are 112 px so that
     every row fits a 2-core CPU in about 4 minutes; the table says so. 200 bank and 300 test images per
     class put the binomial noise of one row at about ±0.9 points.
     """
@@ -211,7 +211,7 @@ def write_outputs(results: list[dict[str, Any]], cfg: BenchConfig, quick: bool) 
         "",
         f"- {meta['metric']}; {cfg.img_size} px; bank {cfg.bank_per_class}/class, test {cfg.test_per_class}/class",
         f"- acp search steps {cfg.search_steps}, recovery steps {cfg.finetune_steps} for every row (batch 16; the CLI defaults "
-        f"are 60 and 100); {meta['device']}",
+        f"are 40 and 50); {meta['device']}",
         "- every pruned row is distilled from the dense model on Fashion-MNIST train images, which the dense row never "
         "sees, so a pruned row can end above dense: compare pruned rows with each other, at the same budget",
         f"- machine: {meta['machine'].get('cpu_model')}, {meta['machine'].get('cpu_count')} CPUs; created {meta['created']}",

@@ -70,7 +70,7 @@ class RunConfig:
         attn_init: acp: attention-difference initialisation of the indicators.
         reweight: train reweight modules during recovery (folded before export).
         search_steps: acp indicator-training steps.
-        finetune_steps: recovery steps; None means 100 with --data and 0 without.
+        finetune_steps: recovery steps; None means 50 with --data and 0 without.
         search_images: images drawn from --data for search and recovery.
         heldout_images: further images, held out, to pick the best recovery state and check parity.
         device: auto, cpu or cuda for search and recovery.
@@ -100,7 +100,7 @@ class RunConfig:
     similarity: bool = True
     attn_init: bool = True
     reweight: bool = True
-    search_steps: int = 60
+    search_steps: int = 40
     finetune_steps: int | None = None
     search_images: int = 256
     heldout_images: int = 200
@@ -130,7 +130,7 @@ class RunConfig:
     def recovery_steps(self) -> int:
         if self.finetune_steps is not None:
             return self.finetune_steps
-        return 100 if self.data is not None else 0
+        return 50 if self.data is not None else 0
 
 
 def _key(**fields: Any) -> str:

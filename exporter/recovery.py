@@ -48,7 +48,7 @@ class RecoveryConfig:
         seed: seeds batch sampling.
     """
 
-    steps: int = 100
+    steps: int = 50
     batch_size: int = 16
     lr: float = 1e-4
     reweight_lr: float = 1e-3

@@ -56,7 +56,7 @@ class AcpConfig:
     """
 
     budget: float
-    steps: int = 60
+    steps: int = 40
     batch_size: int = 16
     lr: float = 0.1
     budget_weight: float = 5.0

@@ -106,7 +106,7 @@ def test_checkpoint_and_data_are_used(tmp_path):
     assert report["model"]["weights"].startswith("checkpoint:") and report["model"]["random_weights"] is False
     assert "3 search + 3 held-out images from" in report["parity"]["inputs"]
     assert report["recovery"]["steps"] == 2 and len(report["recovery"]["history"]) == 2
-    assert report["plan"]["method"] == "acp" and report["search"]["steps"] == 60  # the default with --data
+    assert report["plan"]["method"] == "acp" and report["search"]["steps"] == 40  # the default with --data
 
 
 def test_failed_parity_writes_nothing_and_keeps_the_plan(tmp_path):
