@@ -100,7 +100,7 @@ class RunConfig:
     similarity: bool = True
     attn_init: bool = True
     reweight: bool = True
-    search_steps: int = 40
+    search_steps: int = AcpConfig.steps
     finetune_steps: int | None = None
     search_images: int = 256
     heldout_images: int = 200
@@ -130,7 +130,7 @@ class RunConfig:
     def recovery_steps(self) -> int:
         if self.finetune_steps is not None:
             return self.finetune_steps
-        return 50 if self.data is not None else 0
+        return RecoveryConfig.steps if self.data is not None else 0
 
 
 def _key(**fields: Any) -> str:
