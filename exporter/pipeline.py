@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -35,6 +35,7 @@ from exporter.validate import available_providers, check_parity
 from search.acp import AcpConfig
 from search.allocate import SolverConfig, make_plan
 from search.atomic import atomic_path, ensure_writable_dir
+from search.builtin_images import builtin_images, describe_builtin
 from search.data import balanced_subset, image_folder, stack_images
 from search.errors import OutputPathError, UserError
 from search.macs import ModelGeometry, describe
@@ -57,20 +58,22 @@ class RunConfig:
         model: bundled name, alias or timm ViT name.
         budget: fraction of dense MACs to keep, in (0, 1].
         output: the ONNX file to write.
-        method: selection method (see ``search.methods``); None means acp with --data and magnitude
-            without: acp learns from images, and on random inputs it would learn nothing worth its time.
+        method: selection method (see ``search.methods``); None means acp for real weights (on --data,
+            or on the built-in photographs without it) and magnitude for random weights, which hold
+            nothing a search or a recovery could keep.
         align: kept widths are multiples of this.
         checkpoint: state dict to load instead of pretrained weights.
         random_init: allow random weights when no others are available.
         img_size: input resolution; None for the model's default.
-        data: ImageFolder for search, recovery, calibration and parity; None for random inputs.
+        data: ImageFolder for search, recovery, calibration and parity; None for the built-in
+            photographs (real weights) or random inputs (random weights).
         plan: replay this plan instead of searching.
         per_head_indices: choose indices per head (same count) instead of shared indices.
         similarity: acp: similarity-based weights in the ranking.
         attn_init: acp: attention-difference initialisation of the indicators.
         reweight: train reweight modules during recovery (folded before export).
         search_steps: acp indicator-training steps.
-        finetune_steps: recovery steps; None means 50 with --data and 0 without.
+        finetune_steps: recovery steps; None means 50 for real weights and 0 for random ones.
         search_images: images drawn from --data for search and recovery.
         heldout_images: further images, held out, to pick the best recovery state and check parity.
         device: auto, cpu or cuda for search and recovery.
@@ -120,17 +123,22 @@ class RunConfig:
     def work_dir(self) -> Path:
         return self.output.with_suffix(".work")
 
-    @property
-    def selection_method(self) -> str:
+    def selection_method(self, random_weights: bool) -> str:
+        """The method this run uses: the one asked for, else acp for real weights and magnitude for random ones."""
         if self.method is not None:
             return self.method
-        return "acp" if self.data is not None else "magnitude"
+        return "magnitude" if random_weights else "acp"
 
-    @property
-    def recovery_steps(self) -> int:
+    def recovery_steps(self, random_weights: bool) -> int:
+        """Recovery steps: the ones asked for, else the default for real weights and none for random ones."""
         if self.finetune_steps is not None:
             return self.finetune_steps
-        return RecoveryConfig.steps if self.data is not None else 0
+        return 0 if random_weights else RecoveryConfig.steps
+
+
+def resolve_defaults(cfg: RunConfig, random_weights: bool) -> RunConfig:
+    """``cfg`` with the method and the recovery steps the weights call for filled in."""
+    return replace(cfg, method=cfg.selection_method(random_weights), finetune_steps=cfg.recovery_steps(random_weights))
 
 
 def _key(**fields: Any) -> str:
@@ -197,13 +205,24 @@ class Images:
 
 
 def load_images(cfg: RunConfig, loaded: LoadedModel) -> Images:
-    """Images from --data (class-balanced, fixed seed) or, without it, fixed-seed random inputs."""
+    """The run's images, by what is there to learn from.
+
+    - --data: class-balanced images from the ImageFolder (fixed seed), held-out ones labelled;
+    - no --data, real weights: augmented crops of the built-in photographs, so the search and the
+      recovery still distil the dense model on natural images (``search.builtin_images``);
+    - no --data, random weights: fixed-seed Gaussian inputs, enough for parity and nothing more.
+    """
+    if cfg.data is None and not loaded.random_weights:
+        total = cfg.search_images + cfg.heldout_images
+        images = builtin_images(total, loaded.data_config, cfg.seed)
+        held = cfg.heldout_images
+        return Images(images[held:], HeldOut(images[:held], None), describe_builtin(total))
     if cfg.data is None:
         gen = torch.Generator().manual_seed(cfg.seed)
         size = loaded.data_config["input_size"]
         pool = torch.randn(max(cfg.calib_images, 32), *size, generator=gen)
         held = torch.randn(cfg.calib_images, *size, generator=gen)
-        return Images(pool, HeldOut(held, None), "random normal inputs (no --data)")
+        return Images(pool, HeldOut(held, None), "random normal inputs (no --data; random weights)")
     dataset = image_folder(cfg.data, loaded.data_config)
     subset = balanced_subset(dataset, cfg.search_images + cfg.heldout_images, cfg.seed)
     images, labels = stack_images(subset)
@@ -219,11 +238,11 @@ def _search(cfg: RunConfig, loaded: LoadedModel, images: Images, rt: Runtime, st
     acp = AcpConfig(
         budget=cfg.budget, steps=cfg.search_steps, similarity=cfg.similarity, attn_init=cfg.attn_init, seed=cfg.seed
     )
-    method = METHODS[cfg.selection_method]
+    method = METHODS[cfg.method]
     inputs = SearchInputs(loaded.model, geometry, images.pool, loaded.is_classifier, acp, rt, state_path)
     scores = method.score(inputs)
     solver = SolverConfig(cfg.budget, cfg.align, cfg.per_head_indices, normalise=method.normalise)
-    return make_plan(geometry, scores, solver, model=loaded.timm_name, img_size=loaded.img_size, method=cfg.selection_method)
+    return make_plan(geometry, scores, solver, model=loaded.timm_name, img_size=loaded.img_size, method=cfg.method)
 
 
 def _write_plan(plan: Plan, path: Path) -> None:
@@ -258,9 +277,9 @@ def _plan_stage(cfg: RunConfig, loaded: LoadedModel, images: Images, rt: Runtime
         return plan
     work = cfg.work_dir
     key = _key(
-        **weights_key, method=cfg.selection_method, budget=cfg.budget, align=cfg.align, per_head=cfg.per_head_indices,
+        **weights_key, method=cfg.method, budget=cfg.budget, align=cfg.align, per_head=cfg.per_head_indices,
         seed=cfg.seed, data=str(cfg.data), images=[cfg.search_images, cfg.heldout_images],
-        acp=[cfg.search_steps, cfg.similarity, cfg.attn_init] if cfg.selection_method == "acp" else None,
+        acp=[cfg.search_steps, cfg.similarity, cfg.attn_init] if cfg.method == "acp" else None,
     )
     path = work / "plan.json"
     if is_fresh(work, "plan.json", key):
@@ -271,7 +290,7 @@ def _plan_stage(cfg: RunConfig, loaded: LoadedModel, images: Images, rt: Runtime
     if rt.is_main:
         cached_file(work, "plan.json", key, lambda p: _write_plan(plan, p))
     _sync(rt)
-    notes.append(f"searched ({cfg.selection_method}), saved {path}")
+    notes.append(f"searched ({cfg.method}), saved {path}")
     return plan
 
 
@@ -279,11 +298,11 @@ def _recovery_stage(
     cfg: RunConfig, loaded: LoadedModel, plan: Plan, images: Images, rt: Runtime, weights_key: dict, notes: list[str]
 ) -> tuple[torch.nn.Module, dict[str, Any] | None]:
     pruned = apply_plan(loaded.model, plan)
-    if cfg.recovery_steps == 0:
+    if cfg.finetune_steps == 0:
         notes.append("no recovery (--finetune-steps 0)")
         return pruned, None
     work = cfg.work_dir
-    recovery = RecoveryConfig(steps=cfg.recovery_steps, seed=cfg.seed)
+    recovery = RecoveryConfig(steps=cfg.finetune_steps, seed=cfg.seed)
     key = _key(**weights_key, plan=plan.to_json(), recovery=asdict(recovery), reweight=cfg.reweight, data=str(cfg.data),
                images=[cfg.search_images, cfg.heldout_images])
     path = work / "recovered.pt"
@@ -296,7 +315,7 @@ def _recovery_stage(
         add_reweights(pruned)
     result = recover(pruned, loaded.model, images.pool, images.held_out, recovery, loaded.is_classifier, rt, work / f"recovery-{key}.pt")
     fold_reweights(pruned)
-    pruned = pruned.cpu().eval()
+    pruned.eval()
     summary = {**asdict(result), "steps": recovery.steps, "lr": recovery.lr, "batch_size": recovery.batch_size, "reweight": cfg.reweight}
     if rt.is_main:
         def save(p: Path) -> None:
@@ -353,8 +372,8 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any] | None
     out = Path(cfg.output)
     if out.suffix != ".onnx":
         raise OutputPathError(f"-o {out} must name a .onnx file (the report goes next to it)")
-    if cfg.selection_method not in METHODS:
-        raise UserError(f"unknown method '{cfg.selection_method}'; choose one of {', '.join(METHODS)}")
+    if cfg.method is not None and cfg.method not in METHODS:
+        raise UserError(f"unknown method '{cfg.method}'; choose one of {', '.join(METHODS)}")
     for name, value, allowed in (("target", cfg.target, TARGETS), ("precision", cfg.precision, PRECISIONS),
                                  ("quantize", cfg.quantize, QUANTIZE), ("quantize-mode", cfg.quantize_mode, ("dynamic", "static"))):
         if value not in allowed:
@@ -384,13 +403,15 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
         notes.append(f"{loaded.timm_name} @ {loaded.img_size}px, weights {loaded.weights}")
     if loaded.random_weights:
         console.print("[bold red]RANDOM WEIGHTS[/]: no checkpoint or pretrained weights; accuracy figures mean nothing")
+    cfg = resolve_defaults(cfg, loaded.random_weights)
     model = loaded.model
     geometry = describe(model)
     input_size = tuple(loaded.data_config["input_size"])
     console.print(
-        f"[dim]method {cfg.selection_method}, budget {cfg.budget:g}, align {cfg.align}, "
-        + (f"search steps {cfg.search_steps}, " if cfg.selection_method == "acp" else "")
-        + f"recovery steps {cfg.recovery_steps}, device {rt.device}"
+        f"[dim]method {cfg.method}, budget {cfg.budget:g}, align {cfg.align}, "
+        + (f"search steps {cfg.search_steps}, " if cfg.method == "acp" else "")
+        + f"recovery steps {cfg.finetune_steps}, device {rt.device}"
+        + (", images: built-in photographs (no --data)" if cfg.data is None and not loaded.random_weights else "")
         + (f", {rt.world_size} ranks" if rt.distributed else "") + "[/]"
     )
 
@@ -407,7 +428,6 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
         pruned, recovery = _recovery_stage(cfg, loaded, plan, images, rt, weights_key, notes)
     if not rt.is_main:
         return None
-    model.cpu()
 
     parity_images = images.held_out.images[: cfg.calib_images]
     pruned_key = _key(**weights_key, plan=plan.to_json(), recovery=recovery, opset=cfg.opset)
@@ -472,10 +492,11 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
             "path": str(cfg.plan or work / "plan.json"),
         },
         "search": {
-            "method": cfg.selection_method, "device": str(rt.device), "ranks": rt.world_size,
-            **({"steps": cfg.search_steps, "similarity": cfg.similarity, "attn_init": cfg.attn_init} if cfg.selection_method == "acp" else {}),
+            "method": cfg.method, "device": str(rt.device), "ranks": rt.world_size,
+            **({"steps": cfg.search_steps, "similarity": cfg.similarity, "attn_init": cfg.attn_init} if cfg.method == "acp" else {}),
         },
         "recovery": recovery,
+        "images": images.label,
         "accuracy": accuracy,
         "macs": {
             "dense": plan.dense_macs, "pruned": plan.pruned_macs, "ratio": plan.mac_ratio,

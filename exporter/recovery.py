@@ -27,7 +27,7 @@ from search.atomic import atomic_path
 from search.distill import DistillStudent, distill_loss, distill_targets
 from search.knn import knn_top1
 from search.progress import progress_bar
-from search.runtime import Runtime
+from search.runtime import Runtime, on_device
 
 
 @dataclass(frozen=True)
@@ -150,9 +150,26 @@ def recover(
     state_path: Path | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> RecoveryResult:
-    """Distil ``teacher`` into ``student`` in place and leave the best held-out state loaded."""
-    student.to(runtime.device)
-    teacher.to(runtime.device).eval()
+    """Distil ``teacher`` into ``student`` in place and leave the best held-out state loaded.
+
+    Training runs on ``runtime.device``; both models are handed back on the CPU.
+    """
+    with on_device(runtime, student, teacher):
+        return _recover(student, teacher, images, held_out, config, classifier, runtime, state_path, on_step)
+
+
+def _recover(
+    student: nn.Module,
+    teacher: nn.Module,
+    images: torch.Tensor,
+    held_out: HeldOut,
+    config: RecoveryConfig,
+    classifier: bool,
+    runtime: Runtime,
+    state_path: Path | None,
+    on_step: Callable[[int], None] | None,
+) -> RecoveryResult:
+    teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     for p in student.parameters():

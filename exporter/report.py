@@ -61,6 +61,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         f"- weights: {m['weights']}",
         f"- method: {report['plan']['method']}, align {report['plan']['align']}",
+        f"- search and recovery images: {report.get('images', 'n/a')}",
         f"- MACs: {macs['pruned'] / 1e9:.3f} G of {macs['dense'] / 1e9:.3f} G (ratio {macs['ratio']:.4f}; "
         f"ONNX graph count {_fmt_ratio(macs.get('onnx_ratio'))})",
         f"- params: {params['pruned'] / 1e6:.2f} M of {params['dense'] / 1e6:.2f} M",

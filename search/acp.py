@@ -33,7 +33,7 @@ from search.gates import ChannelGates
 from search.importance import BlockScores
 from search.macs import ModelGeometry, model_macs
 from search.progress import progress_bar
-from search.runtime import Runtime
+from search.runtime import Runtime, on_device
 from search.similarity import similarity_weights
 
 
@@ -117,7 +117,25 @@ def acp_search(
         state_path: where to checkpoint and resume; None disables both.
         on_step: called after every finished step (progress reporting, tests).
     """
-    model = model.to(runtime.device).eval()
+    with on_device(runtime, model):
+        indicators, weights = _search_loop(model, geometry, images, config, classifier, runtime, state_path, on_step)
+    if weights is None:
+        return indicators
+    return tuple(BlockScores(qk=w.qk * s.qk, v=w.v * s.v, mlp=w.mlp * s.mlp) for w, s in zip(weights, indicators))
+
+
+def _search_loop(
+    model: nn.Module,
+    geometry: ModelGeometry,
+    images: torch.Tensor,
+    config: AcpConfig,
+    classifier: bool,
+    runtime: Runtime,
+    state_path: Path | None,
+    on_step: Callable[[int], None] | None,
+) -> tuple[tuple[BlockScores, ...], tuple[BlockScores, ...] | None]:
+    """The indicator training on ``runtime.device``; returns the indicators and similarity weights, on the CPU."""
+    model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     pool = images.to(runtime.device)
@@ -158,6 +176,6 @@ def acp_search(
             if on_step is not None:
                 on_step(done)
     indicators = gates.scores()
-    if weights is None:
-        return indicators
-    return tuple(BlockScores(qk=w.qk * s.qk, v=w.v * s.v, mlp=w.mlp * s.mlp) for w, s in zip(weights, indicators))
+    if weights is not None:
+        weights = tuple(BlockScores(qk=w.qk.cpu(), v=w.v.cpu(), mlp=w.mlp.cpu()) for w in weights)
+    return indicators, weights

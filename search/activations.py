@@ -31,7 +31,7 @@ class BlockActivations:
 
 @torch.no_grad()
 def capture(model: nn.Module, geometry: ModelGeometry, images: torch.Tensor) -> tuple[BlockActivations, ...]:
-    """Run ``model`` on ``images`` once and return every block's activations (on CPU, fp32)."""
+    """Run ``model`` on ``images`` once and return every block's activations (fp32, on the model's device)."""
     store: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
     for i, block in enumerate(model.blocks):
@@ -45,7 +45,7 @@ def capture(model: nn.Module, geometry: ModelGeometry, images: torch.Tensor) -> 
     result = []
     for i, g in enumerate(geometry.blocks):
         a = g.attention
-        qkv = store[(i, "qkv")].float().cpu()
+        qkv = store[(i, "qkv")].float()
         b, n, _ = qkv.shape
         q, k, v = qkv.split([a.num_heads * a.qk_dim, a.num_heads * a.qk_dim, a.num_heads * a.v_dim], dim=-1)
         result.append(
@@ -53,7 +53,7 @@ def capture(model: nn.Module, geometry: ModelGeometry, images: torch.Tensor) -> 
                 q=q.reshape(b, n, a.num_heads, a.qk_dim).transpose(1, 2),
                 k=k.reshape(b, n, a.num_heads, a.qk_dim).transpose(1, 2),
                 v=v.reshape(b, n, a.num_heads, a.v_dim).transpose(1, 2),
-                hidden=store[(i, "hidden")].float().cpu(),
+                hidden=store[(i, "hidden")].float(),
             )
         )
     return tuple(result)

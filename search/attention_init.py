@@ -37,14 +37,14 @@ def _qk_differences(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: tor
     b, h, n, d = q.shape
     scores = scale * q @ k.transpose(-1, -2)
     base = scores.softmax(-1) @ v
-    out = torch.empty(h, d)
+    out = torch.empty(h, d, device=q.device)
     per_channel = b * n * n * 4 * 3
     chunk = max(1, CHUNK_BYTES // per_channel)
     for head in range(h):
         qh, kh, vh, base_h = q[:, head], k[:, head], v[:, head], base[:, head]
         w = proj[:, head, :]
         for start in range(0, d, chunk):
-            js = torch.arange(start, min(d, start + chunk))
+            js = torch.arange(start, min(d, start + chunk), device=q.device)
             rank_one = scale * qh[..., js].permute(2, 0, 1).unsqueeze(-1) * kh[..., js].permute(2, 0, 1).unsqueeze(-2)
             removed = (scores[:, head].unsqueeze(0) - rank_one).softmax(-1) @ vh.unsqueeze(0)
             change = (removed - base_h.unsqueeze(0)) @ w.T
@@ -69,12 +69,12 @@ def attention_differences(block: nn.Module, acts: BlockActivations) -> BlockScor
     """Raw output change per channel of one block (larger means the channel matters more)."""
     attn = block.attn
     w = kind_of(attn).head_weights(attn)
-    proj = w.proj.float()
+    proj = w.proj.float().to(acts.q.device)
     qk = _qk_differences(acts.q, acts.k, acts.v, proj, float(attn.scale))
     scores = float(attn.scale) * acts.q @ acts.k.transpose(-1, -2)
     out = scores.softmax(-1) @ acts.v
     v = out.pow(2).sum(dim=(0, 2)) * proj.pow(2).sum(0)
-    fc2 = block.mlp.fc2.weight.float()
+    fc2 = block.mlp.fc2.weight.float().to(acts.hidden.device)
     mlp = acts.hidden.pow(2).sum(dim=(0, 1)) * fc2.pow(2).sum(0)
     return BlockScores(qk=qk, v=v, mlp=mlp)
 

@@ -45,6 +45,22 @@ class Runtime:
         return indices[self.rank :: self.world_size]
 
 
+@contextlib.contextmanager
+def on_device(runtime: Runtime, *modules: torch.nn.Module) -> Iterator[None]:
+    """Run a stage with ``modules`` on the runtime's device, and hand them back on the CPU.
+
+    Every stage that computes on the device goes through this, so stages meet on the CPU: the next
+    stage, the export and the parity check never see a module left on a GPU, whatever ran before.
+    """
+    for module in modules:
+        module.to(runtime.device)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.cpu()
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` → cuda if available else cpu; ``cuda`` without a GPU is an error naming the fix."""
     from search.errors import UserError
