@@ -8,7 +8,7 @@ FMNIST    := $(CACHE)/fashion-mnist
 SUDO      := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 STAMP     := $(VENV)/.installed
 
-.PHONY: install system test test-all demo bench clean
+.PHONY: install system test test-all demo bench gpu-check clean
 
 ## Debian packages: the real labelled images (Fashion-MNIST) used by the demo and the benches.
 system:
@@ -45,6 +45,14 @@ bench: install system
 	$(PY) -m exporter.align_table $(if $(QUICK),--runs 15,)
 	$(PY) -m exporter.bench_latency $(if $(QUICK),--quick,)
 	$(if $(QUICK),@echo "QUICK=1: quality bench skipped; 'python -m exporter.bench_quality --quick' runs its 0.63 rows",$(PY) -m exporter.bench_quality)
+
+## On a machine with CUDA: the device tests and the tiny end-to-end runs on the GPU, then the default
+## dinov2_s command on CUDA, training throughput and GPU latency into artifacts/bench/gpu.md.
+## Where packages cannot be installed (an offline GPU box), NO_INSTALL=1 PY=python3 uses what is there,
+## and CHECKPOINT=dinov2_s.safetensors stands in for the real extra's weights.
+gpu-check: $(if $(NO_INSTALL),,install)
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_builtin_images.py tests/test_acp.py tests/test_recovery.py
+	$(PY) -m exporter.gpu_check $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),)
 
 clean:
 	rm -rf $(CACHE) artifacts/demo/*.work

@@ -67,7 +67,12 @@ def make_session(path: Path, threads: int, provider: str = CPU) -> ort.Inference
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = [provider] if provider == CPU else [provider, CPU]
-    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    # A provider that fails to initialise (no driver, no device) makes ORT fall back to the CPU
+    # silently; a CPU session must never be reported under the provider's name.
+    if provider not in session.get_providers():
+        raise ProviderUnavailableError(provider, session.get_providers())
+    return session
 
 
 def _cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:

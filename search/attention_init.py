@@ -56,7 +56,7 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
     """Ranks of ``x`` within the whole tensor, scaled to [0, 1]."""
     flat = x.flatten()
     ranks = torch.empty_like(flat)
-    ranks[flat.argsort()] = torch.linspace(0.0, 1.0, flat.numel())
+    ranks[flat.argsort()] = torch.linspace(0.0, 1.0, flat.numel(), device=flat.device, dtype=flat.dtype)
     return ranks.reshape(x.shape)
 
 

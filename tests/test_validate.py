@@ -119,3 +119,24 @@ def test_session_settings(exported: tuple[VisionTransformer, Path]) -> None:
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     with pytest.raises(ProviderUnavailableError, match="NoSuchExecutionProvider"):
         make_session(path, threads=1, provider="NoSuchExecutionProvider")
+
+
+def test_a_provider_that_falls_back_to_the_cpu_is_refused(tmp_path, monkeypatch):
+    """ORT quietly runs on the CPU when a listed provider cannot start; the session must not pass as that provider."""
+    import onnxruntime as ort
+
+    from exporter import validate
+    from exporter.errors import ProviderUnavailableError
+    from exporter.onnx_export import export_onnx
+    from tests.conftest import tiny_vit
+
+    path = export_onnx(tiny_vit(), tmp_path / "m.onnx", (3, 32, 32))
+    monkeypatch.setattr(validate, "available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    real_session = ort.InferenceSession
+
+    def session_without_cuda(path, sess_options=None, providers=None):
+        return real_session(path, sess_options=sess_options, providers=[p for p in providers if p == "CPUExecutionProvider"])
+
+    monkeypatch.setattr(validate.ort, "InferenceSession", session_without_cuda)
+    with pytest.raises(ProviderUnavailableError, match="CUDAExecutionProvider"):
+        validate.make_session(path, threads=1, provider="CUDAExecutionProvider")
