@@ -1,0 +1,26 @@
+"""The quality bench's bookkeeping: a partial run refreshes its rows and keeps the others."""
+from __future__ import annotations
+
+import json
+
+from exporter.bench_quality import merged, rows
+
+
+def test_a_partial_run_replaces_its_rows_in_place_and_appends_new_ones(tmp_path):
+    previous = tmp_path / "quality.json"
+    previous.write_text(json.dumps({"rows": [{"row": "dense", "knn_top1": 0.7}, {"row": "acp @ 0.63", "knn_top1": 0.75},
+                                             {"row": "random @ 0.63", "knn_top1": 0.74}]}))
+    fresh = [{"row": "dense", "knn_top1": 0.71}, {"row": "acp @ 0.63", "knn_top1": 0.76}, {"row": "new", "knn_top1": 0.6}]
+    out = merged(fresh, previous)
+    assert [(r["row"], r["knn_top1"]) for r in out] == [("dense", 0.71), ("acp @ 0.63", 0.76), ("random @ 0.63", 0.74), ("new", 0.6)]
+
+
+def test_a_first_partial_run_keeps_just_its_rows(tmp_path):
+    fresh = [{"row": "dense", "knn_top1": 0.71}]
+    assert merged(fresh, tmp_path / "missing.json") == fresh
+
+
+def test_the_no_data_rows_compare_builtin_images_with_no_recovery():
+    by_name = {r.name: r for r in rows(quick=True)}
+    assert by_name["acp @ 0.63, built-in images (no --data)"].overrides == {"data": None}
+    assert by_name["acp @ 0.63, no recovery"].overrides == {"finetune_steps": 0}
