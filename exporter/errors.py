@@ -97,7 +97,7 @@ class ParityError(UserError):
 
 
 def _in(runtime: str | None) -> str:
-    """" in OpenVINO" for a runtime other than ONNX Runtime, whose messages name none."""
+    """The words naming ``runtime`` in a message (" in OpenVINO"); none for ONNX Runtime, the default."""
     return f" in {runtime}" if runtime else ""
 
 

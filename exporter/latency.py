@@ -2,8 +2,9 @@
 
 The figure we report is a ratio (pruned / dense). Timing one model after the other lets thermal
 throttling, frequency scaling or a noisy neighbour bias the ratio; running every model once per
-round, alternating the order each round, spreads any drift evenly over all of them. The runtime (ONNX Runtime by default, or OpenVINO) comes
-from :mod:`exporter.runtimes`; every model of one run gets a session with the same settings.
+round, alternating the order each round, spreads any drift evenly over all of them. The runtime
+(ONNX Runtime by default, or OpenVINO) comes from :mod:`exporter.runtimes`; every model of one run
+gets a session with the same settings.
 """
 from __future__ import annotations
 

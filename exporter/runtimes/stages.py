@@ -31,7 +31,7 @@ def parity_per_runtime(
 ) -> dict[str, ParityResult]:
     """:func:`exporter.validate.check_parity` of ``onnx_path`` in each runtime, one stage each.
 
-    Raises the first runtime's ParityError, so a file that fails anywhere is never written.
+    Raises the first ParityError met, so a file that fails in any runtime is never written.
     """
     results: dict[str, ParityResult] = {}
     for name in runtimes:
