@@ -13,7 +13,10 @@ otherwise ship, a plain ``torch.onnx.export`` of the timm model (opset 17, no on
   with the standard ``Attention`` op), and the dense opset-23 export.
 
 All artifacts of one model are timed in ONE interleaved run per batch size (2 threads, spinning
-off), so their ratios share the machine's drift. Every artifact is checked for parity first:
+off), so their ratios share the machine's drift. For the focus model the OpenVINO column times the
+reference and the 0.63 fp32 and int8 artifacts again on OpenVINO's CPU plugin, in their own
+interleaved run (same threads, latency hint, f32), against the same reference run in OpenVINO;
+without openvino installed the column says so. Every artifact is checked for parity first:
 fp32 ones against PyTorch, int8 ones with the cosine/top-1 check. Outputs: latency.md, .json and
 .png in ``artifacts/bench``, with the machine and an ORT profile by op type for DeiT-B.
 
@@ -42,13 +45,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from exporter.errors import ParityError
+from exporter.errors import ParityError, RuntimeLoadError
 from exporter.latency import LatencyResult, machine_info, measure_latency
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_ops
 from exporter.ort_target import FUSED, OrtTargetConfig, optimize_for_ort
 from exporter.quantize import approx_parity, quantize_int8
 from exporter.rewrites import optimize_portable
+from exporter.runtimes import openvino as openvino_runtime
+from exporter.runtimes.ort import make_session
 from exporter.surgery import apply_plan
 from exporter.validate import check_parity
 from search.allocate import SolverConfig, make_plan
@@ -79,6 +84,7 @@ class BenchConfig:
             the reference and the focus model's 0.63 portable, ort and int8 (0 skips it).
         threads: intra-op threads of every session.
         seed: weights, plans and inputs.
+        openvino_runs: rounds at batch 1 and 8 of the OpenVINO column (0 skips it).
     """
 
     models: tuple[str, ...] = ("deit_t", "deit_s", "deit_b")
@@ -91,11 +97,12 @@ class BenchConfig:
     seed: int = 0
     focus: str = "deit_b"
     confirm_runs: tuple[int, int] = (40, 10)
+    openvino_runs: tuple[int, int] = (30, 6)
 
 
 QUICK = BenchConfig(
     models=("deit_s", "deit_b"), budgets=(0.63,), runs_b1={"deit_s": 15, "deit_b": 10},
-    runs_b8={"deit_s": 4, "deit_b": 3}, extras=False, profile=True, confirm_runs=(20, 4),
+    runs_b8={"deit_s": 4, "deit_b": 3}, extras=False, profile=True, confirm_runs=(20, 4), openvino_runs=(15, 3),
 )
 
 
@@ -314,6 +321,55 @@ def confirm(paths: dict[str, Path], input_size: tuple[int, ...], cfg: BenchConfi
     return out
 
 
+OPENVINO_ARTIFACTS = ("portable@0.63", "int8@0.63", "int8-static@0.63")
+OPENVINO_INSTALL = "pip install 'prune-export[openvino]'"
+
+
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return float((np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
+
+
+def openvino_latency(paths: dict[str, Path], images: torch.Tensor, input_size: tuple[int, ...], cfg: BenchConfig) -> dict[str, Any]:
+    """The OpenVINO column: the reference and the 0.63 fp32 and int8 artifacts on OpenVINO's CPU plugin.
+
+    Each file is first loaded in OpenVINO and its output on ``images`` compared with ONNX
+    Runtime's output of the same file (min cosine), so a file OpenVINO cannot run, or runs
+    differently, is reported rather than left out. The ones that load are timed in one
+    interleaved run per batch, as in :func:`confirm`, against the reference timed in OpenVINO.
+    """
+    if not openvino_runtime.is_available():
+        return {"status": "not installed", "install": OPENVINO_INSTALL}
+    models = {name: paths[name] for name in (REFERENCE, *OPENVINO_ARTIFACTS) if name in paths}
+    batch = images.numpy()
+    out: dict[str, Any] = {"status": "measured", "version": openvino_runtime.version(),
+                           "runs": {"b1": cfg.openvino_runs[0], "b8": cfg.openvino_runs[1]},
+                           "errors": {}, "cosine_to_ort": {}, "ratios": {}}
+    for name, path in list(models.items()):
+        try:
+            got = openvino_runtime.load(path, cfg.threads).run(batch)
+        except RuntimeLoadError as err:
+            out["errors"][name] = str(err)
+            del models[name]
+            continue
+        session = make_session(path, cfg.threads)
+        expected = session.run(None, {session.get_inputs()[0].name: batch})[0]
+        out["cosine_to_ort"][name] = _min_cosine(got, expected)
+    if REFERENCE not in models:
+        out["status"] = "reference cannot run"
+        return out
+    for batch_size, runs in zip((1, 8), cfg.openvino_runs):
+        result = measure_latency(models, batch=batch_size, threads=cfg.threads, runs=runs, warmup=2,
+                                 input_size=input_size, seed=cfg.seed, progress=False, runtime="openvino")
+        out["settings"] = result.settings
+        for name in models:
+            out["ratios"].setdefault(name, {})[f"b{batch_size}"] = {
+                "ratio": result.ratio(name, REFERENCE), "paired": _paired_ratios(result, name),
+                "ms": result.median_ms[name],
+            }
+    return out
+
+
 def _time_model(builder: _Builder, cfg: BenchConfig, console: Console) -> dict[str, Any]:
     models = {a.name: a.path for a in builder.artifacts}
     timings = {}
@@ -347,6 +403,43 @@ def _fmt_parity(p: dict[str, Any]) -> str:
     return f"ok ({p['max_abs_diff']:.1e})"
 
 
+def _openvino_cell(ov: dict[str, Any] | None, artifact: str) -> str:
+    if not ov or (artifact != REFERENCE and artifact not in OPENVINO_ARTIFACTS):
+        return ""
+    if ov["status"] == "not installed":
+        return "not installed"
+    if artifact in ov.get("errors", {}):
+        return "cannot run"
+    ratios = ov.get("ratios", {}).get(artifact)
+    return f"{ratios['b1']['ratio']:.3f} / {ratios['b8']['ratio']:.3f}" if ratios else ""
+
+
+def _openvino_lines(ov: dict[str, Any]) -> list[str]:
+    if ov["status"] == "not installed":
+        return [f"Not measured: OpenVINO is not installed ({ov['install']})."]
+    settings = ", ".join(f"{k}={v}" for k, v in ov.get("settings", {}).items())
+    lines = [f"openvino {ov['version']}; {settings}. Each file's output on the bench images is compared with ONNX "
+             f"Runtime's output of the same file (min cosine); the ones that run are timed in one interleaved run "
+             f"per batch ({ov['runs']['b1']} rounds at batch 1, {ov['runs']['b8']} at batch 8) against the plain "
+             "dense export, also in OpenVINO.", ""]
+    if ov["status"] != "measured":
+        lines.append(f"Not timed: {ov['status']}.")
+    lines += ["| artifact | ms b1 | ratio b1 | paired b1 | ms b8 | ratio b8 | cosine to ORT |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, figures in ov.get("ratios", {}).items():
+        b1, b8 = figures["b1"], figures["b8"]
+        p = b1["paired"]
+        lines.append(f"| {name} | {b1['ms']:.1f} | {b1['ratio']:.3f} | {p['median']:.3f} ({p['q1']:.3f}–{p['q3']:.3f}) | "
+                     f"{b8['ms']:.1f} | {b8['ratio']:.3f} | {ov['cosine_to_ort'].get(name, float('nan')):.5f} |")
+    for name, error in ov.get("errors", {}).items():
+        lines.append(f"| {name} | cannot run: {error} | | | | | |")
+    fp32, int8 = ov.get("ratios", {}).get("portable@0.63"), ov.get("ratios", {}).get("int8@0.63")
+    if fp32 and int8 and int8["b1"]["ratio"] >= fp32["b1"]["ratio"]:
+        lines += ["", f"OpenVINO runs the dynamic int8 file (ONNX Runtime's DynamicQuantizeLinear + MatMulInteger) at "
+                      f"{int8['b1']['ratio']:.3f} of dense at batch 1, no faster than the fp32 0.63 file "
+                      f"({fp32['b1']['ratio']:.3f}): in OpenVINO these ops bring no int8 speed-up."]
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The latency table, the goal check, the profile and the notes, as Markdown."""
     m = report["machine"]
@@ -357,7 +450,8 @@ def markdown(report: dict[str, Any]) -> str:
         "no accuracy figure here means anything. Plans: magnitude scores on those weights, align 8.",
         "",
         f"Machine: {m.get('cpu_model')}, {m.get('cpus_usable')} usable cores, onnxruntime {m.get('onnxruntime')}, "
-        f"torch {m.get('torch')}. {report['threads']} intra-op threads, spinning off, CPUExecutionProvider.",
+        + (f"openvino {m['openvino']}, " if m.get("openvino") else "")
+        + f"torch {m.get('torch')}. {report['threads']} intra-op threads, spinning off, CPUExecutionProvider.",
         "All artifacts of one model were timed in one interleaved run per batch size; figures are medians.",
         "`ratio` is median latency / median latency of the plain dense export; `paired` is the median",
         "(quartiles) of per-round ratios. GPU: not measured (no GPU in this task); still to be measured.",
@@ -366,8 +460,11 @@ def markdown(report: dict[str, Any]) -> str:
         "logits whose top-1 flips under any noise, so it understates what trained weights keep).",
         f"Command: `{report['command']}` ({report['wall_s'] / 60:.1f} min).",
         "",
-        "| model | artifact | MACs (G) | MAC ratio | params (M) | ms b1 | ratio b1 | paired b1 | ms b8 | ratio b8 | parity |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "`OpenVINO b1 / b8`: ratio to the plain dense export, both timed on OpenVINO's CPU plugin (see below).",
+        "",
+        "| model | artifact | MACs (G) | MAC ratio | params (M) | ms b1 | ratio b1 | paired b1 | ms b8 | ratio b8 | parity "
+        "| OpenVINO b1 / b8 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for model in report["models"]:
         for r in model["rows"]:
@@ -375,11 +472,14 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['model']} | {r['artifact']} | {r['macs'] / 1e9:.2f} | {r['mac_ratio']:.3f} | {r['params'] / 1e6:.1f} | "
                 f"{r['ms_b1']:.1f} | {r['ratio_b1']:.3f} | {p1['median']:.3f} ({p1['q1']:.3f}–{p1['q3']:.3f}) | "
-                f"{r['ms_b8']:.1f} | {r['ratio_b8']:.3f} | {_fmt_parity(r['parity'])} |"
+                f"{r['ms_b8']:.1f} | {r['ratio_b8']:.3f} | {_fmt_parity(r['parity'])} | {_openvino_cell(model.get('openvino'), r['artifact'])} |"
             )
     lines += ["", "## Goals at budget 0.63 (ratio to the plain dense export)", ""]
     for goal in report.get("goals", []):
         lines.append(f"- {goal}")
+    for model in report["models"]:
+        if model.get("openvino"):
+            lines += ["", f"## OpenVINO CPU, {model['model']}", ""] + _openvino_lines(model["openvino"])
     tp = {m["model"]: m.get("torch_pruning") for m in report["models"]}
     lines += ["", "## Torch-Pruning baseline", ""]
     for name, t in tp.items():
@@ -510,7 +610,7 @@ def run(cfg: BenchConfig, out: Path, work: Path, reuse: bool, command: str, cons
     report: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command,
         "config": {k: v for k, v in asdict(cfg).items()}, "threads": cfg.threads,
-        "machine": machine_info(), "weights": "random (biases/norms jittered)", "models": [], "notes": [],
+        "machine": machine_info(("openvino",)), "weights": "random (biases/norms jittered)", "models": [], "notes": [],
     }
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=False)
@@ -530,6 +630,10 @@ def run(cfg: BenchConfig, out: Path, work: Path, reuse: bool, command: str, cons
             if name == cfg.focus and min(cfg.confirm_runs) > 0:
                 progress.update(task, description=f"{name}: goal check")
                 entry["confirm"] = confirm({a.name: a.path for a in builder.artifacts}, builder.input_size, cfg)
+            if name == cfg.focus and min(cfg.openvino_runs) > 0:
+                progress.update(task, description=f"{name}: OpenVINO")
+                entry["openvino"] = openvino_latency({a.name: a.path for a in builder.artifacts}, builder.images,
+                                                     builder.input_size, cfg)
             if cfg.profile and name == cfg.focus:
                 progress.update(task, description=f"{name}: profiling")
                 picks = {n: n for n in (REFERENCE, "portable@0.63", "ort@0.63", "ort-fused@0.63", "int8@0.63")}

@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from search.errors import BudgetError, UserError
 from search.methods import method_names
@@ -67,13 +68,15 @@ def prune_export(
     quantize: str = typer.Option("none", help="none or int8."),
     quantize_mode: str = typer.Option("dynamic", help="int8: dynamic, or static calibrated on --data."),
     latency_runs: int = typer.Option(20, min=0, help="Interleaved runs per model for latency (0 skips)."),
-    threads: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Inference threads in each runtime (default: all cores)."),
+    runtimes: str = typer.Option("ort", help="Runtimes for parity and latency, comma-separated: ort, openvino."),
 ) -> None:
     """Prune a vision transformer under a MAC budget and write a validated ONNX file."""
     err = Console(stderr=True, soft_wrap=True)
     try:
         from exporter.pipeline import RunConfig, run
         from exporter.report import print_summary
+        from exporter.runtimes import parse_runtimes
 
         cfg = RunConfig(
             model=model, budget=parse_budget(budget), output=output, method=method, align=align,
@@ -83,12 +86,13 @@ def prune_export(
             search_images=search_images, heldout_images=heldout_images, device=device, seed=seed,
             calib_images=calib_images, target=target, precision=precision, quantize=quantize,
             quantize_mode=quantize_mode, latency_runs=latency_runs, threads=threads,
+            runtimes=parse_runtimes(runtimes),
         )
         report = run(cfg, err)
         if report is not None:
             print_summary(report, Console())
     except UserError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)  # "[openvino]" is no markup tag
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]: finished stages are kept in the .work directory next to -o; re-run to resume")

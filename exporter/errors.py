@@ -1,4 +1,4 @@
-"""Errors raised from the Plan on: export, MAC counting, ONNX Runtime sessions and parity.
+"""Errors raised from the Plan on: export, MAC counting, runtimes and their sessions, and parity.
 
 Each derives from :class:`search.errors.UserError`, so the CLI prints it as one line, and each
 keeps the figures that explain it as attributes, so reports and tests can read them without
@@ -6,6 +6,7 @@ parsing the message.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from search.errors import UserError
@@ -35,15 +36,50 @@ class MacCountError(UserError):
 
 
 class ProviderUnavailableError(UserError):
-    """The requested ONNX Runtime execution provider is not in this onnxruntime build."""
+    """The requested execution provider (ONNX Runtime) or device (OpenVINO) is not available."""
 
-    def __init__(self, provider: str, available: Sequence[str]) -> None:
+    def __init__(
+        self, provider: str, available: Sequence[str], kind: str = "execution provider", runtime: str = "onnxruntime"
+    ) -> None:
         self.provider = provider
         self.available = list(available)
+        super().__init__(f"{kind} {provider} is not available; this {runtime} has {', '.join(self.available)}")
+
+
+class UnknownRuntimeError(UserError):
+    """A name in --runtimes is not a runtime this tool knows."""
+
+    def __init__(self, name: str, choices: Sequence[str]) -> None:
+        self.name = name
+        self.choices = list(choices)
+        what = f"unknown runtime '{name}'" if name else "no runtime given"
         super().__init__(
-            f"execution provider {provider} is not available; this onnxruntime has "
-            f"{', '.join(self.available)}"
+            f"{what} in --runtimes; choose from {', '.join(self.choices)}, comma-separated "
+            f"(e.g. --runtimes {','.join(self.choices)})"
         )
+
+
+class RuntimeUnavailableError(UserError):
+    """A selected runtime's Python package is not installed; the message names the extra."""
+
+    def __init__(self, label: str, extra: str | None) -> None:
+        self.label = label
+        self.extra = extra
+        fix = f"pip install 'prune-export[{extra}]'" if extra else "reinstall prune-export"
+        super().__init__(f"{label} is not installed; {fix}")
+
+
+class RuntimeLoadError(UserError):
+    """A runtime cannot read or compile an ONNX file, typically an op it does not support."""
+
+    def __init__(self, label: str, path: Path, cause: BaseException) -> None:
+        self.label = label
+        self.path = path
+        self.cause = cause
+        # Runtimes wrap the reason in lines naming their own source files; keep the reason.
+        lines = [line.strip() for line in str(cause).splitlines()]
+        reason = " ".join(line for line in lines if line and not line.startswith(("Exception from", "Check '")))
+        super().__init__(f"{label} cannot load {path.name}: {reason or type(cause).__name__}")
 
 
 class ParityError(UserError):
@@ -60,32 +96,37 @@ class ParityError(UserError):
         super().__init__(message)
 
 
+def _in(runtime: str | None) -> str:
+    """The words naming ``runtime`` in a message (" in OpenVINO"); none for ONNX Runtime, the default."""
+    return f" in {runtime}" if runtime else ""
+
+
 class OutputNameMismatch(ParityError):
     """The ONNX graph's output names differ from the expected ones."""
 
-    def __init__(self, expected: Sequence[str], actual: Sequence[str]) -> None:
+    def __init__(self, expected: Sequence[str], actual: Sequence[str], runtime: str | None = None) -> None:
         self.expected = list(expected)
         self.actual = list(actual)
-        super().__init__(f"ONNX outputs are named {self.actual}, expected {self.expected}")
+        super().__init__(f"ONNX outputs{_in(runtime)} are named {self.actual}, expected {self.expected}")
 
 
 class OutputShapeMismatch(ParityError):
-    """ONNX Runtime returned an output of another shape than PyTorch did."""
+    """The runtime returned an output of another shape than PyTorch did."""
 
-    def __init__(self, expected: tuple[int, ...], actual: tuple[int, ...]) -> None:
+    def __init__(self, expected: tuple[int, ...], actual: tuple[int, ...], runtime: str | None = None) -> None:
         self.expected = tuple(expected)
         self.actual = tuple(actual)
-        super().__init__(f"ONNX output has shape {self.actual}, PyTorch gives {self.expected}")
+        super().__init__(f"ONNX output{_in(runtime)} has shape {self.actual}, PyTorch gives {self.expected}")
 
 
 class OutputValuesMismatch(ParityError):
-    """ONNX Runtime's outputs differ from PyTorch's by more than the tolerance."""
+    """The runtime's outputs differ from PyTorch's by more than the tolerance (or hold a NaN)."""
 
-    def __init__(self, result: ParityResult, tolerance: float, min_cosine: float) -> None:
+    def __init__(self, result: ParityResult, tolerance: float, min_cosine: float, runtime: str | None = None) -> None:
         self.tolerance = tolerance
         self.required_cosine = min_cosine
         super().__init__(
-            f"ONNX output differs from PyTorch: max |diff| {result.max_abs_diff:.3g} "
+            f"ONNX output{_in(runtime)} differs from PyTorch: max |diff| {result.max_abs_diff:.3g} "
             f"(allowed {tolerance:.3g}), min cosine {result.min_cosine:.6f} "
             f"(required {min_cosine}) over {result.num_samples} samples",
             result=result,

@@ -1,8 +1,10 @@
-"""Time ONNX models against each other in ONNX Runtime, interleaved so drift cancels.
+"""Time ONNX models against each other in one inference runtime, interleaved so drift cancels.
 
 The figure we report is a ratio (pruned / dense). Timing one model after the other lets thermal
 throttling, frequency scaling or a noisy neighbour bias the ratio; running every model once per
-round, alternating the order each round, spreads any drift evenly over all of them.
+round, alternating the order each round, spreads any drift evenly over all of them. The runtime
+(ONNX Runtime by default, or OpenVINO) comes from :mod:`exporter.runtimes`; every model of one run
+gets a session with the same settings.
 """
 from __future__ import annotations
 
@@ -12,13 +14,13 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-from exporter.validate import CPU, make_session
+from exporter.runtimes import get_runtime, runtime_versions
 from search.progress import progress_bar
 
 
@@ -30,9 +32,11 @@ class LatencyResult:
     runs: int
     batch: int
     threads: int
-    provider: str
+    provider: str  # the runtime's device: an ORT execution provider, or an OpenVINO device
     samples_ms: dict[str, tuple[float, ...]] = field(default_factory=dict)
     machine: dict[str, Any] = field(default_factory=dict)
+    runtime: str = "ort"
+    settings: dict[str, Any] = field(default_factory=dict)  # as the runtime reports them
 
     def ratio(self, num: str, den: str) -> float:
         """Median latency of ``num`` divided by that of ``den``."""
@@ -53,8 +57,11 @@ def _cpu_model_name() -> str | None:
     return platform.processor() or None
 
 
-def machine_info() -> dict[str, Any]:
-    """The machine a timing was taken on, for reports: latency means nothing without it."""
+def machine_info(runtimes: Sequence[str] = ()) -> dict[str, Any]:
+    """The machine a timing was taken on, for reports: latency means nothing without it.
+
+    ONNX Runtime's version is always given; ``runtimes`` adds the versions of others (openvino).
+    """
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -66,6 +73,7 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
+        **runtime_versions(runtimes),
         "torch": torch.__version__,
     }
 
@@ -76,15 +84,21 @@ def measure_latency(
     threads: int,
     runs: int = 30,
     warmup: int = 5,
-    provider: str = CPU,
+    provider: str | None = None,
     input_size: tuple[int, int, int] = (3, 224, 224),
     seed: int = 0,
     progress: bool = True,
+    runtime: str = "ort",
 ) -> LatencyResult:
     """Median wall time per model over ``runs`` interleaved rounds, after ``warmup`` runs each.
 
-    All models get the same random input of shape (batch, *input_size) and a session from
-    :func:`exporter.validate.make_session` with ``threads`` intra-op threads and no spinning.
+    All models get the same random input of shape (batch, *input_size) and a session of
+    ``runtime`` on ``provider`` (its CPU when None) with ``threads`` threads: in ONNX Runtime
+    intra-op threads and no spinning (:func:`exporter.validate.make_session`), in OpenVINO
+    INFERENCE_NUM_THREADS with the latency hint (:mod:`exporter.runtimes.openvino`).
+
+    Raises:
+        UnknownRuntimeError, RuntimeUnavailableError: ``runtime`` is unknown or not installed.
     """
     if not models:
         raise ValueError("no models to time")
@@ -92,12 +106,13 @@ def measure_latency(
         raise ValueError(f"need runs >= 1, warmup >= 0, batch >= 1; got {runs}, {warmup}, {batch}")
     rng = np.random.default_rng(seed)
     sample = rng.standard_normal((batch, *input_size), dtype=np.float32)
-    sessions = {name: make_session(path, threads, provider) for name, path in models.items()}
-    feeds = {name: {s.get_inputs()[0].name: sample} for name, s in sessions.items()}
+    backend = get_runtime(runtime)
+    device = provider or backend.CPU_DEVICE
+    sessions = {name: backend.load(path, threads, device) for name, path in models.items()}
 
-    for name, session in sessions.items():
+    for session in sessions.values():
         for _ in range(warmup):
-            session.run(None, feeds[name])
+            session.run(sample)
 
     names = list(sessions)
     samples: dict[str, list[float]] = {name: [] for name in names}
@@ -105,7 +120,7 @@ def measure_latency(
         for round_index in range(runs):
             for name in names if round_index % 2 == 0 else reversed(names):
                 start = time.perf_counter()
-                sessions[name].run(None, feeds[name])
+                sessions[name].run(sample)
                 samples[name].append((time.perf_counter() - start) * 1e3)
             advance()
 
@@ -114,7 +129,9 @@ def measure_latency(
         runs=runs,
         batch=batch,
         threads=threads,
-        provider=provider,
+        provider=device,
         samples_ms={name: tuple(times) for name, times in samples.items()},
-        machine=machine_info(),
+        machine=machine_info((backend.NAME,)),
+        runtime=backend.NAME,
+        settings=next(iter(sessions.values())).settings,
     )

@@ -22,7 +22,7 @@ import onnx
 import torch
 from rich.console import Console
 
-from exporter.latency import machine_info, measure_latency
+from exporter.latency import machine_info
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_onnx_macs, count_ops
 from exporter.report import block_rows, write_report
@@ -30,8 +30,10 @@ from exporter.ort_target import optimize_for_ort
 from exporter.quantize import approx_parity, convert_fp16, quantize_int8
 from exporter.recovery import HeldOut, RecoveryConfig, knn_accuracy, recover
 from exporter.reweight import add_reweights, fold_reweights
+from exporter.runtimes import DEFAULT_RUNTIMES, require_runtimes
+from exporter.runtimes.stages import latency_per_runtime, parity_per_runtime, runtimes_report
 from exporter.surgery import apply_plan
-from exporter.validate import available_providers, check_parity
+from exporter.validate import check_parity
 from search.acp import AcpConfig
 from search.allocate import SolverConfig, make_plan
 from search.atomic import atomic_path, ensure_writable_dir
@@ -44,7 +46,6 @@ from search.models import LoadedModel, load_model
 from search.plan import Plan
 from search.runtime import Runtime, runtime
 
-LATENCY_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 TARGETS = ("portable", "ort")
 PRECISIONS = ("fp32", "fp16")
 QUANTIZE = ("none", "int8")
@@ -85,7 +86,10 @@ class RunConfig:
         quantize_mode: ``dynamic``, or ``static`` calibrated on the search images.
         latency_runs: interleaved runs per model for the latency medians (0 skips latency).
         latency_batches: batch sizes to time.
-        threads: ONNX Runtime intra-op threads; None for every core this process may use.
+        threads: inference threads (ONNX Runtime intra-op, OpenVINO INFERENCE_NUM_THREADS); None for every
+            core this process may use.
+        runtimes: runtimes (``exporter.runtimes``) for parity and latency; the first one's figures
+            are also the report's top-level "parity" and "latency".
         opset: ONNX opset.
     """
 
@@ -118,6 +122,7 @@ class RunConfig:
     latency_batches: tuple[int, ...] = (1,)
     threads: int | None = None
     opset: int = 17
+    runtimes: tuple[str, ...] = DEFAULT_RUNTIMES
 
     @property
     def work_dir(self) -> Path:
@@ -380,6 +385,7 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any] | None
             raise UserError(f"--{name} must be one of {', '.join(allowed)}, got '{value}'")
     if cfg.precision == "fp16" and cfg.quantize != "none":
         raise UserError("--precision fp16 and --quantize int8 exclude each other; choose one")
+    require_runtimes(cfg.runtimes)
     ensure_writable_dir(out)
     work = cfg.work_dir
     created = not work.exists()
@@ -442,9 +448,8 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
         onnx_dense, onnx_pruned = count_onnx_macs(dense_path), count_onnx_macs(pruned_path)
         notes.append(f"graph ratio {onnx_pruned / onnx_dense:.4f}")
 
-    with stage("parity in ONNX Runtime") as notes:
-        parity = check_parity(pruned_path, pruned, parity_images, classifier=loaded.is_classifier)
-        notes.append(f"max |Δ| {parity.max_abs_diff:.2e}, cosine {parity.min_cosine:.6f}")
+    parities = parity_per_runtime(stage, cfg.runtimes, pruned_path, pruned, parity_images, loaded.is_classifier)
+    parity = parities[cfg.runtimes[0]]
 
     threads = cfg.threads or _default_threads()
     with stage(f"artifact: {cfg.target}, {cfg.precision}" + ("" if cfg.quantize == "none" else f", {cfg.quantize} {cfg.quantize_mode}")) as notes:
@@ -463,22 +468,15 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
             }
             notes.append(f"dense {accuracy['dense']:.4f}, pruned {accuracy['pruned']:.4f}")
 
-    latency: list[dict[str, Any]] = []
+    latencies: dict[str, list[dict[str, Any]]] = {}
     if cfg.latency_runs > 0:
-        providers = [p for p in LATENCY_PROVIDERS if p in available_providers()]
-        for provider in providers:
-            for batch in cfg.latency_batches:
-                with stage(f"latency {provider.removesuffix('ExecutionProvider')} batch {batch}") as notes:
-                    result = measure_latency(
-                        {"dense": dense_path, "pruned": artifact_path}, batch=batch, threads=threads,
-                        runs=cfg.latency_runs, provider=provider, input_size=input_size, seed=cfg.seed,
-                    )
-                    entry = {**asdict(result), "ratio": result.ratio("pruned", "dense")}
-                    latency.append(entry)
-                    notes.append(f"ratio {entry['ratio']:.3f}")
+        latencies = latency_per_runtime(stage, cfg.runtimes, {"dense": dense_path, "pruned": artifact_path},
+                                        cfg.latency_batches, threads, cfg.latency_runs, input_size, cfg.seed)
+    latency = latencies.get(cfg.runtimes[0], [])
 
     _copy_into_place(artifact_path, out)
     graph = onnx.load(str(out), load_external_data=False)
+    parity_notes = {"inputs": images.label, "reference": "PyTorch pruned model", "graph": "portable fp32"}
     report: dict[str, Any] = {
         "tool": "prune-export",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -504,11 +502,12 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
         },
         "params": {"dense": _params(model), "pruned": _params(pruned), "ratio": _params(pruned) / _params(model)},
         "blocks": block_rows(plan, geometry),
-        "parity": {**asdict(parity), "inputs": images.label, "reference": "PyTorch pruned model", "graph": "portable fp32"},
+        "parity": {**asdict(parity), **parity_notes},
+        "runtimes": runtimes_report(parities, latencies, parity_notes),
         "artifact": {"target": cfg.target, "precision": cfg.precision, "quantize": cfg.quantize,
                      "quantize_mode": cfg.quantize_mode if cfg.quantize != "none" else None, "parity": artifact_parity},
         "latency": latency,
-        "machine": {**machine_info(), "threads": threads},
+        "machine": {**machine_info(cfg.runtimes), "threads": threads},
         "preprocessing": {k: loaded.data_config[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct") if k in loaded.data_config},
         "onnx": {
             "path": str(out),

@@ -2,7 +2,9 @@
 
 The JSON sits next to the ONNX file (``model.onnx`` → ``model.json``) and carries what a server
 needs besides the graph (preprocessing) and what a reviewer needs to trust it (weights source,
-MACs counted two ways, parity figures, latency with the machine it was measured on).
+MACs counted two ways, parity figures, latency with the machine it was measured on). Parity and
+latency are given per runtime under "runtimes"; the top-level "parity" and "latency" are the first
+selected runtime's (ONNX Runtime unless ``--runtimes`` says otherwise).
 """
 from __future__ import annotations
 
@@ -52,6 +54,18 @@ def _fmt_ratio(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def runtime_sections(report: dict[str, Any]) -> list[tuple[str, dict[str, Any] | None, list[dict[str, Any]]]]:
+    """(label, parity, latency entries) per runtime; reports without "runtimes" were ONNX Runtime only."""
+    runtimes = report.get("runtimes")
+    if not runtimes:
+        return [("ONNX Runtime", report.get("parity"), report.get("latency", []))]
+    return [(r["label"], r.get("parity"), r.get("latency", [])) for r in runtimes.values()]
+
+
+def _device(label: str, provider: str) -> str:
+    return provider if label == "ONNX Runtime" else f"{label} {provider}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     """A short human-readable summary of the report."""
     m, macs, params = report["model"], report["macs"], report["params"]
@@ -66,22 +80,27 @@ def markdown(report: dict[str, Any]) -> str:
         f"ONNX graph count {_fmt_ratio(macs.get('onnx_ratio'))})",
         f"- params: {params['pruned'] / 1e6:.2f} M of {params['dense'] / 1e6:.2f} M",
     ]
-    parity = report.get("parity")
-    if parity:
-        lines.append(
-            f"- parity (ONNX Runtime vs PyTorch, {parity['num_samples']} inputs: {parity['inputs']}): "
-            f"max |Δ| {parity['max_abs_diff']:.2e}, min cosine {parity['min_cosine']:.6f}"
-            + ("" if parity.get("top1_agreement") is None else f", top-1 agreement {parity['top1_agreement']:.3f}")
-        )
-    for entry in report.get("latency", []):
-        lines.append(
-            f"- latency {entry['provider']} batch {entry['batch']}, {entry['threads']} threads, "
-            f"median of {entry['runs']} interleaved runs: pruned {entry['median_ms']['pruned']:.2f} ms, "
-            f"dense {entry['median_ms']['dense']:.2f} ms, ratio **{entry['ratio']:.3f}**"
-        )
+    sections = runtime_sections(report)
+    for label, parity, _ in sections:
+        if parity:
+            lines.append(
+                f"- parity ({label} vs PyTorch, {parity['num_samples']} inputs: {parity['inputs']}): "
+                f"max |Δ| {parity['max_abs_diff']:.2e}, min cosine {parity['min_cosine']:.6f}"
+                + ("" if parity.get("top1_agreement") is None else f", top-1 agreement {parity['top1_agreement']:.3f}")
+            )
+    for label, _, entries in sections:
+        for entry in entries:
+            lines.append(
+                f"- latency {_device(label, entry['provider'])} batch {entry['batch']}, {entry['threads']} threads, "
+                f"median of {entry['runs']} interleaved runs: pruned {entry['median_ms']['pruned']:.2f} ms, "
+                f"dense {entry['median_ms']['dense']:.2f} ms, ratio **{entry['ratio']:.3f}**"
+            )
     machine = report.get("machine")
     if machine:
-        lines.append(f"- machine: {machine.get('cpu_model', '?')}, {machine.get('cpu_count')} CPUs, onnxruntime {machine.get('onnxruntime')}")
+        versions = f"onnxruntime {machine.get('onnxruntime')}" + (
+            f", openvino {machine['openvino']}" if machine.get("openvino") else ""
+        )
+        lines.append(f"- machine: {machine.get('cpu_model', '?')}, {machine.get('cpu_count')} CPUs, {versions}")
     lines += ["", "| block | heads | qk/head | v/head | mlp |", "|---:|---:|---:|---:|---:|"]
     for b in report["blocks"]:
         d = b["dense"]
@@ -139,17 +158,23 @@ def summary_table(report: dict[str, Any]) -> Table:
     macs, params = report["macs"], report["params"]
     table.add_row("GMACs", f"{macs['dense'] / 1e9:.3f}", f"{macs['pruned'] / 1e9:.3f}", f"{macs['ratio']:.3f}")
     table.add_row("params (M)", f"{params['dense'] / 1e6:.2f}", f"{params['pruned'] / 1e6:.2f}", f"{params['ratio']:.3f}")
-    for entry in report.get("latency", []):
-        table.add_row(
-            f"ms {entry['provider'].replace('ExecutionProvider', '')} b{entry['batch']}",
-            f"{entry['median_ms']['dense']:.2f}",
-            f"{entry['median_ms']['pruned']:.2f}",
-            f"{entry['ratio']:.3f}",
-        )
-    parity = report.get("parity")
-    if parity:
-        agree = "" if parity.get("top1_agreement") is None else f", top-1 {parity['top1_agreement']:.3f}"
-        table.caption = f"parity: max |Δ| {parity['max_abs_diff']:.1e}, cosine {parity['min_cosine']:.6f}{agree}"
+    sections = runtime_sections(report)
+    for label, _, entries in sections:
+        for entry in entries:
+            table.add_row(
+                f"ms {_device(label, entry['provider'].replace('ExecutionProvider', ''))} b{entry['batch']}",
+                f"{entry['median_ms']['dense']:.2f}",
+                f"{entry['median_ms']['pruned']:.2f}",
+                f"{entry['ratio']:.3f}",
+            )
+    captions = []
+    for label, parity, _ in sections:
+        if parity:
+            agree = "" if parity.get("top1_agreement") is None else f", top-1 {parity['top1_agreement']:.3f}"
+            where = "" if len(sections) == 1 else f" ({label})"
+            captions.append(f"parity{where}: max |Δ| {parity['max_abs_diff']:.1e}, cosine {parity['min_cosine']:.6f}{agree}")
+    if captions:
+        table.caption = "\n".join(captions)
     return table
 
 

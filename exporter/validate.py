@@ -1,9 +1,10 @@
-"""Check an exported ONNX file against its PyTorch model in ONNX Runtime.
+"""Check an exported ONNX file against its PyTorch model in an inference runtime (ONNX Runtime by default).
 
 Following optimum's exporter, the checks run in order of cost and specificity: output names,
 then output shapes, then values; the first that fails raises a typed error carrying its figures.
 Values are compared two ways: an absolute bound scaled by the output's magnitude, and the
 per-sample cosine, which catches a systematic drift that a loose absolute bound would let pass.
+The same contract holds in every runtime of :mod:`exporter.runtimes`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -21,17 +21,19 @@ from exporter.errors import (
     OutputShapeMismatch,
     OutputValuesMismatch,
     ParityError,
-    ProviderUnavailableError,
 )
+from exporter.runtimes import get_runtime
+from exporter.runtimes.ort import CPU, available_providers, make_session
+
+__all__ = ["CPU", "EXPECTED_OUTPUTS", "MIN_COSINE", "ParityResult", "available_providers", "check_parity", "make_session"]
 
 EXPECTED_OUTPUTS = ["output"]
 MIN_COSINE = 0.9999
-CPU = "CPUExecutionProvider"
 
 
 @dataclass(frozen=True)
 class ParityResult:
-    """Figures from comparing ONNX Runtime's outputs with PyTorch's on the same inputs."""
+    """Figures from comparing a runtime's outputs with PyTorch's on the same inputs."""
 
     max_abs_diff: float
     mean_abs_diff: float
@@ -39,40 +41,7 @@ class ParityResult:
     top1_agreement: float | None  # None for backbones, whose outputs have no classes
     num_samples: int
     passed: bool
-
-
-def available_providers() -> list[str]:
-    """ONNX Runtime's execution providers in this build, in its order of preference; CPU always."""
-    providers = list(ort.get_available_providers())
-    return providers if CPU in providers else [*providers, CPU]
-
-
-def make_session(path: Path, threads: int, provider: str = CPU) -> ort.InferenceSession:
-    """An inference session with fixed threads and no spinning, so sessions can be compared.
-
-    Idle sessions whose worker threads spin steal cores from the one being timed, which skewed a
-    measured latency ratio from 0.61 to 0.69 (DESIGN.md, "Measured here").
-
-    Raises:
-        ProviderUnavailableError: ``provider`` is not in :func:`available_providers`.
-    """
-    if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
-    available = available_providers()
-    if provider not in available:
-        raise ProviderUnavailableError(provider, available)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    providers = [provider] if provider == CPU else [provider, CPU]
-    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    # A provider that fails to initialise (no driver, no device) makes ORT fall back to the CPU
-    # silently; a CPU session must never be reported under the provider's name.
-    if provider not in session.get_providers():
-        raise ProviderUnavailableError(provider, session.get_providers())
-    return session
+    runtime: str = "ort"
 
 
 def _cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
@@ -103,13 +72,16 @@ def check_parity(
     atol: float = 1e-4,
     rtol: float = 1e-3,
     batch_size: int = 8,
+    runtime: str = "ort",
 ) -> ParityResult:
-    """Compare ``onnx_path`` in ONNX Runtime (CPU) with ``model`` on ``inputs``, batch by batch.
+    """Compare ``onnx_path`` in ``runtime`` (on the CPU) with ``model`` on ``inputs``, batch by batch.
 
     Values pass when max|diff| <= atol + rtol * max|reference| and every sample's cosine is at
-    least 0.9999. The model runs in eval mode without gradients; its training flag is restored.
+    least 0.9999; a NaN in either output fails. The model runs in eval mode without gradients;
+    its training flag is restored.
 
     Raises:
+        UnknownRuntimeError, RuntimeUnavailableError: ``runtime`` is unknown or not installed.
         OutputNameMismatch: the graph's outputs are not exactly ["output"].
         OutputShapeMismatch: a batch's ONNX output shape differs from PyTorch's.
         OutputValuesMismatch: values outside tolerance; carries the :class:`ParityResult`.
@@ -118,15 +90,17 @@ def check_parity(
         raise ParityError("no inputs to compare on; give at least one sample")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    session = make_session(onnx_path, threads=os.cpu_count() or 1)
-    names = [out.name for out in session.get_outputs()]
+    backend = get_runtime(runtime)
+    where = None if backend.NAME == "ort" else backend.LABEL  # ONNX Runtime's messages stay as they were
+    session = backend.load(onnx_path, threads=os.cpu_count() or 1)
+    names = session.output_names
     if names != EXPECTED_OUTPUTS:
-        raise OutputNameMismatch(EXPECTED_OUTPUTS, names)
-    input_name = session.get_inputs()[0].name
+        raise OutputNameMismatch(EXPECTED_OUTPUTS, names, runtime=where)
 
     abs_max = abs_sum = ref_max = 0.0
     count = agree = 0
     min_cos = 1.0
+    saw_nan = False
     was_training = model.training
     model.eval()
     try:
@@ -134,9 +108,10 @@ def check_parity(
             for start in range(0, len(inputs), batch_size):
                 batch = inputs[start : start + batch_size]
                 ref = _torch_output(model, batch)
-                got = session.run(None, {input_name: batch.float().cpu().numpy()})[0]
+                got = session.run(batch.float().cpu().numpy())
                 if got.shape != ref.shape:
-                    raise OutputShapeMismatch(ref.shape, got.shape)
+                    raise OutputShapeMismatch(ref.shape, got.shape, runtime=where)
+                saw_nan = saw_nan or bool(np.isnan(ref).any() or np.isnan(got).any())
                 diff = np.abs(got.astype(np.float64) - ref)
                 abs_max = max(abs_max, float(diff.max(initial=0.0)))
                 abs_sum += float(diff.sum())
@@ -147,11 +122,12 @@ def check_parity(
                     ref_top = ref.reshape(len(ref), -1).argmax(axis=1)
                     got_top = got.reshape(len(got), -1).argmax(axis=1)
                     agree += int((ref_top == got_top).sum())
-                if np.isnan(got).any():
-                    abs_max = min_cos = float("nan")
     finally:
         model.train(was_training)
 
+    if saw_nan:
+        # Python's max() and min() skip a NaN that comes second, so it is set here, once.
+        abs_max = min_cos = float("nan")
     tolerance = atol + rtol * ref_max
     # Written so that a NaN anywhere fails: every comparison with NaN is False.
     passed = bool(abs_max <= tolerance and min_cos >= MIN_COSINE)
@@ -162,7 +138,8 @@ def check_parity(
         top1_agreement=agree / len(inputs) if classifier else None,
         num_samples=len(inputs),
         passed=passed,
+        runtime=backend.NAME,
     )
     if not passed:
-        raise OutputValuesMismatch(result, tolerance=tolerance, min_cosine=MIN_COSINE)
+        raise OutputValuesMismatch(result, tolerance=tolerance, min_cosine=MIN_COSINE, runtime=where)
     return result

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from rich.console import Console
 
 from exporter import bench_latency as bench
@@ -19,7 +21,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("bench")
     cfg = bench.BenchConfig(
         models=("test_vit",), budgets=(0.63, 1.0), runs_b1={"test_vit": 3}, runs_b8={"test_vit": 2},
-        extras=True, profile=True, focus="test_vit", threads=1, confirm_runs=(2, 1),
+        extras=True, profile=True, focus="test_vit", threads=1, confirm_runs=(2, 1), openvino_runs=(3, 2),
     )
     result = bench.run(cfg, out, out / "work", reuse=False, command="pytest", console=Console(quiet=True))
     return result, out
@@ -51,6 +53,41 @@ def test_report_files(report) -> None:
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(result["goals"]) == 6 and all("test_vit" in g and "goal-check run" in g for g in result["goals"])
     assert result["models"][0]["confirm"]["ratios"]["dense-plain"]["b8"]["ratio"] == 1.0
+
+
+def test_openvino_column(report) -> None:
+    result, out = report
+    ov = result["models"][0]["openvino"]
+    md = (out / "latency.md").read_text()
+    assert "OpenVINO b1 / b8" in md
+    if ov["status"] == "not installed":
+        pytest.skip("OpenVINO is not installed; pip install 'prune-export[openvino]'")
+    assert ov["status"] == "measured" and result["machine"]["openvino"] == ov["version"]
+    assert set(ov["ratios"]) | set(ov["errors"]) == {"dense-plain", "portable@0.63", "int8@0.63", "int8-static@0.63"}
+    assert ov["ratios"]["dense-plain"]["b1"]["ratio"] == 1.0
+    assert ov["cosine_to_ort"]["portable@0.63"] > 0.9999
+    for name, figures in ov["ratios"].items():
+        assert figures["b1"]["ms"] > 0 and figures["b8"]["ratio"] > 0, name
+    assert ov["settings"]["INFERENCE_NUM_THREADS"] == 1 and ov["settings"]["INFERENCE_PRECISION_HINT"] == "f32"
+    assert "## OpenVINO CPU, test_vit" in md
+    row = next(line for line in md.splitlines() if line.startswith("| test_vit | portable@0.63 |"))
+    ratios = ov["ratios"]["portable@0.63"]
+    assert row.endswith(f"| {ratios['b1']['ratio']:.3f} / {ratios['b8']['ratio']:.3f} |")
+
+
+def test_openvino_column_without_openvino(report, monkeypatch, tmp_path: Path) -> None:
+    result, _ = report
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    paths = {r["artifact"]: Path(r["path"]) for r in result["models"][0]["rows"]}
+    cfg = bench.BenchConfig(threads=1, openvino_runs=(2, 1))
+    ov = bench.openvino_latency(paths, torch.randn(2, 3, 160, 160), (3, 160, 160), cfg)
+    assert ov == {"status": "not installed", "install": "pip install 'prune-export[openvino]'"}
+    copy = json.loads(json.dumps(result, default=str))
+    copy["models"][0]["openvino"] = ov
+    md = bench.markdown(copy)
+    row = next(line for line in md.splitlines() if line.startswith("| test_vit | int8@0.63 |"))
+    assert row.endswith("| not installed |")
+    assert "Not measured: OpenVINO is not installed (pip install 'prune-export[openvino]')" in md
 
 
 def test_profile_by_op_sums_kernel_time(tmp_path: Path) -> None:

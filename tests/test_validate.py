@@ -125,8 +125,8 @@ def test_a_provider_that_falls_back_to_the_cpu_is_refused(tmp_path, monkeypatch)
     """ORT quietly runs on the CPU when a listed provider cannot start; the session must not pass as that provider."""
     import onnxruntime as ort
 
-    from exporter import validate
     from exporter.errors import ProviderUnavailableError
+    from exporter.runtimes import ort as validate
     from exporter.onnx_export import export_onnx
     from tests.conftest import tiny_vit
 
