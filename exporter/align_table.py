@@ -35,7 +35,7 @@ from timm.layers import Mlp
 from torch import nn
 
 from exporter.latency import machine_info, measure_latency
-from exporter.pruned_attention import PrunedAttention
+from search.attention.softmax import PrunedAttention
 from search.atomic import atomic_path
 
 TOKENS = 197

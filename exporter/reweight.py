@@ -2,8 +2,10 @@
 
 It sits directly in front of a linear layer, so after recovery it folds exactly into that layer's
 weights and the exported graph has no reweight op:
-- attention: a v_dim × v_dim block per head on the attention output, in front of ``proj``;
-- MLP: a scale per hidden unit, in front of ``fc2`` (timm's Mlp has a ``norm`` slot exactly there).
+- attention: a v_dim × v_dim block per head on the attention output, in the ``reweight`` slot in
+  front of the layer the block's attention kind names (``reweight_target``: ``proj``). Never in
+  front of q: a non-linear map such as FLatten's focusing function would not let it fold;
+- MLP: a scale per hidden unit, in the slot the model family puts in front of the second linear layer.
 Both start as the identity, so adding them changes nothing until recovery trains them.
 """
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from exporter.pruned_attention import PrunedAttention
+from search.attention import kind_of
+from search.families import family_of
 
 
 class HeadReweight(nn.Module):
@@ -40,14 +43,17 @@ class UnitScale(nn.Module):
 
 
 def add_reweights(model: nn.Module) -> nn.Module:
-    """Insert identity reweights in every pruned block, in place; returns the model."""
-    for block in model.blocks:
-        attn = block.attn
-        if not isinstance(attn, PrunedAttention):
-            raise TypeError("reweights go on a model after surgery (PrunedAttention blocks)")
-        device = attn.proj.weight.device
-        attn.reweight = HeadReweight(attn.num_heads, attn.v_dim).to(device)
-        block.mlp.norm = UnitScale(block.mlp.fc2.in_features).to(device)
+    """Insert identity reweights in every block, in place; returns the model."""
+    family = family_of(model)
+    for block in family.blocks(model):
+        attn = family.attention(block)
+        if not hasattr(attn, "reweight"):
+            raise TypeError("reweights go on a model after surgery (attention modules with a reweight slot)")
+        shape = kind_of(attn).shape(attn)
+        device = kind_of(attn).reweight_target(attn).weight.device
+        attn.reweight = HeadReweight(shape.num_heads, shape.v_dim).to(device)
+        fc2 = family.mlp_linears(block)[1]
+        family.set_mlp_reweight(block, UnitScale(fc2.in_features).to(fc2.weight.device))
     return model
 
 
@@ -55,16 +61,19 @@ def add_reweights(model: nn.Module) -> nn.Module:
 def fold_reweights(model: nn.Module) -> nn.Module:
     """Fold every reweight into the following linear layer and remove it, in place.
 
-    proj(R x) = (W R) x: column block h of proj becomes W_h R_h. fc2(s ⊙ x) = (W diag(s)) x.
+    target(R x) = (W R) x: column block h of the target becomes W_h R_h. fc2(s ⊙ x) = (W diag(s)) x.
     """
-    for block in model.blocks:
-        attn = block.attn
+    family = family_of(model)
+    for block in family.blocks(model):
+        attn = family.attention(block)
         if isinstance(getattr(attn, "reweight", None), HeadReweight):
             r = attn.reweight.weight
-            w = attn.proj.weight.reshape(attn.proj.out_features, attn.num_heads, attn.v_dim)
-            attn.proj.weight.copy_(torch.einsum("dho,hoi->dhi", w, r).reshape_as(attn.proj.weight))
+            target = kind_of(attn).reweight_target(attn)
+            w = target.weight.reshape(target.out_features, r.shape[0], r.shape[1])
+            target.weight.copy_(torch.einsum("dho,hoi->dhi", w, r).reshape_as(target.weight))
             attn.reweight = nn.Identity()
-        if isinstance(getattr(block.mlp, "norm", None), UnitScale):
-            block.mlp.fc2.weight.mul_(block.mlp.norm.weight)
-            block.mlp.norm = nn.Identity()
+        scale = family.mlp_reweight(block)
+        if isinstance(scale, UnitScale):
+            family.mlp_linears(block)[1].weight.mul_(scale.weight)
+            family.set_mlp_reweight(block, nn.Identity())
     return model

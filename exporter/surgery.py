@@ -1,7 +1,8 @@
 """Surgery: turn a dense model and a Plan into a physically smaller model.
 
-The result is an ordinary timm VisionTransformer whose attention modules are sliced by their
-kind's slicer and whose MLPs have fewer hidden units. The input model is left untouched.
+The result is the same model class whose attention modules are replaced by their kind's sliced
+module and whose MLPs have fewer hidden units; the model family says where both are. The input
+model is left untouched.
 """
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import copy
 
 from torch import nn
 
-from exporter.slicing import ATTENTION_SLICERS, slice_mlp
+from search.attention import get_kind
+from search.families import family_of
 from search.macs import describe
 from search.plan import Plan
 
@@ -22,7 +24,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     geometry = describe(model)
     plan.check(geometry)
     pruned = copy.deepcopy(model)
-    for block, block_plan, block_geometry in zip(pruned.blocks, plan.blocks, geometry.blocks):
-        block.attn = ATTENTION_SLICERS[block_geometry.kind](block.attn, block_plan)
-        slice_mlp(block.mlp, block_plan.mlp)
+    family = family_of(pruned)
+    for block, block_plan, block_geometry in zip(family.blocks(pruned), plan.blocks, geometry.blocks):
+        family.set_attention(block, get_kind(block_geometry.kind).slice(family.attention(block), block_plan))
+        family.slice_mlp(block, block_plan.mlp)
     return pruned

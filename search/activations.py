@@ -1,7 +1,8 @@
-"""Capture what each block computes on a calibration batch: qkv output and MLP hidden activations.
+"""Capture what each block computes on a calibration batch: its attention's q, k, v and its MLP hidden units.
 
 Similarity weights and the attention-difference initialisation both read these, so they are
-captured once, by forward hooks, in one pass of the dense model.
+captured once, in one pass of the dense model, by hooks that each block's attention kind and the
+model's family place.
 """
 from __future__ import annotations
 
@@ -10,50 +11,51 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from search.attention import AttentionActivations, get_kind
+from search.families import get_family
 from search.macs import ModelGeometry
 
 
 @dataclass(frozen=True)
 class BlockActivations:
-    """One block's activations on a calibration batch.
+    """One block's activations on a calibration batch (fp32, on the model's device).
 
     Attributes:
-        q, k: (batch, heads, tokens, qk_dim).
-        v: (batch, heads, tokens, v_dim).
+        attention: q, k (batch, heads, tokens, qk_dim) and v (batch, heads, tokens, v_dim), where
+            the block's attention kind captures them.
         hidden: (batch, tokens, mlp_hidden) MLP activations after the non-linearity.
     """
 
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
+    attention: AttentionActivations
     hidden: torch.Tensor
+
+    @property
+    def q(self) -> torch.Tensor:
+        return self.attention.q
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.attention.k
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.attention.v
 
 
 @torch.no_grad()
 def capture(model: nn.Module, geometry: ModelGeometry, images: torch.Tensor) -> tuple[BlockActivations, ...]:
-    """Run ``model`` on ``images`` once and return every block's activations (fp32, on the model's device)."""
-    store: dict[tuple[int, str], torch.Tensor] = {}
+    """Run ``model`` on ``images`` once and return every block's activations."""
+    family = get_family(geometry.family)
+    attention: dict[int, AttentionActivations] = {}
+    hidden: dict[int, torch.Tensor] = {}
     handles = []
-    for i, block in enumerate(model.blocks):
-        handles.append(block.attn.qkv.register_forward_hook(lambda m, a, out, i=i: store.__setitem__((i, "qkv"), out.detach())))
-        handles.append(block.mlp.act.register_forward_hook(lambda m, a, out, i=i: store.__setitem__((i, "hidden"), out.detach())))
+    for i, (block, g) in enumerate(zip(family.blocks(model), geometry.blocks)):
+        handles += get_kind(g.kind).capture(family.attention(block), lambda acts, i=i: attention.__setitem__(i, acts))
+        handles.append(family.mlp_activation(block).register_forward_hook(
+            lambda _m, _a, out, i=i: hidden.__setitem__(i, out.detach().float())))
     try:
         model(images)
     finally:
         for h in handles:
             h.remove()
-    result = []
-    for i, g in enumerate(geometry.blocks):
-        a = g.attention
-        qkv = store[(i, "qkv")].float()
-        b, n, _ = qkv.shape
-        q, k, v = qkv.split([a.num_heads * a.qk_dim, a.num_heads * a.qk_dim, a.num_heads * a.v_dim], dim=-1)
-        result.append(
-            BlockActivations(
-                q=q.reshape(b, n, a.num_heads, a.qk_dim).transpose(1, 2),
-                k=k.reshape(b, n, a.num_heads, a.qk_dim).transpose(1, 2),
-                v=v.reshape(b, n, a.num_heads, a.v_dim).transpose(1, 2),
-                hidden=store[(i, "hidden")].float(),
-            )
-        )
-    return tuple(result)
+    return tuple(BlockActivations(attention=attention[i], hidden=hidden[i]) for i in range(len(geometry.blocks)))

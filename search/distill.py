@@ -12,8 +12,8 @@ recovery steps on 256 Fashion-MNIST images, k-NN with 1000 bank and 1000 test im
 pruned before recovery 66.7%):
 - final features only (CLS cosine + patch cosine + CLS relation MSE): 58.9% at lr 1e-4, 69.2% at 1e-5;
 - blocks + CLS cosine: 72.5% at lr 1e-4, 72.4% at 1e-5.
-DESIGN.md had already seen distillation of the final class token alone take k-NN from 57.5% to
-47.6%: a loss on the last layer alone lets the student drift in ways k-NN feels.
+Distilling the final class token alone was seen earlier to take k-NN from 57.5% to 47.6%: a loss on
+the last layer alone lets the student drift in ways k-NN feels.
 """
 from __future__ import annotations
 
@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from search.families import family_of
 from search.gates import ChannelGates, gated
 
 
 def block_outputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Every block's output and the final (normed) features: (batch, blocks + 1, tokens, dim)."""
     outputs: list[torch.Tensor] = []
-    hooks = [block.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for block in model.blocks]
+    hooks = [block.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for block in family_of(model).blocks(model)]
     try:
         final = model.forward_features(images)
     finally:

@@ -33,7 +33,7 @@ DWC term.
 
 Every width is explicit (``qk_dim`` and ``v_dim`` per head, independent of each other and of
 dim / heads) and the qkv projection is one fused Linear laid out [q | k | v], head-major, as in
-:class:`exporter.pruned_attention.PrunedAttention`, so a pruned copy is the same class with
+:class:`search.attention.softmax.PrunedAttention`, so a pruned copy is the same class with
 smaller weights.
 """
 from __future__ import annotations

@@ -1,18 +1,14 @@
 """Pruning indicators: a learnable soft gate per (head, channel) for q/k and v, and per MLP unit.
 
-Parametrisation (our choice; DESIGN.md leaves it open): gate = sigmoid(logit). A sigmoid keeps every
+Parametrisation (our choice): gate = sigmoid(logit). A sigmoid keeps every
 gate in (0, 1), so the expected kept width of a group is simply the sum of its gates, and the
 expected MACs (linear in every width) are differentiable without a straight-through trick. Logits
 start high (gates near 1: the search starts from the dense model) and are set per channel by the
 attention-difference initialisation when it is on.
 
-Where the gates act, for softmax attention:
-- q/k channel j of head h: on q only. q·k sums over j, so scaling q_j scales exactly the term that
-  removing channel j would delete, while gating k too would square the gate.
-- v channel j of head h: on v, which scales output channel j of that head.
-- MLP unit f: on the activation output, before fc2.
-They are applied by forward hooks on each block's ``attn.qkv`` and ``mlp.act``, so the model's own
-forward runs unchanged (timm's Attention and our PrunedAttention share the qkv layout).
+Where the gates act is up to each block's attention kind (``search.attention``) for the q/k and v
+groups, and on the MLP's hidden activation (before fc2) for MLP units. They are applied by forward
+hooks, so the model's own forward runs unchanged.
 """
 from __future__ import annotations
 
@@ -22,6 +18,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from search.attention import get_kind
+from search.families import get_family
 from search.importance import BlockScores
 from search.macs import ModelGeometry, unit_macs
 
@@ -81,16 +79,6 @@ class ChannelGates(nn.Module):
             return tuple(BlockScores(qk=s.qk.cpu(), v=s.v.cpu(), mlp=s.mlp.cpu()) for s in map(self.values, range(len(self.qk))))
 
 
-def _qkv_hook(gates: ChannelGates, block: int, heads: int, qk: int, v: int):
-    def hook(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
-        g = gates.values(block)
-        ones = torch.ones(heads * qk, dtype=out.dtype, device=out.device)
-        scale = torch.cat([g.qk.reshape(-1).to(out.dtype), ones, g.v.reshape(-1).to(out.dtype)])
-        return out * scale
-
-    return hook
-
-
 def _act_hook(gates: ChannelGates, block: int):
     def hook(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
         return out * gates.values(block).mlp.to(out.dtype)
@@ -100,13 +88,21 @@ def _act_hook(gates: ChannelGates, block: int):
 
 @contextlib.contextmanager
 def gated(model: nn.Module, gates: ChannelGates) -> Iterator[nn.Module]:
-    """Within the block, ``model``'s forward applies ``gates``; the hooks are removed on exit."""
+    """Within the block, ``model``'s forward applies ``gates``; the hooks are removed on exit.
+
+    Each block's attention kind places its q/k and v gates; the MLP gates act on the family's
+    hidden activation.
+    """
+    family = get_family(gates.geometry.family)
     handles = []
     try:
-        for i, (block, g) in enumerate(zip(model.blocks, gates.geometry.blocks)):
-            a = g.attention
-            handles.append(block.attn.qkv.register_forward_hook(_qkv_hook(gates, i, a.num_heads, a.qk_dim, a.v_dim)))
-            handles.append(block.mlp.act.register_forward_hook(_act_hook(gates, i)))
+        for i, (block, g) in enumerate(zip(family.blocks(model), gates.geometry.blocks)):
+            def values(i: int = i) -> tuple[torch.Tensor, torch.Tensor]:
+                v = gates.values(i)
+                return v.qk, v.v
+
+            handles += get_kind(g.kind).gate(family.attention(block), values)
+            handles.append(family.mlp_activation(block).register_forward_hook(_act_hook(gates, i)))
         yield model
     finally:
         for h in handles:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from search.attention_kinds import kind_of
+from search.attention import kind_of
+from search.families import family_of
 from search.macs import ModelGeometry
 
 
@@ -39,11 +40,13 @@ def magnitude_scores(model: nn.Module) -> tuple[BlockScores, ...]:
     of the same index in every head.
     """
     scores = []
-    for block in model.blocks:
-        w = kind_of(block.attn).head_weights(block.attn)
+    family = family_of(model)
+    for block in family.blocks(model):
+        attn = family.attention(block)
+        w = kind_of(attn).head_weights(attn)
         qk = w.q.float().pow(2).sum(-1) + w.k.float().pow(2).sum(-1)
         v = w.v.float().pow(2).sum(-1) + w.proj.float().pow(2).sum(0)
-        fc1, fc2 = block.mlp.fc1.weight.float(), block.mlp.fc2.weight.float()
+        fc1, fc2 = (linear.weight.float() for linear in family.mlp_linears(block))
         mlp = fc1.pow(2).sum(1) + fc2.pow(2).sum(0)
         scores.append(BlockScores(qk=qk, v=v, mlp=mlp))
     return tuple(scores)

@@ -1,9 +1,10 @@
-"""Analytic MAC count of a ViT at batch 1 and native resolution, per prunable group.
+"""Analytic MAC count of a model at batch 1 and native resolution, per prunable group.
 
-The count covers the patch embedding, the qkv projection, the attention's token-mixing products
-(delegated to the attention kind), the output projection, the MLP and the classifier head: exactly
-the MatMul/Gemm/Conv work an exported graph does. ``exporter.onnx_macs`` counts the same thing
-independently from the ONNX graph, and the tests hold the two within 0.5%.
+The count covers the fixed parts (patch embedding, classifier head: the model family counts them),
+every attention module (its kind counts all of it: projections, token-mixing products and any
+extra op) and every MLP: exactly the MatMul/Gemm/Conv work an exported graph does.
+``exporter.onnx_macs`` counts the same thing independently from the ONNX graph, and the tests hold
+the two together.
 
 Every term is linear in each kept width, which is what lets the budget solver price a cut exactly.
 """
@@ -13,8 +14,8 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from search.attention_kinds import AttentionShape, get_kind, kind_of
-from search.errors import UnknownModelError
+from search.attention import AttentionShape, TokenLayout, get_kind, kind_of
+from search.families import family_of, get_family
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class BlockWidths:
 
 @dataclass(frozen=True)
 class BlockGeometry:
-    """Dense shape of one block and the attention kind that prices its products."""
+    """Dense shape of one block and the attention kind that prices it."""
 
     kind: str
     attention: AttentionShape
@@ -43,33 +44,36 @@ class BlockGeometry:
 
 @dataclass(frozen=True)
 class ModelGeometry:
-    """What the MAC count needs to know about a ViT.
+    """What the MAC count, the gates and the solver need to know about a model.
 
     Attributes:
-        tokens: sequence length N (patches plus class/register tokens).
+        family: the model family's registered name.
+        layout: the tokens every block sees.
         embed_dim: token width D, never pruned.
         fixed_macs: MACs that no plan changes (patch embedding and head).
         blocks: per-block dense geometry.
     """
 
-    tokens: int
+    family: str
+    layout: TokenLayout
     embed_dim: int
     fixed_macs: int
     blocks: tuple[BlockGeometry, ...]
+
+    @property
+    def tokens(self) -> int:
+        """Sequence length N (patches plus prefix tokens)."""
+        return self.layout.tokens
 
     def dense_widths(self) -> tuple[BlockWidths, ...]:
         return tuple(b.dense for b in self.blocks)
 
 
 def block_macs(geometry: ModelGeometry, index: int, widths: BlockWidths) -> int:
-    """MACs of block ``index`` at ``widths``: qkv, products, proj, fc1 and fc2."""
-    n, d = geometry.tokens, geometry.embed_dim
-    h = widths.heads
-    qkv = n * d * h * (2 * widths.qk + widths.v)
-    products = get_kind(geometry.blocks[index].kind).product_macs(n, h, widths.qk, widths.v)
-    proj = n * h * widths.v * d
-    mlp = 2 * n * d * widths.mlp
-    return qkv + products + proj + mlp
+    """MACs of block ``index`` at ``widths``: its attention module (all of it) and its MLP."""
+    g = geometry.blocks[index]
+    attention = get_kind(g.kind).macs(g.attention, widths.heads, widths.qk, widths.v, geometry.layout)
+    return attention + get_family(geometry.family).mlp_macs(geometry.embed_dim, widths.mlp, geometry.layout)
 
 
 def model_macs(geometry: ModelGeometry, widths: tuple[BlockWidths, ...] | None = None) -> int:
@@ -86,39 +90,15 @@ def unit_macs(geometry: ModelGeometry, index: int, widths: BlockWidths, group: s
     return block_macs(geometry, index, widths) - block_macs(geometry, index, replace(widths, **fewer))
 
 
-def _conv_macs(conv: nn.Conv2d, grid: tuple[int, int]) -> int:
-    kh, kw = conv.kernel_size
-    return grid[0] * grid[1] * conv.out_channels * (conv.in_channels // conv.groups) * kh * kw
-
-
 def describe(model: nn.Module) -> ModelGeometry:
-    """Read the geometry of a timm VisionTransformer (dense or already pruned by surgery)."""
-    for attr in ("patch_embed", "blocks", "head"):
-        if not hasattr(model, attr):
-            raise UnknownModelError(
-                f"{type(model).__name__} is not a timm VisionTransformer (no .{attr}); "
-                "use a ViT/DeiT model name"
-            )
-    if getattr(model, "attn_pool", None) is not None:
-        raise UnknownModelError("attention-pool heads are not supported; choose a ViT with token or avg pooling")
-    pe = model.patch_embed
-    grid = tuple(pe.grid_size)
-    tokens = grid[0] * grid[1] + int(getattr(model, "num_prefix_tokens", 1))
-    embed_dim = int(model.embed_dim)
-    fixed = _conv_macs(pe.proj, grid)
-    if isinstance(model.head, nn.Linear):
-        fixed += model.head.in_features * model.head.out_features
+    """Read the geometry of a model (dense or already pruned by surgery) through its family and kinds."""
+    family = family_of(model)
     blocks = []
-    for i, block in enumerate(model.blocks):
-        mlp = getattr(block, "mlp", None)
-        if mlp is None or not all(hasattr(mlp, f) for f in ("fc1", "fc2")) or type(mlp).__name__ != "Mlp":
-            raise UnknownModelError(
-                f"block {i} has a {type(mlp).__name__} MLP; only timm's plain Mlp (fc1, act, fc2) is supported"
-            )
-        if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
-            raise UnknownModelError(f"block {i} normalises its MLP hidden layer, which channel pruning would change")
-        kind = kind_of(block.attn)
-        blocks.append(
-            BlockGeometry(kind=kind.name, attention=kind.shape(block.attn), mlp_hidden=mlp.fc1.out_features)
-        )
-    return ModelGeometry(tokens=tokens, embed_dim=embed_dim, fixed_macs=fixed, blocks=tuple(blocks))
+    for block in family.blocks(model):
+        attn = family.attention(block)
+        kind = kind_of(attn)
+        blocks.append(BlockGeometry(kind=kind.name, attention=kind.shape(attn), mlp_hidden=family.mlp_linears(block)[0].out_features))
+    return ModelGeometry(
+        family=family.name, layout=family.layout(model), embed_dim=int(model.embed_dim),
+        fixed_macs=family.fixed_macs(model), blocks=tuple(blocks),
+    )

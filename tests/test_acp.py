@@ -64,7 +64,7 @@ def test_attention_difference_gives_a_zeroed_channel_the_lowest_init():
         model.blocks[0].mlp.fc1.bias[11] = 0
     geometry = describe(model)
     acts = capture(model, geometry, torch.randn(4, 3, 32, 32))
-    diffs = attention_differences(model.blocks[0], acts[0])
+    diffs = attention_differences(model, 0, acts[0])
     assert diffs.qk[0, 3] == pytest.approx(0.0, abs=1e-10) and int(diffs.qk.flatten().argmin()) == 3
     assert int(diffs.v.flatten().argmin()) == 7 and int(diffs.mlp.argmin()) == 11
     logits = init_logits(model, acts)[0]
@@ -76,7 +76,7 @@ def test_attention_difference_matches_removing_the_channel_for_real():
     geometry = describe(model)
     x = torch.randn(2, 3, 32, 32)
     acts = capture(model, geometry, x)
-    diffs = attention_differences(model.blocks[0], acts[0])
+    diffs = attention_differences(model, 0, acts[0])
     block = model.blocks[0]
     tokens = block.norm1(model._pos_embed(model.patch_embed(x)))
     with torch.no_grad():

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from exporter.pruned_attention import PrunedAttention
+from search.attention.softmax import PrunedAttention
 from exporter.surgery import apply_plan
 from search.allocate import SolverConfig, make_plan
 from search.errors import PlanError

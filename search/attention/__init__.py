@@ -1,0 +1,33 @@
+"""Attention kinds, one file per kind; see ``search.attention.base`` for what a kind owns.
+
+Importing this package imports every kind module in it, and each registers itself, so a new kind
+is a new file here and no other code changes.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from search.attention.base import (
+    AttentionActivations,
+    AttentionKind,
+    AttentionShape,
+    GateValues,
+    HeadWeights,
+    TokenLayout,
+    get_kind,
+    head_rows,
+    kind_names,
+    kind_of,
+    register_kind,
+    split_fused_qkv,
+)
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = [
+    "AttentionActivations", "AttentionKind", "AttentionShape", "GateValues", "HeadWeights", "TokenLayout",
+    "get_kind", "head_rows", "kind_names", "kind_of", "register_kind", "split_fused_qkv",
+]

@@ -1,0 +1,199 @@
+"""What an attention kind is: the interface, the shapes it reports, and the registry.
+
+An attention kind owns everything that differs between kinds of attention, so that the MAC count,
+the gates, the activation capture, the initialisation, the surgery and the reweight folding go
+through it and never look inside an attention module themselves:
+
+- recognising a module (``matches``) and reading its dense shape (``shape``);
+- every MAC of the module at given widths, extra ops included (``macs``);
+- its weights seen per head, for scoring (``head_weights``);
+- where the indicators act (``gate``) and what the search captures (``capture``);
+- how much the output changes when one channel goes (``attention_differences``);
+- slicing it into its own physically smaller module (``slice``);
+- the linear layer that reweights fold into (``reweight_target``).
+
+Kinds register themselves when their module is imported; ``search.attention`` imports every module
+of its package, so a new kind is a new file and nothing else.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from search.errors import UnknownModelError
+
+if TYPE_CHECKING:
+    from search.plan import BlockPlan
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The tokens every block sees: prefix tokens (class, registers) and then the patch grid.
+
+    Attributes:
+        prefix: tokens before the patches.
+        grid: (rows, columns) of the patch grid.
+    """
+
+    prefix: int
+    grid: tuple[int, int]
+
+    @property
+    def patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def tokens(self) -> int:
+        return self.prefix + self.patches
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """Widths of one attention module.
+
+    Attributes:
+        embed_dim: width of the tokens going in and out.
+        num_heads: number of heads.
+        qk_dim: q/k channels per head.
+        v_dim: v channels per head.
+    """
+
+    embed_dim: int
+    num_heads: int
+    qk_dim: int
+    v_dim: int
+
+
+@dataclass(frozen=True)
+class HeadWeights:
+    """An attention module's linear weights, reshaped per head.
+
+    Attributes:
+        q, k: (heads, qk_dim, embed_dim) rows of the input projection.
+        v: (heads, v_dim, embed_dim) rows of the input projection.
+        proj: (embed_dim, heads, v_dim) columns of the output projection.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    proj: torch.Tensor
+
+
+@dataclass(frozen=True)
+class AttentionActivations:
+    """What one attention module computed on a calibration batch, as its kind captured it.
+
+    Attributes:
+        q, k: (batch, heads, tokens, qk_dim), at the point where the kind's q/k gates act.
+        v: (batch, heads, tokens, v_dim).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+GateValues = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+"""Called at every forward: the current (qk, v) gates of one block, shaped (heads, qk_dim), (heads, v_dim)."""
+
+
+class AttentionKind(ABC):
+    """One kind of attention, as search and surgery see it. Subclasses register an instance."""
+
+    name: str
+
+    @abstractmethod
+    def matches(self, module: nn.Module) -> bool:
+        """True when ``module`` is an attention module of this kind (dense or sliced)."""
+
+    @abstractmethod
+    def shape(self, module: nn.Module) -> AttentionShape:
+        """The module's widths; UnknownModelError for variants that cannot be pruned."""
+
+    @abstractmethod
+    def macs(self, shape: AttentionShape, heads: int, qk: int, v: int, layout: TokenLayout) -> int:
+        """MACs of the whole module at batch 1 when it keeps ``heads`` heads of ``qk`` and ``v`` channels.
+
+        Every term must be linear in each of ``qk`` and ``v`` (the budget solver prices a channel by
+        the difference of two counts) and must match what the exported graph computes.
+        """
+
+    @abstractmethod
+    def head_weights(self, module: nn.Module) -> HeadWeights:
+        """The q/k/v/proj weights seen per head."""
+
+    @abstractmethod
+    def gate(self, module: nn.Module, values: GateValues) -> list[RemovableHandle]:
+        """Make ``module``'s forward apply the gates ``values()``; returns the hooks to remove.
+
+        A gate of 0 must act like removing its channel, so the search optimises the model that
+        surgery will cut.
+        """
+
+    @abstractmethod
+    def capture(self, module: nn.Module, sink: Callable[[AttentionActivations], None]) -> list[RemovableHandle]:
+        """Hooks that hand the module's activations to ``sink`` on every forward."""
+
+    @abstractmethod
+    def attention_differences(self, module: nn.Module, acts: AttentionActivations) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared change of the module's output when one channel alone is removed.
+
+        Returns (qk, v) of shapes (heads, qk_dim) and (heads, v_dim), on the activations' device.
+        """
+
+    @abstractmethod
+    def slice(self, module: nn.Module, plan: BlockPlan) -> nn.Module:
+        """A new, physically smaller module that keeps the plan's heads and channels."""
+
+    def reweight_target(self, module: nn.Module) -> nn.Linear:
+        """The linear layer right after the ``reweight`` slot (heads × v_dim inputs): reweights fold into it."""
+        return module.proj
+
+
+_KINDS: dict[str, AttentionKind] = {}
+
+
+def register_kind(kind: AttentionKind) -> AttentionKind:
+    """Add a kind to the registry; kinds are tried in registration order."""
+    if kind.name in _KINDS:
+        raise ValueError(f"attention kind {kind.name!r} is registered twice")
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def get_kind(name: str) -> AttentionKind:
+    """The registered kind called ``name``."""
+    return _KINDS[name]
+
+
+def kind_names() -> list[str]:
+    return list(_KINDS)
+
+
+def kind_of(module: nn.Module) -> AttentionKind:
+    """The registered kind that recognises ``module``."""
+    for kind in _KINDS.values():
+        if kind.matches(module):
+            return kind
+    raise UnknownModelError(
+        f"attention module {type(module).__name__} is not a kind prune-export can prune "
+        f"(known: {', '.join(_KINDS)}); use a timm ViT/DeiT model"
+    )
+
+
+def split_fused_qkv(weight: torch.Tensor, heads: int, qk: int, v: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split a fused qkv weight or bias (rows ordered q | k | v, head-major) into per-head views."""
+    q, k, vv = torch.split(weight, [heads * qk, heads * qk, heads * v], dim=0)
+    tail = weight.shape[1:]
+    return q.reshape(heads, qk, *tail), k.reshape(heads, qk, *tail), vv.reshape(heads, v, *tail)
+
+
+def head_rows(offset: int, width: int, heads: tuple[int, ...], rows: tuple[tuple[int, ...], ...]) -> list[int]:
+    """Flat row indices of the kept channels ``rows[i]`` of kept heads ``heads[i]`` in a head-major block."""
+    return [offset + h * width + c for h, kept in zip(heads, rows) for c in kept]

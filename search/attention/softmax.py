@@ -1,0 +1,196 @@
+"""Softmax attention: timm's ``Attention`` and its pruned form, ``PrunedAttention``.
+
+- **Shape.** heads H, q/k width d_qk and v width d_v per head; a fused qkv Linear [q | k | v].
+- **MACs.** qkv N·D·H·(2·d_qk + d_v), q·kᵀ H·N²·d_qk, attn·v H·N²·d_v, proj N·H·d_v·D.
+- **Gates.** q/k channel j of head h acts on q only: q·k sums over j, so scaling q_j scales exactly
+  the term that removing channel j deletes (gating k as well would square the gate). v channel j
+  of head h scales that head's output channel j. Both are applied to the qkv output by one hook.
+- **Attention difference.** Removing q/k channel j of head h removes the rank-one term
+  scale·q_j k_jᵀ from the scores: the change is (softmax(S - scale·q_j k_jᵀ) - softmax(S)) V_h
+  projected by head h's proj columns, all channels of a head in one batched pass (chunked to bound
+  memory). Removing v channel j zeroes output channel j of head h: the change is O_hj ⊗ proj[:, h, j],
+  whose squared norm is ‖O_hj‖²·‖proj[:, h, j]‖², exactly.
+- **Slicing.** Keeps the plan's heads, their q/k rows and v rows, and proj's matching columns.
+  The softmax scale stays the dense one: the trained weights expect 1/√(dense head_dim), while
+  timm's Attention would derive a new scale from the smaller head width.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from search.attention.base import (
+    AttentionActivations,
+    AttentionKind,
+    AttentionShape,
+    GateValues,
+    HeadWeights,
+    TokenLayout,
+    head_rows,
+    register_kind,
+    split_fused_qkv,
+)
+from search.errors import UnknownModelError
+from search.slicing import slice_linear
+
+if TYPE_CHECKING:
+    from search.plan import BlockPlan
+
+CHUNK_BYTES = 256 * 2**20
+
+
+class PrunedAttention(nn.Module):
+    """Multi-head softmax attention: softmax(q kᵀ · scale) v, heads of qk_dim and v_dim channels.
+
+    ``reweight`` (identity unless recovery adds one) acts on the attention output right before
+    ``proj``, so it folds exactly into proj's weights before export.
+
+    Args:
+        dim: token width in and out.
+        num_heads: number of heads.
+        qk_dim: q/k channels per head.
+        v_dim: v channels per head.
+        scale: softmax scale, kept from the dense model.
+        qkv_bias: whether the fused qkv projection has a bias.
+        proj_bias: whether the output projection has a bias.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_dim: int, v_dim: int, scale: float, qkv_bias: bool = True,
+                 proj_bias: bool = True) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qk_dim = qk_dim
+        self.v_dim = v_dim
+        self.head_dim = qk_dim
+        self.scale = scale
+        self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias)
+        self.reweight: nn.Module = nn.Identity()
+        self.proj = nn.Linear(num_heads * v_dim, dim, bias=proj_bias)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        b, n, _ = x.shape
+        h = self.num_heads
+        q, k, v = self.qkv(x).split([h * self.qk_dim, h * self.qk_dim, h * self.v_dim], dim=-1)
+        q = q.reshape(b, n, h, self.qk_dim).transpose(1, 2)
+        k = k.reshape(b, n, h, self.qk_dim).transpose(1, 2)
+        v = v.reshape(b, n, h, self.v_dim).transpose(1, 2)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
+        return self.proj(self.reweight(x.transpose(1, 2).reshape(b, n, h * self.v_dim)))
+
+
+def _split_heads(qkv: torch.Tensor, shape: AttentionShape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(batch, tokens, fused) → q, k (batch, heads, tokens, qk_dim) and v (batch, heads, tokens, v_dim)."""
+    h, dqk, dv = shape.num_heads, shape.qk_dim, shape.v_dim
+    b, n, _ = qkv.shape
+    q, k, v = qkv.split([h * dqk, h * dqk, h * dv], dim=-1)
+    return (q.reshape(b, n, h, dqk).transpose(1, 2), k.reshape(b, n, h, dqk).transpose(1, 2),
+            v.reshape(b, n, h, dv).transpose(1, 2))
+
+
+def qk_differences(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: torch.Tensor, scale: float) -> torch.Tensor:
+    """(heads, qk_dim) squared change of the projected output when one q/k channel is removed.
+
+    Args:
+        q, k: (batch, heads, tokens, qk_dim); v: (batch, heads, tokens, v_dim).
+        proj: (embed_dim, heads, v_dim) columns of the output projection.
+    """
+    b, h, n, d = q.shape
+    scores = scale * q @ k.transpose(-1, -2)
+    base = scores.softmax(-1) @ v
+    out = torch.empty(h, d, device=q.device)
+    per_channel = b * n * n * 4 * 3
+    chunk = max(1, CHUNK_BYTES // per_channel)
+    for head in range(h):
+        qh, kh, vh, base_h = q[:, head], k[:, head], v[:, head], base[:, head]
+        w = proj[:, head, :]
+        for start in range(0, d, chunk):
+            js = torch.arange(start, min(d, start + chunk), device=q.device)
+            rank_one = scale * qh[..., js].permute(2, 0, 1).unsqueeze(-1) * kh[..., js].permute(2, 0, 1).unsqueeze(-2)
+            removed = (scores[:, head].unsqueeze(0) - rank_one).softmax(-1) @ vh.unsqueeze(0)
+            change = (removed - base_h.unsqueeze(0)) @ w.T
+            out[head, js] = change.pow(2).sum(dim=(1, 2, 3))
+    return out
+
+
+class SoftmaxAttentionKind(AttentionKind):
+    """softmax(q kᵀ·scale) v: timm's ``Attention`` and prune-export's ``PrunedAttention``."""
+
+    name = "softmax"
+    class_names = ("Attention", "PrunedAttention")
+
+    def matches(self, module: nn.Module) -> bool:
+        return type(module).__name__ in self.class_names and hasattr(module, "qkv")
+
+    def shape(self, module: nn.Module) -> AttentionShape:
+        for part in ("q_norm", "k_norm", "norm"):
+            sub = getattr(module, part, None)
+            if sub is not None and not isinstance(sub, nn.Identity):
+                raise UnknownModelError(
+                    f"attention with {part} normalisation cannot be pruned channel-wise; "
+                    "choose a ViT/DeiT without qk_norm or scale_norm"
+                )
+        if getattr(module, "gate", None) is not None:
+            raise UnknownModelError("gated attention is not supported; choose a ViT/DeiT without it")
+        heads = module.num_heads
+        qk = getattr(module, "qk_dim", None) or module.head_dim
+        v = getattr(module, "v_dim", None) or module.head_dim
+        return AttentionShape(embed_dim=module.qkv.in_features, num_heads=heads, qk_dim=qk, v_dim=v)
+
+    def macs(self, shape: AttentionShape, heads: int, qk: int, v: int, layout: TokenLayout) -> int:
+        n, d = layout.tokens, shape.embed_dim
+        return n * d * heads * (2 * qk + v) + heads * n * n * (qk + v) + n * heads * v * d
+
+    def head_weights(self, module: nn.Module) -> HeadWeights:
+        s = self.shape(module)
+        q, k, v = split_fused_qkv(module.qkv.weight, s.num_heads, s.qk_dim, s.v_dim)
+        proj = module.proj.weight.reshape(module.proj.out_features, s.num_heads, s.v_dim)
+        return HeadWeights(q=q, k=k, v=v, proj=proj)
+
+    def gate(self, module: nn.Module, values: GateValues) -> list[RemovableHandle]:
+        s = self.shape(module)
+
+        def hook(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+            qk, v = values()
+            ones = torch.ones(s.num_heads * s.qk_dim, dtype=out.dtype, device=out.device)
+            return out * torch.cat([qk.reshape(-1).to(out.dtype), ones, v.reshape(-1).to(out.dtype)])
+
+        return [module.qkv.register_forward_hook(hook)]
+
+    def capture(self, module: nn.Module, sink: Callable[[AttentionActivations], None]) -> list[RemovableHandle]:
+        s = self.shape(module)
+
+        def hook(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> None:
+            q, k, v = _split_heads(out.detach().float(), s)
+            sink(AttentionActivations(q=q, k=k, v=v))
+
+        return [module.qkv.register_forward_hook(hook)]
+
+    def attention_differences(self, module: nn.Module, acts: AttentionActivations) -> tuple[torch.Tensor, torch.Tensor]:
+        proj = self.head_weights(module).proj.float().to(acts.q.device)
+        scale = float(module.scale)
+        qk = qk_differences(acts.q, acts.k, acts.v, proj, scale)
+        out = (scale * acts.q @ acts.k.transpose(-1, -2)).softmax(-1) @ acts.v
+        v = out.pow(2).sum(dim=(0, 2)) * proj.pow(2).sum(0)
+        return qk, v
+
+    def slice(self, module: nn.Module, plan: BlockPlan) -> PrunedAttention:
+        shape = self.shape(module)
+        h, dqk, dv = shape.num_heads, shape.qk_dim, shape.v_dim
+        q_rows = head_rows(0, dqk, plan.heads, plan.qk)
+        k_rows = head_rows(h * dqk, dqk, plan.heads, plan.qk)
+        v_rows = head_rows(2 * h * dqk, dv, plan.heads, plan.v)
+        widths = plan.widths
+        new = PrunedAttention(
+            dim=shape.embed_dim, num_heads=widths.heads, qk_dim=widths.qk, v_dim=widths.v, scale=float(module.scale),
+            qkv_bias=module.qkv.bias is not None, proj_bias=module.proj.bias is not None,
+        )
+        new.qkv = slice_linear(module.qkv, out_idx=q_rows + k_rows + v_rows)
+        new.proj = slice_linear(module.proj, in_idx=head_rows(0, dv, plan.heads, plan.v))
+        return new.train(module.training)
+
+
+register_kind(SoftmaxAttentionKind())

@@ -1,0 +1,101 @@
+"""What a model family is: how blocks, their attention and MLP, and the tokens are found.
+
+Everything generic (MAC count, gates, capture, initialisation, surgery, reweights, distillation)
+reaches into a model only through its family and the attention kind of each block, so a new
+family of models is a new file in this package.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+from torch import nn
+
+from search.attention.base import TokenLayout
+from search.errors import UnknownModelError
+
+
+class ModelFamily(ABC):
+    """One family of vision transformers, as the pruning code sees it. Subclasses register an instance."""
+
+    name: str
+
+    @abstractmethod
+    def matches(self, model: nn.Module) -> bool:
+        """True when ``model`` belongs to this family."""
+
+    @abstractmethod
+    def check(self, model: nn.Module) -> None:
+        """Raise UnknownModelError for variants the pruning code cannot handle."""
+
+    @abstractmethod
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        """The transformer blocks, in order."""
+
+    @abstractmethod
+    def attention(self, block: nn.Module) -> nn.Module:
+        """The block's attention module."""
+
+    @abstractmethod
+    def set_attention(self, block: nn.Module, module: nn.Module) -> None:
+        """Replace the block's attention module."""
+
+    @abstractmethod
+    def mlp_linears(self, block: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+        """The MLP's first and second linear layers (hidden units are fc1's rows and fc2's columns)."""
+
+    @abstractmethod
+    def mlp_activation(self, block: nn.Module) -> nn.Module:
+        """The module whose output is the MLP's hidden activation (where MLP gates act and capture reads)."""
+
+    @abstractmethod
+    def slice_mlp(self, block: nn.Module, units: Sequence[int]) -> None:
+        """Keep only hidden ``units`` of the block's MLP, in place."""
+
+    @abstractmethod
+    def set_mlp_reweight(self, block: nn.Module, module: nn.Module) -> None:
+        """Put ``module`` on the MLP hidden activation, right before the second linear layer."""
+
+    @abstractmethod
+    def mlp_reweight(self, block: nn.Module) -> nn.Module:
+        """What sits in the MLP's reweight slot (an identity unless recovery put a reweight there)."""
+
+    @abstractmethod
+    def layout(self, model: nn.Module) -> TokenLayout:
+        """The tokens every block sees."""
+
+    @abstractmethod
+    def fixed_macs(self, model: nn.Module) -> int:
+        """MACs at batch 1 that no plan changes (patch embedding, head)."""
+
+    def mlp_macs(self, embed_dim: int, hidden: int, layout: TokenLayout) -> int:
+        """MACs of a two-layer MLP of ``hidden`` units at batch 1."""
+        return 2 * layout.tokens * embed_dim * hidden
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Add a family to the registry; families are tried in registration order."""
+    if family.name in _FAMILIES:
+        raise ValueError(f"model family {family.name!r} is registered twice")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str) -> ModelFamily:
+    """The registered family called ``name``."""
+    return _FAMILIES[name]
+
+
+def family_of(model: nn.Module) -> ModelFamily:
+    """The registered family of ``model``; UnknownModelError naming what is supported otherwise."""
+    for family in _FAMILIES.values():
+        if family.matches(model):
+            family.check(model)
+            return family
+    raise UnknownModelError(
+        f"{type(model).__name__} is not a model family prune-export can prune (known: {', '.join(_FAMILIES)}); "
+        "use a ViT/DeiT model name"
+    )
