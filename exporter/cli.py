@@ -69,6 +69,8 @@ def prune_export(
     quantize_mode: str = typer.Option("dynamic", help="int8: dynamic, or static calibrated on --data."),
     latency_runs: int = typer.Option(20, min=0, help="Interleaved runs per model for latency (0 skips)."),
     threads: Optional[int] = typer.Option(None, min=1, help="Inference threads in each runtime (default: all cores)."),
+    pattern: Optional[str] = typer.Option(
+        None, help="FLatten models: L (focused linear) or S (softmax) attention per block, e.g. LLLLLLSSSSSS."),
     runtimes: str = typer.Option("ort", help="Runtimes for parity and latency, comma-separated: ort, openvino."),
 ) -> None:
     """Prune a vision transformer under a MAC budget and write a validated ONNX file."""
@@ -85,7 +87,7 @@ def prune_export(
             reweight=not no_reweight, search_steps=search_steps, finetune_steps=finetune_steps,
             search_images=search_images, heldout_images=heldout_images, device=device, seed=seed,
             calib_images=calib_images, target=target, precision=precision, quantize=quantize,
-            quantize_mode=quantize_mode, latency_runs=latency_runs, threads=threads,
+            quantize_mode=quantize_mode, latency_runs=latency_runs, threads=threads, pattern=pattern,
             runtimes=parse_runtimes(runtimes),
         )
         report = run(cfg, err)

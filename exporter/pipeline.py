@@ -85,6 +85,7 @@ class RunConfig:
         quantize: ``none``, or ``int8`` (ONNX Runtime quantization of the weight MatMuls).
         quantize_mode: ``dynamic``, or ``static`` calibrated on the search images.
         latency_runs: interleaved runs per model for the latency medians (0 skips latency).
+        pattern: FLatten models only: "L" (focused linear) or "S" (softmax) attention per block.
         latency_batches: batch sizes to time.
         threads: inference threads (ONNX Runtime intra-op, OpenVINO INFERENCE_NUM_THREADS); None for every
             core this process may use.
@@ -119,6 +120,7 @@ class RunConfig:
     quantize: str = "none"
     quantize_mode: str = "dynamic"
     latency_runs: int = 20
+    pattern: str | None = None
     latency_batches: tuple[int, ...] = (1,)
     threads: int | None = None
     opset: int = 17
@@ -191,7 +193,8 @@ class Stages:
 
 
 def _weights_key(cfg: RunConfig, loaded: LoadedModel) -> dict[str, Any]:
-    key: dict[str, Any] = {"model": loaded.timm_name, "weights": loaded.weights, "img_size": loaded.img_size}
+    key: dict[str, Any] = {"model": loaded.timm_name, "weights": loaded.weights, "img_size": loaded.img_size,
+                           "pattern": cfg.pattern}
     if cfg.checkpoint is not None:
         stat = Path(cfg.checkpoint).stat()
         key["checkpoint_stat"] = [stat.st_size, stat.st_mtime_ns]
@@ -405,7 +408,7 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
     torch.manual_seed(cfg.seed)
 
     with stage("load model") as notes:
-        loaded = load_model(cfg.model, cfg.checkpoint, cfg.random_init, cfg.img_size)
+        loaded = load_model(cfg.model, cfg.checkpoint, cfg.random_init, cfg.img_size, cfg.pattern)
         notes.append(f"{loaded.timm_name} @ {loaded.img_size}px, weights {loaded.weights}")
     if loaded.random_weights:
         console.print("[bold red]RANDOM WEIGHTS[/]: no checkpoint or pretrained weights; accuracy figures mean nothing")

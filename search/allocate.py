@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from search.errors import BudgetError
+from search.attention import get_kind
+from search.errors import BudgetError, PlanError
 from search.importance import BlockScores
 from search.macs import BlockWidths, ModelGeometry, model_macs, unit_macs
 from search.plan import BlockPlan, Plan
@@ -144,6 +145,12 @@ def make_plan(
     method: str,
 ) -> Plan:
     """Solve widths under the budget and pick the indices to keep: the search's final Plan."""
+    shared = sorted({g.kind for g in geometry.blocks if get_kind(g.kind).shared_v_indices})
+    if config.per_head_indices and shared:
+        raise PlanError(
+            f"--per-head-indices cannot prune {', '.join(shared)} attention: a part shared by its heads (the DWC) "
+            "reads the v channels, so every head must keep the same ones; drop --per-head-indices"
+        )
     widths = solve_widths(geometry, scores, config)
     blocks = tuple(select_indices(s, w, config.per_head_indices) for s, w in zip(scores, widths))
     plan = Plan(

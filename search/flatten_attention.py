@@ -116,6 +116,10 @@ class FocusedLinearAttention(nn.Module):
         self.scale = nn.Parameter(torch.zeros(1, 1, width))
         self.positional_encoding = nn.Parameter(torch.zeros(1, self.num_tokens, width))
         self.dwc = nn.Conv2d(v_dim, v_dim, kernel_size, padding=kernel_size // 2, groups=v_dim)
+        # The inputs of the focusing map, named so that the search can read and gate q and k
+        # there (after the positional encoding, before φ); identities, so no op is exported.
+        self.focus_q: nn.Module = nn.Identity()
+        self.focus_k: nn.Module = nn.Identity()
         self.reweight: nn.Module = nn.Identity()
         self.proj = nn.Linear(num_heads * v_dim, dim, bias=proj_bias)
 
@@ -160,8 +164,8 @@ class FocusedLinearAttention(nn.Module):
             )
         h, p = self.num_heads, self.num_prefix_tokens
         q, k, v = self.qkv(x).split([h * self.qk_dim, h * self.qk_dim, h * self.v_dim], dim=-1)
-        q = focused_feature_map(q, self.scale, self.focusing_factor)
-        k = focused_feature_map(k + self.positional_encoding, self.scale, self.focusing_factor)
+        q = focused_feature_map(self.focus_q(q), self.scale, self.focusing_factor)
+        k = focused_feature_map(self.focus_k(k + self.positional_encoding), self.scale, self.focusing_factor)
         q = q.reshape(b, n, h, self.qk_dim).transpose(1, 2)
         k = k.reshape(b, n, h, self.qk_dim).transpose(1, 2)
         v = v.reshape(b, n, h, self.v_dim).transpose(1, 2)

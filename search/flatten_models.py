@@ -46,6 +46,9 @@ _DEIT_BASES = {
     "flatten_deit_s": "deit_small_patch16_224",
     "flatten_deit_b": "deit_base_patch16_224",
 }
+FLATTEN_MODELS: tuple[str, ...] = tuple(_DEIT_BASES)
+"""The registered FLatten model names."""
+
 
 
 def default_pattern(depth: int) -> str:

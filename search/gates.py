@@ -21,7 +21,7 @@ from torch import nn
 from search.attention import get_kind
 from search.families import get_family
 from search.importance import BlockScores
-from search.macs import ModelGeometry, unit_macs
+from search.macs import BlockWidths, ModelGeometry, block_macs
 
 
 class ChannelGates(nn.Module):
@@ -50,27 +50,23 @@ class ChannelGates(nn.Module):
         self.qk = nn.ParameterList(nn.Parameter(t) for t in qk)
         self.v = nn.ParameterList(nn.Parameter(t) for t in v)
         self.mlp = nn.ParameterList(nn.Parameter(t) for t in mlp)
-        coeffs = [
-            [unit_macs(geometry, i, g.dense, group) / (g.attention.num_heads if group != "mlp" else 1) for group in ("qk", "v", "mlp")]
-            for i, g in enumerate(geometry.blocks)
-        ]
-        self.register_buffer("mac_coeffs", torch.tensor(coeffs, dtype=torch.float64), persistent=False)
 
     def values(self, block: int) -> BlockScores:
         """The gates of one block, in (0, 1)."""
         return BlockScores(qk=torch.sigmoid(self.qk[block]), v=torch.sigmoid(self.v[block]), mlp=torch.sigmoid(self.mlp[block]))
 
     def expected_macs(self) -> torch.Tensor:
-        """Differentiable MACs at the soft widths (sum of gates per group), batch 1.
+        """Differentiable MACs at the soft widths, batch 1.
 
-        Every MAC term is linear in each width, so the dense per-channel prices (``mac_coeffs``,
-        per channel of one head for q/k and v) turn soft widths into exact expected MACs.
+        A group's soft width per head is the sum of its gates over the heads, divided by the head
+        count; the block's kind counts its MACs at those widths exactly as it counts a real cut
+        (its formula is polynomial in the widths, so it takes tensors as well as integers).
         """
-        total = torch.tensor(float(self.geometry.fixed_macs), dtype=torch.float64, device=self.mac_coeffs.device)
-        for i in range(len(self.geometry.blocks)):
-            g = self.values(i)
-            widths = torch.stack([g.qk.sum(), g.v.sum(), g.mlp.sum()]).double()
-            total = total + (self.mac_coeffs[i] * widths).sum()
+        total = torch.tensor(float(self.geometry.fixed_macs), dtype=torch.float64, device=self.qk[0].device)
+        for i, g in enumerate(self.geometry.blocks):
+            s, heads = self.values(i), g.attention.num_heads
+            widths = BlockWidths(heads=heads, qk=s.qk.double().sum() / heads, v=s.v.double().sum() / heads, mlp=s.mlp.double().sum())
+            total = total + block_macs(self.geometry, i, widths)
         return total
 
     def scores(self) -> tuple[BlockScores, ...]:

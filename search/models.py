@@ -20,6 +20,7 @@ import timm
 import torch
 from torch import nn
 
+from search import flatten_models
 from search.errors import UnknownModelError, WeightsError
 from search.macs import describe
 
@@ -100,8 +101,8 @@ class LoadedModel:
 
 
 def known_names() -> list[str]:
-    """Names accepted besides raw timm names: bundled models and aliases."""
-    return sorted(_BUNDLED) + sorted(ALIASES)
+    """Names users type besides raw timm names: bundled models, aliases and the FLatten models."""
+    return sorted(_BUNDLED) + sorted(ALIASES) + list(flatten_models.FLATTEN_MODELS)
 
 
 def resolve_name(name: str) -> str:
@@ -189,19 +190,29 @@ def _load_checkpoint(model: nn.Module, path: Path) -> None:
         )
 
 
-def _create(timm_name: str, pretrained: bool, img_size: int | None) -> nn.Module:
-    kwargs = {} if img_size is None else {"img_size": img_size}
-    return timm.create_model(timm_name, pretrained=pretrained, **kwargs)
+def _create(timm_name: str, pretrained: bool, img_size: int | None, pattern: str | None = None) -> nn.Module:
+    kwargs: dict[str, Any] = {} if img_size is None else {"img_size": img_size}
+    if pattern is None:
+        return timm.create_model(timm_name, pretrained=pretrained, **kwargs)
+    if timm_name not in flatten_models.FLATTEN_MODELS:
+        raise UnknownModelError(
+            f"--pattern chooses softmax or linear attention per block of a FLatten model "
+            f"({', '.join(flatten_models.FLATTEN_MODELS)}); {timm_name} has no such choice"
+        )
+    try:
+        return timm.create_model(timm_name, pretrained=pretrained, pattern=pattern, **kwargs)
+    except ValueError as exc:
+        raise UnknownModelError(f"--pattern {pattern}: {exc}") from None
 
 
-def _pretrained(timm_name: str, img_size: int | None) -> nn.Module | None:
+def _pretrained(timm_name: str, img_size: int | None, pattern: str | None) -> nn.Module | None:
     """timm's pretrained weights from the cache, or from the hub when reachable; None if neither."""
     try:
         if not _hub_reachable():
             with _hub_offline():
-                return _create(timm_name, True, img_size)
-        return _create(timm_name, True, img_size)
-    except (OSError, RuntimeError, ValueError):
+                return _create(timm_name, True, img_size, pattern)
+        return _create(timm_name, True, img_size, pattern)
+    except (OSError, RuntimeError, ValueError, WeightsError):
         return None
 
 
@@ -216,6 +227,7 @@ def load_model(
     checkpoint: Path | None = None,
     random_init: bool = False,
     img_size: int | None = None,
+    pattern: str | None = None,
 ) -> LoadedModel:
     """Build the dense model for ``name`` with the best weights available.
 
@@ -224,6 +236,7 @@ def load_model(
         checkpoint: a state dict to load instead of pretrained weights.
         random_init: allow random weights when neither a checkpoint nor pretrained weights exist.
         img_size: input resolution; defaults to the model's own.
+        pattern: for FLatten models, "L" (focused linear) or "S" (softmax) attention per block.
 
     Raises:
         UnknownModelError: the name is unknown or not a prunable ViT.
@@ -236,11 +249,11 @@ def load_model(
         model, weights, random = bundled.create(size), f"bundled:{bundled.weights}", False
     elif checkpoint is not None:
         size = img_size or (bundled.img_size if bundled else None)
-        model = _create(timm_name, False, size)
+        model = _create(timm_name, False, size, pattern)
         _load_checkpoint(model, Path(checkpoint))
         weights, random = f"checkpoint:{Path(checkpoint).resolve()}", False
     else:
-        model = _pretrained(timm_name, img_size)
+        model = _pretrained(timm_name, img_size, pattern)
         weights, random = "pretrained:timm", False
         if model is None:
             if not random_init:
@@ -248,7 +261,7 @@ def load_model(
                     f"no pretrained weights for {timm_name} (offline and not in the local cache); "
                     "pass --checkpoint PATH, or --random-init for a latency-only run"
                 )
-            model, weights, random = _create(timm_name, False, img_size), "random-init", True
+            model, weights, random = _create(timm_name, False, img_size, pattern), "random-init", True
     model.eval()
     describe(model)
     size = int(model.patch_embed.img_size[0])

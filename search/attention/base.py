@@ -92,11 +92,14 @@ class AttentionActivations:
     Attributes:
         q, k: (batch, heads, tokens, qk_dim), at the point where the kind's q/k gates act.
         v: (batch, heads, tokens, v_dim).
+        output: (batch, tokens, heads·v_dim) the merged head outputs right before the output
+            projection, for kinds whose output is not a simple function of q, k and v (else None).
     """
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
+    output: torch.Tensor | None = None
 
 
 GateValues = Callable[[], tuple[torch.Tensor, torch.Tensor]]
@@ -107,6 +110,8 @@ class AttentionKind(ABC):
     """One kind of attention, as search and surgery see it. Subclasses register an instance."""
 
     name: str
+    shared_v_indices: bool = False
+    """True when every head must keep the same v channels (a part shared by the heads reads them)."""
 
     @abstractmethod
     def matches(self, module: nn.Module) -> bool:
