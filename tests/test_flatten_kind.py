@@ -1,0 +1,189 @@
+"""FLatten through the attention seam: MACs, gates, removal, attention differences, reweights, CLI.
+
+Removal of a q/k channel is defined as deleting it (from q, k, scale and the positional encoding)
+before the focusing map, whose norms then run over the remaining channels only; the reference for
+surgery is the dense model with those channels gated to zero at the focusing map's input, where
+a zero channel adds only (1e-6)² to φ's norms.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import search.flatten_models  # noqa: F401  (registers the FLatten models with timm)
+from exporter.onnx_export import export_onnx
+from exporter.onnx_macs import count_onnx_macs
+from exporter.reweight import HeadReweight, UnitScale, add_reweights, fold_reweights
+from exporter.surgery import apply_plan
+from search.acp import AcpConfig, acp_search
+from search.allocate import SolverConfig, make_plan
+from search.attention import get_kind, kind_of
+from search.errors import PlanError
+from search.flatten_attention import FocusedLinearAttention
+from search.gates import ChannelGates, gated
+from search.importance import BlockScores, magnitude_scores
+from search.macs import describe, model_macs
+from search.plan import BlockPlan, Plan
+from search.runtime import Runtime
+from tests.test_cli import FAST, invoke
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10, reg_tokens=1)
+
+
+def tiny_flatten(pattern: str = "LS", seed: int = 0) -> torch.nn.Module:
+    """A 2-block FLatten ViT whose FLatten-only parameters are non-zero, so slicing them matters."""
+    torch.manual_seed(seed)
+    model = timm.create_model("flatten_deit_t", pattern=pattern, **TINY).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, FocusedLinearAttention):
+                m.scale.copy_(torch.randn(m.scale.shape, generator=g))
+                m.positional_encoding.copy_(0.5 * torch.randn(m.positional_encoding.shape, generator=g))
+                m.dwc.bias.copy_(0.1 * torch.randn(m.dwc.bias.shape, generator=g))
+    return model
+
+
+def _plan(model: torch.nn.Module, qk: tuple[int, ...], v: tuple[int, ...]) -> Plan:
+    geometry = describe(model)
+    blocks = []
+    for g in geometry.blocks:
+        heads = tuple(range(g.attention.num_heads))
+        blocks.append(BlockPlan(heads=heads, qk=(qk,) * len(heads), v=(v,) * len(heads), mlp=tuple(range(0, g.mlp_hidden, 2))))
+    widths = tuple(b.widths for b in blocks)
+    return Plan(model="t", img_size=32, method="test", budget=1.0, align=1, dense_macs=model_macs(geometry),
+                pruned_macs=model_macs(geometry, widths), blocks=tuple(blocks))
+
+
+def test_the_kind_is_found_per_block_from_the_pattern():
+    geometry = describe(tiny_flatten("LS"))
+    assert [b.kind for b in geometry.blocks] == ["linear", "softmax"]
+
+
+@pytest.mark.parametrize("pattern", ["LL", "LS"])
+def test_analytic_macs_equal_the_graph_count_dense_and_pruned(tmp_path, pattern):
+    model = tiny_flatten(pattern)
+    pruned = apply_plan(model, _plan(model, qk=(0, 2, 3, 7, 9, 11), v=(1, 4, 5, 8, 15)))
+    for name, m in (("dense", model), ("pruned", pruned)):
+        path = export_onnx(m, tmp_path / f"{name}.onnx", (3, 32, 32))
+        assert count_onnx_macs(path) == model_macs(describe(m)), name
+
+
+def test_surgery_equals_the_dense_model_gated_to_zero_at_the_removed_channels():
+    model = tiny_flatten("LL")
+    qk, v = (0, 2, 3, 7, 9, 11), (1, 4, 5, 8, 15)
+    pruned = apply_plan(model, _plan(model, qk, v))
+    geometry = describe(model)
+    init = []
+    for g in geometry.blocks:
+        a = g.attention
+        qk_logit = torch.full((a.num_heads, a.qk_dim), -60.0)
+        qk_logit[:, list(qk)] = 60.0
+        v_logit = torch.full((a.num_heads, a.v_dim), -60.0)
+        v_logit[:, list(v)] = 60.0
+        mlp_logit = torch.full((g.mlp_hidden,), -60.0)
+        mlp_logit[::2] = 60.0
+        init.append(BlockScores(qk=qk_logit, v=v_logit, mlp=mlp_logit))
+    gates = ChannelGates(geometry, init=tuple(init))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad(), gated(model, gates):
+        reference = model(x)
+    with torch.no_grad():
+        got = pruned(x)
+    assert torch.allclose(got, reference, atol=1e-5), (got - reference).abs().max()
+    # The focusing map couples the channels: the same cut without re-normalising φ would differ.
+    with torch.no_grad():
+        assert not torch.allclose(model(x), reference, atol=1e-3)
+
+
+def _attention_output(attn: torch.nn.Module, x: torch.Tensor, qk_gate: torch.Tensor, v_gate: torch.Tensor) -> torch.Tensor:
+    handles = get_kind("linear").gate(attn, lambda: (qk_gate, v_gate))
+    try:
+        return attn(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def test_attention_differences_are_exact_for_one_removed_channel():
+    model = tiny_flatten("LL")
+    attn = model.blocks[0].attn
+    kind = kind_of(attn)
+    x = torch.randn(2, attn.num_tokens, 48)
+    captured = []
+    handles = kind.capture(attn, captured.append)
+    attn(x)
+    for h in handles:
+        h.remove()
+    qk_diff, v_diff = kind.attention_differences(attn, captured[0])
+    s = kind.shape(attn)
+    ones_qk, ones_v = torch.ones(s.num_heads, s.qk_dim), torch.ones(s.num_heads, s.v_dim)
+    base = _attention_output(attn, x, ones_qk, ones_v)
+    for head, ch in ((0, 3), (2, 15), (1, 0)):
+        off = ones_qk.clone()
+        off[head, ch] = 0.0
+        change = _attention_output(attn, x, off, ones_v) - base
+        assert change.pow(2).sum().item() == pytest.approx(qk_diff[head, ch].item(), rel=1e-3)
+        off_v = ones_v.clone()
+        off_v[head, ch] = 0.0
+        change = _attention_output(attn, x, ones_qk, off_v) - base
+        assert change.pow(2).sum().item() == pytest.approx(v_diff[head, ch].item(), rel=1e-4)
+
+
+def test_reweights_fold_into_proj_exactly():
+    model = tiny_flatten("LS")
+    pruned = apply_plan(model, _plan(model, qk=(0, 1, 2, 3, 4, 5, 6, 7), v=tuple(range(8))))
+    add_reweights(pruned)
+    with torch.no_grad():
+        for m in pruned.modules():
+            if isinstance(m, (HeadReweight, UnitScale)):
+                m.weight.add_(0.1 * torch.randn_like(m.weight))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = pruned(x)
+        fold_reweights(pruned)
+        after = pruned(x)
+    assert all(isinstance(b.attn.reweight, torch.nn.Identity) for b in pruned.blocks)
+    assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_per_head_indices_are_refused_for_linear_blocks():
+    model = tiny_flatten("LS")
+    geometry = describe(model)
+    with pytest.raises(PlanError, match="DWC"):
+        make_plan(geometry, magnitude_scores(model), SolverConfig(0.7, align=4, per_head_indices=True),
+                  model="t", img_size=32, method="magnitude")
+
+
+def test_acp_search_runs_through_the_linear_kind_and_meets_the_budget():
+    model = tiny_flatten("LS")
+    geometry = describe(model)
+    images = torch.randn(16, 3, 32, 32)
+    scores = acp_search(model, geometry, images, AcpConfig(budget=0.6, steps=3, batch_size=8, calib_images=4), True,
+                        Runtime(torch.device("cpu")))
+    plan = make_plan(geometry, scores, SolverConfig(0.6, align=4, normalise=False), model="t", img_size=32, method="acp")
+    assert plan.pruned_macs <= 0.6 * plan.dense_macs
+    pruned = apply_plan(model, plan)
+    with torch.no_grad():
+        assert torch.isfinite(pruned(images[:2])).all()
+
+
+@pytest.mark.parametrize("method", ["magnitude", "acp"])
+def test_cli_prunes_and_exports_a_flatten_model(tmp_path: Path, method: str):
+    out = tmp_path / "m.onnx"
+    result = invoke("flatten_deit_t", "--random-init", "--pattern", "LLLLLLSSSSSS", "--img-size", "64", "--method", method,
+                    "--search-steps", "2", "--budget", "0.7", "-o", out, *FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["parity"]["passed"] and report["macs"]["onnx_ratio"] == pytest.approx(report["macs"]["ratio"], abs=1e-9)
+
+
+def test_cli_refuses_a_pattern_for_a_softmax_model(tmp_path: Path):
+    out = tmp_path / "m.onnx"
+    result = invoke("deit_t", "--random-init", "--pattern", "LS", "-o", out)
+    assert result.exit_code == 2 and "--pattern" in result.output and "Traceback" not in result.output
