@@ -310,21 +310,25 @@ def _recovery_stage(
 
 
 def _describe_parity(parity: dict[str, Any]) -> str:
-    if "max_abs_diff" in parity:
+    if "mean_cosine" not in parity:  # exact fp32 parity; approximate parity also has a max |Δ|
         return f"max |Δ| {parity['max_abs_diff']:.2e}, cosine {parity['min_cosine']:.6f}"
     agree = "" if parity.get("top1_agreement") is None else f", top-1 agreement {parity['top1_agreement']:.3f}"
+    if parity.get("top1_agreement") is not None and not parity.get("top1_judged", True):
+        agree += " (not judged: random weights, cosine only)"
     return f"mean cosine {parity['mean_cosine']:.5f}, min {parity['min_cosine']:.5f}{agree}"
 
 
 def build_artifact(
     cfg: RunConfig, portable: Path, portable_parity: dict[str, Any], pruned: torch.nn.Module, geometry: ModelGeometry,
-    images: Images, parity_images: torch.Tensor, classifier: bool, threads: int,
+    images: Images, parity_images: torch.Tensor, classifier: bool, threads: int, random_weights: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
     """The file to ship, derived from the validated portable fp32 graph, with its own parity check.
 
     ``ort`` keeps fp32 arithmetic, so it must pass the same exact parity as the portable graph.
     fp16 and int8 change the arithmetic: their parity is cosine and top-1 agreement against the
     PyTorch model, with thresholds (``exporter.quantize.approx_parity``), not a fake 1e-5 tolerance.
+    With ``random_weights`` only the cosine decides: an untrained classifier's near-flat logits
+    change their top-1 class on rounding noise, so top-1 agreement is reported, not judged.
     """
     work, path, parity = cfg.work_dir, portable, portable_parity
     if cfg.target == "ort":
@@ -332,11 +336,11 @@ def build_artifact(
         parity = asdict(check_parity(path, pruned, parity_images, classifier=classifier))
     if cfg.precision == "fp16":
         path = convert_fp16(path, work / f"{path.stem}-fp16.onnx")
-        parity = approx_parity(path, pruned, parity_images, classifier)
+        parity = approx_parity(path, pruned, parity_images, classifier, judge_top1=not random_weights)
     if cfg.quantize == "int8":
         calibration = images.pool[:64].numpy() if cfg.quantize_mode == "static" else None
         path = quantize_int8(path, work / f"{path.stem}-int8-{cfg.quantize_mode}.onnx", cfg.quantize_mode, calibration)
-        parity = approx_parity(path, pruned, parity_images, classifier)
+        parity = approx_parity(path, pruned, parity_images, classifier, judge_top1=not random_weights)
     return path, parity
 
 
@@ -428,7 +432,8 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
 
     threads = cfg.threads or _default_threads()
     with stage(f"artifact: {cfg.target}, {cfg.precision}" + ("" if cfg.quantize == "none" else f", {cfg.quantize} {cfg.quantize_mode}")) as notes:
-        artifact_path, artifact_parity = build_artifact(cfg, pruned_path, asdict(parity), pruned, geometry, images, parity_images, loaded.is_classifier, threads)
+        artifact_path, artifact_parity = build_artifact(cfg, pruned_path, asdict(parity), pruned, geometry, images, parity_images, loaded.is_classifier, threads,
+                                                       random_weights=loaded.random_weights)
         notes.append(_describe_parity(artifact_parity))
 
     accuracy = None

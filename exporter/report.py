@@ -72,6 +72,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"max |Δ| {parity['max_abs_diff']:.2e}, min cosine {parity['min_cosine']:.6f}"
             + ("" if parity.get("top1_agreement") is None else f", top-1 agreement {parity['top1_agreement']:.3f}")
         )
+    artifact_line = _artifact_parity_line(report.get("artifact"))
+    if artifact_line:
+        lines.append(artifact_line)
     for entry in report.get("latency", []):
         lines.append(
             f"- latency {entry['provider']} batch {entry['batch']}, {entry['threads']} threads, "
@@ -86,6 +89,20 @@ def markdown(report: dict[str, Any]) -> str:
         d = b["dense"]
         lines.append(f"| {b['block']} | {b['heads']}/{d['heads']} | {b['qk']}/{d['qk']} | {b['v']}/{d['v']} | {b['mlp']}/{d['mlp']} |")
     return "\n".join(lines) + "\n"
+
+
+def _artifact_parity_line(artifact: dict[str, Any] | None) -> str | None:
+    """The Markdown line for an fp16 or int8 artifact's approximate parity; None for fp32 ones."""
+    if not artifact or "mean_cosine" not in artifact.get("parity", {}):
+        return None
+    parity = artifact["parity"]
+    kind = f"int8 {artifact['quantize_mode']}" if artifact.get("quantize") == "int8" else artifact.get("precision", "?")
+    line = (f"- {kind} artifact vs PyTorch ({parity['num_samples']} inputs): mean cosine {parity['mean_cosine']:.5f} "
+            f"(required {parity['min_mean_cosine']}), min {parity['min_cosine']:.5f}")
+    if parity.get("top1_agreement") is not None:
+        line += f", top-1 agreement {parity['top1_agreement']:.3f}"
+        line += "" if parity.get("top1_judged", True) else f" (not judged: {parity['note']})"
+    return line
 
 
 def plot_widths(report: dict[str, Any], path: Path) -> None:
