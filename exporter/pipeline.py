@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -25,7 +24,7 @@ from rich.console import Console
 from exporter.latency import machine_info, measure_latency
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_onnx_macs, count_ops
-from exporter.report import block_rows, write_report
+from exporter.report import block_rows, write_outputs
 from exporter.ort_target import optimize_for_ort
 from exporter.quantize import approx_parity, convert_fp16, quantize_int8
 from exporter.recovery import HeldOut, RecoveryConfig, knn_accuracy, recover
@@ -233,11 +232,6 @@ def _write_plan(plan: Plan, path: Path) -> None:
 
 def _params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def _copy_into_place(source: Path, final: Path) -> None:
-    with atomic_path(final) as tmp:
-        shutil.copyfile(source, tmp)
 
 
 def _default_threads() -> int:
@@ -462,8 +456,7 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
                     latency.append(entry)
                     notes.append(f"ratio {entry['ratio']:.3f}")
 
-    _copy_into_place(artifact_path, out)
-    graph = onnx.load(str(out), load_external_data=False)
+    graph = onnx.load(str(artifact_path), load_external_data=False)
     report: dict[str, Any] = {
         "tool": "prune-export",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -498,11 +491,11 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
             "path": str(out),
             "opset": max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
             "input": "input", "output": "output", "dynamic_batch": True,
-            "ops": count_ops(out),
+            "ops": count_ops(artifact_path),
         },
         "stage_seconds": stage.times,
     }
     if loaded.random_weights:
         report["warning"] = "random weights: accuracy figures mean nothing"
-    write_report(report, out)
+    write_outputs(report, artifact_path, out)
     return report
