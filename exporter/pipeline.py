@@ -21,6 +21,7 @@ import onnx
 import torch
 from rich.console import Console
 
+from exporter.checks import check_image_count, check_run_inputs, min_held_out
 from exporter.latency import machine_info, measure_latency
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_onnx_macs, count_ops
@@ -204,6 +205,8 @@ def load_images(cfg: RunConfig, loaded: LoadedModel) -> Images:
         held = torch.randn(cfg.calib_images, *size, generator=gen)
         return Images(pool, HeldOut(held, None), "random normal inputs (no --data)")
     dataset = image_folder(cfg.data, loaded.data_config)
+    held_needed = min_held_out(loaded.is_classifier, cfg.recovery_steps)
+    check_image_count(cfg.data, len(dataset), cfg.search_images, cfg.heldout_images, held_needed)
     subset = balanced_subset(dataset, cfg.search_images + cfg.heldout_images, cfg.seed)
     images, labels = stack_images(subset)
     held = max(1, min(cfg.heldout_images, len(images) // 2))
@@ -359,6 +362,7 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any] | None
             raise UserError(f"--{name} must be one of {', '.join(allowed)}, got '{value}'")
     if cfg.precision == "fp16" and cfg.quantize != "none":
         raise UserError("--precision fp16 and --quantize int8 exclude each other; choose one")
+    check_run_inputs(cfg)
     ensure_writable_dir(out)
     work = cfg.work_dir
     created = not work.exists()
