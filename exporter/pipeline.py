@@ -260,7 +260,9 @@ def _plan_stage(cfg: RunConfig, loaded: LoadedModel, images: Images, rt: Runtime
         acp=[cfg.search_steps, cfg.similarity, cfg.attn_init] if cfg.selection_method == "acp" else None,
     )
     path = work / "plan.json"
-    if is_fresh(work, "plan.json", key):
+    fresh = is_fresh(work, "plan.json", key)
+    _sync(rt)  # every rank looks before rank 0 writes: magnitude and random scoring have no collective to wait on
+    if fresh:
         notes.append(f"resumed {path}")
         return Plan.load(path)
     state_path = work / f"search-{key}.pt"
