@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from search.errors import BudgetError, UserError
 from search.methods import method_names
@@ -63,8 +64,8 @@ def prune_export(
     no_reweight: bool = typer.Option(False, "--no-reweight", help="Ablation: no reweight modules in recovery."),
     search_images: int = typer.Option(256, min=1, help="Images from --data for search and recovery."),
     heldout_images: int = typer.Option(200, min=2, help="Further images from --data held out for model selection."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda for search and recovery."),
-    seed: int = typer.Option(0, help="Seed for random weights, random scores and sampling."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N for search and recovery."),
+    seed: int = typer.Option(0, help="Seed for random weights, random scores and sampling (0 to 2**32-1)."),
     calib_images: int = typer.Option(16, min=1, help="Held-out images for the parity check."),
     target: str = typer.Option("portable", help="portable (standard ONNX ops) or ort (ONNX Runtime-optimised graph)."),
     precision: str = typer.Option("fp32", help="fp32, or fp16 for GPU artifacts."),
@@ -95,7 +96,7 @@ def prune_export(
         if report is not None:
             print_summary(report, Console())
     except UserError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]: finished stages are kept in the .work directory next to -o; re-run to resume")
@@ -103,7 +104,7 @@ def prune_export(
     except Exception as exc:
         if os.environ.get(DEBUG_ENV):
             raise
-        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the traceback)", highlight=False)
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} (set {DEBUG_ENV}=1 for the traceback)", highlight=False)
         raise typer.Exit(1) from None
 
 

@@ -125,3 +125,9 @@ def test_three_images_fail_when_loaded_with_the_count_and_the_minimum(tmp_path):
     result = invoke("test_vit", "--random-init", "--data", data, "-o", out, *FAST)
     assert_clean_failure(result, out, "holds 3 images", "at least 4", "add images")
     assert "✓ plan" not in result.output  # refused before the search
+
+
+def test_an_error_text_with_brackets_prints_as_is(tmp_path):
+    # rich markup in an error's text ("[/...]", as gloo's messages have) used to crash the printer
+    out = tmp_path / "m.onnx"
+    assert_clean_failure(invoke("test_vit", "--random-init", "--device", "[/x]", "-o", out), out, "got '[/x]'")
