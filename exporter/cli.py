@@ -18,6 +18,8 @@ from search.methods import method_names
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 DEBUG_ENV = "PRUNE_EXPORT_DEBUG"
+DEFAULT_BUDGET = 0.63
+DEFAULT_ALIGN = 8
 
 
 def parse_budget(text: str) -> float:
@@ -41,12 +43,14 @@ def _check_method(name: Optional[str]) -> Optional[str]:
 def prune_export(
     model: str = typer.Argument(..., help="Model: dinov2_s, deit_t, deit_s, deit_b, or a timm ViT name."),
     output: Path = typer.Option(..., "-o", "--output", help="ONNX file to write; the report goes next to it."),
-    budget: str = typer.Option("0.63", "--budget", "-b", help="Fraction of dense MACs to keep, in (0, 1]."),
+    budget: Optional[str] = typer.Option(
+        None, "--budget", "-b", help=f"Fraction of dense MACs to keep, in (0, 1] (default {DEFAULT_BUDGET}; a --plan fixes it)."
+    ),
     method: Optional[str] = typer.Option(
         None, help="Selection method: acp, magnitude or random. Default: acp for real weights, magnitude for random ones.",
         callback=_check_method,
     ),
-    align: int = typer.Option(8, min=1, help="Kept widths are multiples of this."),
+    align: Optional[int] = typer.Option(None, min=1, help=f"Kept widths are multiples of this (default {DEFAULT_ALIGN}; a --plan fixes it)."),
     checkpoint: Optional[Path] = typer.Option(None, help="State dict (.pth/.pt/.safetensors) to load."),
     random_init: bool = typer.Option(False, "--random-init", help="Allow random weights (latency only)."),
     img_size: Optional[int] = typer.Option(None, min=16, help="Input resolution (default: the model's)."),
@@ -60,8 +64,8 @@ def prune_export(
     no_reweight: bool = typer.Option(False, "--no-reweight", help="Ablation: no reweight modules in recovery."),
     search_images: int = typer.Option(256, min=1, help="Images from --data for search and recovery."),
     heldout_images: int = typer.Option(200, min=2, help="Further images from --data held out for model selection."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda for search and recovery."),
-    seed: int = typer.Option(0, help="Seed for random weights, random scores and sampling."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N for search and recovery."),
+    seed: int = typer.Option(0, help="Seed for random weights, random scores and sampling (0 to 2**32-1)."),
     calib_images: int = typer.Option(16, min=1, help="Held-out images for the parity check."),
     target: str = typer.Option("portable", help="portable (standard ONNX ops) or ort (ONNX Runtime-optimised graph)."),
     precision: str = typer.Option("fp32", help="fp32, or fp16 for GPU artifacts."),
@@ -76,12 +80,15 @@ def prune_export(
     """Prune a vision transformer under a MAC budget and write a validated ONNX file."""
     err = Console(stderr=True, soft_wrap=True)
     try:
+        from exporter.checks import replay_settings
         from exporter.pipeline import RunConfig, run
         from exporter.report import print_summary
         from exporter.runtimes import parse_runtimes
 
+        explicit_budget = None if budget is None else parse_budget(budget)
+        budget_value, align_value = replay_settings(plan, explicit_budget, align, method, (DEFAULT_BUDGET, DEFAULT_ALIGN))
         cfg = RunConfig(
-            model=model, budget=parse_budget(budget), output=output, method=method, align=align,
+            model=model, budget=budget_value, output=output, method=method, align=align_value,
             checkpoint=checkpoint, random_init=random_init, img_size=img_size, data=data, plan=plan,
             per_head_indices=per_head_indices, similarity=not no_similarity, attn_init=not no_attn_init,
             reweight=not no_reweight, search_steps=search_steps, finetune_steps=finetune_steps,
@@ -102,7 +109,7 @@ def prune_export(
     except Exception as exc:
         if os.environ.get(DEBUG_ENV):
             raise
-        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the traceback)", highlight=False)
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} (set {DEBUG_ENV}=1 for the traceback)", highlight=False)
         raise typer.Exit(1) from None
 
 

@@ -131,3 +131,15 @@ class OutputValuesMismatch(ParityError):
             f"(required {min_cosine}) over {result.num_samples} samples",
             result=result,
         )
+
+
+class NonFiniteReferenceError(ParityError):
+    """The reference (the PyTorch model) gave NaN or Inf, so there is nothing sound to compare against."""
+
+    def __init__(self, what: str, bad: int, total: int) -> None:
+        self.bad = bad
+        self.total = total
+        super().__init__(
+            f"the {what} produced non-finite outputs (NaN or Inf) for {bad} of {total} inputs checked, so parity "
+            "cannot be judged; check the weights (--checkpoint) and the input images (--data)"
+        )

@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -22,10 +21,11 @@ import onnx
 import torch
 from rich.console import Console
 
+from exporter.checks import check_image_count, check_run_inputs, min_held_out
 from exporter.latency import machine_info
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_onnx_macs, count_ops
-from exporter.report import block_rows, write_report
+from exporter.report import block_rows, write_outputs
 from exporter.ort_target import optimize_for_ort
 from exporter.quantize import approx_parity, convert_fp16, quantize_int8
 from exporter.recovery import HeldOut, RecoveryConfig, knn_accuracy, recover
@@ -39,7 +39,7 @@ from search.allocate import SolverConfig, make_plan
 from search.atomic import atomic_path, ensure_writable_dir
 from search.builtin_images import builtin_images, describe_builtin
 from search.data import balanced_subset, image_folder, stack_images
-from search.errors import OutputPathError, UserError
+from search.errors import OptionError, OutputPathError, UserError
 from search.macs import ModelGeometry, describe
 from search.methods import METHODS, SearchInputs
 from search.models import LoadedModel, load_model
@@ -220,7 +220,11 @@ def load_images(cfg: RunConfig, loaded: LoadedModel) -> Images:
       recovery still distil the dense model on natural images (``search.builtin_images``);
     - no --data, random weights: fixed-seed Gaussian inputs, enough for parity and nothing more.
     """
+    held_needed = min_held_out(loaded.is_classifier, cfg.recovery_steps(loaded.random_weights))
     if cfg.data is None and not loaded.random_weights:
+        if cfg.heldout_images < held_needed:
+            raise OptionError(f"--heldout-images {cfg.heldout_images} is too few for recovery's held-out metric; "
+                              f"use --heldout-images {held_needed} or more")
         total = cfg.search_images + cfg.heldout_images
         images = builtin_images(total, loaded.data_config, cfg.seed)
         held = cfg.heldout_images
@@ -232,6 +236,7 @@ def load_images(cfg: RunConfig, loaded: LoadedModel) -> Images:
         held = torch.randn(cfg.calib_images, *size, generator=gen)
         return Images(pool, HeldOut(held, None), "random normal inputs (no --data; random weights)")
     dataset = image_folder(cfg.data, loaded.data_config)
+    check_image_count(cfg.data, len(dataset), cfg.search_images, cfg.heldout_images, held_needed)
     subset = balanced_subset(dataset, cfg.search_images + cfg.heldout_images, cfg.seed)
     images, labels = stack_images(subset)
     held = max(1, min(cfg.heldout_images, len(images) // 2))
@@ -262,11 +267,6 @@ def _params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _copy_into_place(source: Path, final: Path) -> None:
-    with atomic_path(final) as tmp:
-        shutil.copyfile(source, tmp)
-
-
 def _default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -290,7 +290,9 @@ def _plan_stage(cfg: RunConfig, loaded: LoadedModel, images: Images, rt: Runtime
         acp=[cfg.search_steps, cfg.similarity, cfg.attn_init] if cfg.method == "acp" else None,
     )
     path = work / "plan.json"
-    if is_fresh(work, "plan.json", key):
+    fresh = is_fresh(work, "plan.json", key)
+    _sync(rt)  # every rank looks before rank 0 writes: magnitude and random scoring have no collective to wait on
+    if fresh:
         notes.append(f"resumed {path}")
         return Plan.load(path)
     state_path = work / f"search-{key}.pt"
@@ -337,21 +339,25 @@ def _recovery_stage(
 
 
 def _describe_parity(parity: dict[str, Any]) -> str:
-    if "max_abs_diff" in parity:
+    if "mean_cosine" not in parity:  # exact fp32 parity; approximate parity also has a max |Δ|
         return f"max |Δ| {parity['max_abs_diff']:.2e}, cosine {parity['min_cosine']:.6f}"
     agree = "" if parity.get("top1_agreement") is None else f", top-1 agreement {parity['top1_agreement']:.3f}"
+    if parity.get("top1_agreement") is not None and not parity.get("top1_judged", True):
+        agree += " (not judged: random weights, cosine only)"
     return f"mean cosine {parity['mean_cosine']:.5f}, min {parity['min_cosine']:.5f}{agree}"
 
 
 def build_artifact(
     cfg: RunConfig, portable: Path, portable_parity: dict[str, Any], pruned: torch.nn.Module, geometry: ModelGeometry,
-    images: Images, parity_images: torch.Tensor, classifier: bool, threads: int,
+    images: Images, parity_images: torch.Tensor, classifier: bool, threads: int, random_weights: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
     """The file to ship, derived from the validated portable fp32 graph, with its own parity check.
 
     ``ort`` keeps fp32 arithmetic, so it must pass the same exact parity as the portable graph.
     fp16 and int8 change the arithmetic: their parity is cosine and top-1 agreement against the
     PyTorch model, with thresholds (``exporter.quantize.approx_parity``), not a fake 1e-5 tolerance.
+    With ``random_weights`` only the cosine decides: an untrained classifier's near-flat logits
+    change their top-1 class on rounding noise, so top-1 agreement is reported, not judged.
     """
     work, path, parity = cfg.work_dir, portable, portable_parity
     if cfg.target == "ort":
@@ -359,11 +365,11 @@ def build_artifact(
         parity = asdict(check_parity(path, pruned, parity_images, classifier=classifier))
     if cfg.precision == "fp16":
         path = convert_fp16(path, work / f"{path.stem}-fp16.onnx")
-        parity = approx_parity(path, pruned, parity_images, classifier)
+        parity = approx_parity(path, pruned, parity_images, classifier, judge_top1=not random_weights)
     if cfg.quantize == "int8":
         calibration = images.pool[:64].numpy() if cfg.quantize_mode == "static" else None
         path = quantize_int8(path, work / f"{path.stem}-int8-{cfg.quantize_mode}.onnx", cfg.quantize_mode, calibration)
-        parity = approx_parity(path, pruned, parity_images, classifier)
+        parity = approx_parity(path, pruned, parity_images, classifier, judge_top1=not random_weights)
     return path, parity
 
 
@@ -389,6 +395,7 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any] | None
     if cfg.precision == "fp16" and cfg.quantize != "none":
         raise UserError("--precision fp16 and --quantize int8 exclude each other; choose one")
     require_runtimes(cfg.runtimes)
+    check_run_inputs(cfg)
     ensure_writable_dir(out)
     work = cfg.work_dir
     created = not work.exists()
@@ -432,6 +439,8 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
     with stage("plan") as notes:
         plan = _plan_stage(cfg, loaded, images, rt, weights_key, notes)
         notes.append(f"MAC ratio {plan.mac_ratio:.4f}")
+    if cfg.plan is not None:
+        cfg = replace(cfg, method=plan.method)
 
     with stage("surgery and recovery") as notes:
         pruned, recovery = _recovery_stage(cfg, loaded, plan, images, rt, weights_key, notes)
@@ -456,7 +465,8 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
 
     threads = cfg.threads or _default_threads()
     with stage(f"artifact: {cfg.target}, {cfg.precision}" + ("" if cfg.quantize == "none" else f", {cfg.quantize} {cfg.quantize_mode}")) as notes:
-        artifact_path, artifact_parity = build_artifact(cfg, pruned_path, asdict(parity), pruned, geometry, images, parity_images, loaded.is_classifier, threads)
+        artifact_path, artifact_parity = build_artifact(cfg, pruned_path, asdict(parity), pruned, geometry, images, parity_images, loaded.is_classifier, threads,
+                                                       random_weights=loaded.random_weights)
         notes.append(_describe_parity(artifact_parity))
 
     accuracy = None
@@ -477,8 +487,7 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
                                         cfg.latency_batches, threads, cfg.latency_runs, input_size, cfg.seed)
     latency = latencies.get(cfg.runtimes[0], [])
 
-    _copy_into_place(artifact_path, out)
-    graph = onnx.load(str(out), load_external_data=False)
+    graph = onnx.load(str(artifact_path), load_external_data=False)
     parity_notes = {"inputs": images.label, "reference": "PyTorch pruned model", "graph": "portable fp32"}
     report: dict[str, Any] = {
         "tool": "prune-export",
@@ -516,11 +525,11 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
             "path": str(out),
             "opset": max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
             "input": "input", "output": "output", "dynamic_batch": True,
-            "ops": count_ops(out),
+            "ops": count_ops(artifact_path),
         },
         "stage_seconds": stage.times,
     }
     if loaded.random_weights:
         report["warning"] = "random weights: accuracy figures mean nothing"
-    write_report(report, out)
+    write_outputs(report, artifact_path, out)
     return report

@@ -9,13 +9,14 @@ selected runtime's (ONNX Runtime unless ``--runtimes`` says otherwise).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from search.atomic import atomic_path
+from search.atomic import atomic_path, atomic_paths
 from search.macs import ModelGeometry
 from search.plan import Plan
 
@@ -88,6 +89,9 @@ def markdown(report: dict[str, Any]) -> str:
                 f"max |Δ| {parity['max_abs_diff']:.2e}, min cosine {parity['min_cosine']:.6f}"
                 + ("" if parity.get("top1_agreement") is None else f", top-1 agreement {parity['top1_agreement']:.3f}")
             )
+    artifact_line = _artifact_parity_line(report.get("artifact"))
+    if artifact_line:
+        lines.append(artifact_line)
     for label, _, entries in sections:
         for entry in entries:
             lines.append(
@@ -108,8 +112,25 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _artifact_parity_line(artifact: dict[str, Any] | None) -> str | None:
+    """The Markdown line for an fp16 or int8 artifact's approximate parity; None for fp32 ones."""
+    if not artifact or "mean_cosine" not in artifact.get("parity", {}):
+        return None
+    parity = artifact["parity"]
+    kind = f"int8 {artifact['quantize_mode']}" if artifact.get("quantize") == "int8" else artifact.get("precision", "?")
+    line = (f"- {kind} artifact vs PyTorch ({parity['num_samples']} inputs): mean cosine {parity['mean_cosine']:.5f} "
+            f"(required {parity['min_mean_cosine']}), min {parity['min_cosine']:.5f}")
+    if parity.get("top1_agreement") is not None:
+        line += f", top-1 agreement {parity['top1_agreement']:.3f}"
+        line += "" if parity.get("top1_judged", True) else f" (not judged: {parity['note']})"
+    return line
+
+
 def plot_widths(report: dict[str, Any], path: Path) -> None:
-    """Bar chart of the fraction of q/k, v and MLP width each block keeps."""
+    """Bar chart of the fraction of q/k, v and MLP width each block keeps, saved to ``path`` as is.
+
+    Not atomic on its own: :func:`write_report` and :func:`write_outputs` give it a temporary path.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,18 +154,43 @@ def plot_widths(report: dict[str, Any], path: Path) -> None:
     ax.set_title(title)
     ax.legend(loc="upper center", fontsize="small", ncols=4, frameon=False)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+
+
+def _write_files(report: dict[str, Any], paths: dict[str, Path]) -> None:
+    """Fill ``paths`` (json, md, png) with the report; plain writes, callers make them atomic."""
+    paths["json"].write_text(json.dumps(report, indent=2, default=str) + "\n")
+    paths["md"].write_text(markdown(report))
+    plot_widths(report, paths["png"])
 
 
 def write_report(report: dict[str, Any], onnx_path: Path) -> dict[str, Path]:
-    """Write the JSON, Markdown and PNG next to ``onnx_path``; returns their paths."""
+    """Write the JSON, Markdown and PNG next to ``onnx_path``, all three or none; returns their paths."""
     paths = report_paths(onnx_path)
-    write_json(report, paths["json"])
-    with atomic_path(paths["md"]) as tmp:
-        tmp.write_text(markdown(report))
-    plot_widths(report, paths["png"])
+    with atomic_paths(list(paths.values())) as temps:
+        _write_files(report, dict(zip(paths, temps)))
+    return paths
+
+
+def write_outputs(report: dict[str, Any], artifact: Path, onnx_path: Path) -> dict[str, Path]:
+    """Copy ``artifact`` to ``onnx_path`` and write its report files beside it: all of them, or none.
+
+    Every file is built under a temporary name first; only when all are complete are they renamed
+    into place, the ONNX last (:func:`search.atomic.atomic_paths`). A failure anywhere, in the
+    plot, the Markdown or a rename, leaves the previous files as they were and no temporaries, so
+    an ONNX never sits beside a report of another run, or without one.
+
+    Returns:
+        The paths written, keyed ``json``, ``md``, ``png`` and ``onnx``.
+    """
+    paths = {**report_paths(onnx_path), "onnx": Path(onnx_path)}
+    with atomic_paths(list(paths.values())) as temps:
+        staged = dict(zip(paths, temps))
+        _write_files(report, staged)
+        shutil.copyfile(artifact, staged["onnx"])
     return paths
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from exporter.errors import (
+    NonFiniteReferenceError,
     OutputNameMismatch,
     OutputShapeMismatch,
     OutputValuesMismatch,
@@ -64,6 +65,17 @@ def _torch_output(model: nn.Module, batch: torch.Tensor) -> np.ndarray:
     return out.detach().float().cpu().numpy()
 
 
+def require_finite(reference: np.ndarray, what: str = "PyTorch model") -> None:
+    """Raise NonFiniteReferenceError when ``reference`` holds NaN or Inf in any sample.
+
+    A broken reference must fail parity on its own account: compared with it, every candidate
+    looks wrong, and a NaN-for-NaN match would look right.
+    """
+    finite = np.isfinite(reference.reshape(len(reference), -1)).all(axis=1)
+    if not finite.all():
+        raise NonFiniteReferenceError(what, int((~finite).sum()), len(reference))
+
+
 def check_parity(
     onnx_path: Path,
     model: nn.Module,
@@ -85,6 +97,7 @@ def check_parity(
         OutputNameMismatch: the graph's outputs are not exactly ["output"].
         OutputShapeMismatch: a batch's ONNX output shape differs from PyTorch's.
         OutputValuesMismatch: values outside tolerance; carries the :class:`ParityResult`.
+        NonFiniteReferenceError: the PyTorch model gave NaN or Inf.
     """
     if len(inputs) == 0:
         raise ParityError("no inputs to compare on; give at least one sample")
@@ -108,6 +121,7 @@ def check_parity(
             for start in range(0, len(inputs), batch_size):
                 batch = inputs[start : start + batch_size]
                 ref = _torch_output(model, batch)
+                require_finite(ref)
                 got = session.run(batch.float().cpu().numpy())
                 if got.shape != ref.shape:
                     raise OutputShapeMismatch(ref.shape, got.shape, runtime=where)

@@ -10,7 +10,7 @@ import os
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from search.errors import OutputPathError
 
@@ -39,6 +39,49 @@ def atomic_path(final: Path) -> Iterator[Path]:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_paths(finals: Sequence[Path]) -> Iterator[list[Path]]:
+    """:func:`atomic_path` for files that belong together: all of them are replaced, or none.
+
+    Yields one temporary path per final path, in the same order. Only once every writer finished
+    are they renamed into place, in the given order: put last the file whose presence tells a
+    reader the set is complete (the ONNX model, after its report). Old files are first moved
+    aside; if any rename fails, the new files are removed and the old ones come back, so a
+    reader never finds a new file beside a stale one. On any error the temporaries are removed.
+    """
+    finals = [Path(f) for f in finals]
+    temps = [_sibling(f, "tmp") for f in finals]
+    try:
+        yield temps
+        _replace_together(temps, finals)
+    finally:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+
+
+def _replace_together(temps: list[Path], finals: list[Path]) -> None:
+    """Rename each temp onto its final path; on failure restore the finals as they were."""
+    backups: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    try:
+        for final in finals:
+            if final.exists():
+                backup = _sibling(final, "old")
+                os.replace(final, backup)
+                backups.append((backup, final))
+        for temp, final in zip(temps, finals):
+            os.replace(temp, final)
+            placed.append(final)
+    except BaseException:
+        for final in placed:
+            final.unlink(missing_ok=True)
+        for backup, final in backups:
+            os.replace(backup, final)
+        raise
+    for backup, _ in backups:
+        backup.unlink(missing_ok=True)
 
 
 def ensure_writable_dir(path: Path) -> None:

@@ -34,3 +34,7 @@ class OutputPathError(UserError):
 
 class PlanError(UserError):
     """A plan file is missing, corrupt, or does not fit the model."""
+
+
+class OptionError(UserError):
+    """A command-line option has a value the tool cannot use (a negative seed, an unknown device, ...)."""

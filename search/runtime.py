@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -61,16 +62,30 @@ def on_device(runtime: Runtime, *modules: torch.nn.Module) -> Iterator[None]:
             module.cpu()
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda if available else cpu; ``cuda`` without a GPU is an error naming the fix."""
-    from search.errors import UserError
+_DEVICE_NAME = re.compile(r"auto|cpu|cuda(?::(\d+))?")
 
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → cuda if available else cpu; a bad name or an absent GPU is an error naming the fix.
+
+    Accepts ``auto``, ``cpu``, ``cuda`` and ``cuda:N``. Anything else would reach torch as a raw
+    error (``cuda:abc``), or only fail at the first tensor moved there (``cuda:7`` on a 1-GPU machine).
+
+    Raises:
+        OptionError: the name is malformed, there is no GPU for ``cuda``, or N is not a GPU index here.
+    """
+    from search.errors import OptionError
+
+    match = _DEVICE_NAME.fullmatch(name)
+    if match is None:
+        raise OptionError(f"--device must be auto, cpu, cuda or cuda:N (N a GPU index, e.g. cuda:0), got '{name}'")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but torch sees no GPU; use --device auto or cpu")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda[:N], got '{name}'")
+        raise OptionError("--device cuda asked for, but torch sees no GPU; use --device auto or cpu")
+    if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise OptionError(f"--device {name}: torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}; pick one of those or --device auto")
     return torch.device(name)
 
 

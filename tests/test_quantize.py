@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from exporter.errors import ExportError, ParityError
+from exporter.errors import ExportError, NonFiniteReferenceError, ParityError
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_ops
 from exporter.quantize import ApproxParityError, approx_parity, convert_fp16, quantize_int8
@@ -109,3 +109,47 @@ def test_portable_rewrite_keeps_standard_ops_and_parity(pruned, images, tmp_path
     assert {node.domain for node in graph.graph.node} <= {"", "ai.onnx"}
     assert count_ops(dst).get("Gemm", 0) <= 1
     check_parity(dst, model, images, classifier=True)
+
+
+def test_approx_parity_fails_on_a_non_finite_pytorch_reference(pruned, images) -> None:
+    model, src = pruned
+
+    class Poisoned(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x) * float("nan")
+
+    with pytest.raises(NonFiniteReferenceError, match="PyTorch model produced non-finite outputs"):
+        approx_parity(src, Poisoned(), images, classifier=True)
+
+
+class _FlatLogits(torch.nn.Module):
+    """An untrained classifier in miniature: 100 logits that differ by ~1e-4 around 5."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(3 * 32 * 32, 100)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=gen) * 1e-6)
+            self.head.bias.fill_(5.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x.flatten(1))
+
+
+def test_random_weights_are_judged_by_cosine_only(images, tmp_path: Path) -> None:
+    # Two near-flat "models": cosine ~1, yet their top-1 classes are unrelated, as with random weights.
+    onnx_path = export_onnx(_FlatLogits(0), tmp_path / "flat.onnx", INPUT)
+    reference = _FlatLogits(1).eval()
+    with pytest.raises(ApproxParityError, match="top-1 agreement below"):
+        approx_parity(onnx_path, reference, images, classifier=True)
+    figures = approx_parity(onnx_path, reference, images, classifier=True, judge_top1=False)
+    assert figures["passed"] and figures["mean_cosine"] > 0.999
+    assert figures["top1_agreement"] < 0.9 and figures["top1_judged"] is False
+    assert figures["min_top1_agreement"] is None and "cosine only" in figures["note"]
+    with pytest.raises(ApproxParityError, match="mean cosine below"):  # the cosine gate still holds
+        approx_parity(onnx_path, reference, images, classifier=True, judge_top1=False, min_mean_cosine=1.01)

@@ -11,6 +11,7 @@ from onnx import numpy_helper
 from timm.models.vision_transformer import VisionTransformer
 
 from exporter.errors import (
+    NonFiniteReferenceError,
     OutputNameMismatch,
     OutputShapeMismatch,
     OutputValuesMismatch,
@@ -140,3 +141,25 @@ def test_a_provider_that_falls_back_to_the_cpu_is_refused(tmp_path, monkeypatch)
     monkeypatch.setattr(validate.ort, "InferenceSession", session_without_cuda)
     with pytest.raises(ProviderUnavailableError, match="CUDAExecutionProvider"):
         validate.make_session(path, threads=1, provider="CUDAExecutionProvider")
+
+
+class _NonFinite(torch.nn.Module):
+    """Wraps a model and poisons its output for the chosen samples, as broken weights would."""
+
+    def __init__(self, model: torch.nn.Module, value: float, rows: slice) -> None:
+        super().__init__()
+        self.model, self.value, self.rows = model, value, rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x).clone()
+        out[self.rows] = self.value
+        return out
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_pytorch_reference_fails_parity(exported: tuple[VisionTransformer, Path], value: float) -> None:
+    model, path = exported
+    with pytest.raises(NonFiniteReferenceError, match="PyTorch model produced non-finite outputs") as info:
+        check_parity(path, _NonFinite(model, value, slice(0, 2)), _inputs(4), classifier=True)
+    assert isinstance(info.value, ParityError) and isinstance(info.value, UserError)
+    assert (info.value.bad, info.value.total) == (2, 4)
