@@ -42,9 +42,9 @@ demo: install $(FMNIST)/train$(PER_CLASS)/manifest.json
 ## Benches into artifacts/bench/: --align table, latency (ORT CPU, random weights), quality (dinov2_s,
 ## Fashion-MNIST k-NN). QUICK=1 keeps it under 10 minutes by skipping the quality bench.
 bench: install system
-	$(PY) -m exporter.align_table $(if $(QUICK),--runs 15,)
-	$(PY) -m exporter.bench_latency $(if $(QUICK),--quick,)
-	$(if $(QUICK),@echo "QUICK=1: quality bench skipped; 'python -m exporter.bench_quality --quick' runs its 0.63 rows",$(PY) -m exporter.bench_quality)
+	$(PY) -m exporter.bench.align $(if $(QUICK),--runs 15,)
+	$(PY) -m exporter.bench.latency $(if $(QUICK),--quick,)
+	$(if $(QUICK),@echo "QUICK=1: quality bench skipped; 'python -m exporter.bench.quality --quick' runs its 0.63 rows",$(PY) -m exporter.bench.quality)
 
 ## On a machine with CUDA: the device tests and the tiny end-to-end runs on the GPU, then the default
 ## dinov2_s command on CUDA, training throughput and GPU latency into artifacts/bench/gpu.md.
@@ -52,7 +52,7 @@ bench: install system
 ## and CHECKPOINT=dinov2_s.safetensors stands in for the real extra's weights.
 gpu-check: $(if $(NO_INSTALL),,install)
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_builtin_images.py tests/test_acp.py tests/test_recovery.py
-	$(PY) -m exporter.gpu_check $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),)
+	$(PY) -m exporter.bench.gpu_check $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),)
 
 clean:
 	rm -rf $(CACHE) artifacts/demo/*.work

@@ -1,6 +1,6 @@
 """Checks of a run's input that cost a second, made before the work that would otherwise trip on it.
 
-Each failure is a :class:`search.errors.UserError` subclass whose one-line message names the fix, so
+Each failure is a :class:`search.core.errors.UserError` subclass whose one-line message names the fix, so
 a bad seed, device, work folder, plan option or data folder never surfaces minutes later as an
 internal error from deep inside the pipeline.
 """
@@ -10,16 +10,16 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from search.errors import DataError, OptionError, OutputPathError, PlanError
+from search.core.errors import DataError, OptionError, OutputPathError, PlanError
 from search.plan import Plan
-from search.runtime import resolve_device
+from search.core.runtime import resolve_device
 
 if TYPE_CHECKING:
-    from exporter.pipeline import RunConfig
+    from exporter.stages.config import RunConfig
 
 MAX_SEED = 2**32 - 1  # numpy's and torch's generators take any seed in [0, 2**32)
 
-# The held-out split takes half the images (pipeline.load_images); the other half is the search pool.
+# The held-out split takes half the images (exporter.stages.images.load_images); the other half is the search pool.
 MIN_HELD_OUT = 2  # parity, model selection, and k-NN's bank and query sets of one image at least
 MIN_HELD_OUT_PAIRS = 3  # recovery of a backbone correlates image pairs: 2 images make one pair, a constant
 

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from search.errors import BudgetError, UserError
+from search.core.errors import BudgetError, UserError
 from search.methods import method_names
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)

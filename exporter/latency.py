@@ -21,7 +21,7 @@ import onnxruntime as ort
 import torch
 
 from exporter.runtimes import get_runtime, runtime_versions
-from search.progress import progress_bar
+from search.core.progress import progress_bar
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ import onnxsim
 import torch
 from torch import nn
 
-from search.atomic import atomic_path, ensure_writable_dir
-from exporter.errors import ExportError
+from search.core.atomic import atomic_path, ensure_writable_dir
+from search.core.errors import ExportError
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"

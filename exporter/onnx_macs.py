@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 from onnx import shape_inference
 
-from exporter.errors import MacCountError
+from search.core.errors import MacCountError
 
 COUNTED_OPS = ("MatMul", "Gemm", "Conv")
 _SUBGRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)

@@ -6,7 +6,7 @@ the default :class:`OrtTargetConfig` runs 1 and 4, :data:`FUSED` runs all four:
 1. **Unflatten linears** (:mod:`exporter.rewrites.unflatten_gemm`): onnxsim's
    Reshape-Gemm-Reshape goes back to MatMul + Add, so the bias Adds can fuse below.
 2. **Fuse attention ourselves** (:mod:`exporter.rewrites.fuse_attention`): ORT's transformers
-   optimizer does not recognise the attention torch exports for timm (DESIGN.md), so every
+   optimizer does not recognise the attention torch exports for timm (tried: it gave no gain), so every
    attention becomes one ``com.microsoft.Attention`` with ``qkv_hidden_sizes``, which carries
    the q/k ≠ v widths of a pruned block and the dense softmax scale.
 3. **ORT's transformers optimizer** (python fusions only, ``opt_level=0``): LayerNorm, Gelu,
@@ -35,10 +35,10 @@ import onnx
 import onnxruntime as ort
 
 from exporter.onnx_export import save_checked
-from exporter.errors import ExportError
+from search.core.errors import ExportError
 from exporter.rewrites.fuse_attention import fuse_attention
 from exporter.rewrites.unflatten_gemm import unflatten_gemm
-from search.atomic import ensure_writable_dir
+from search.core.atomic import ensure_writable_dir
 
 OfflineLevel = Literal["none", "basic", "extended", "all"]
 _LEVELS = {

@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from exporter.onnx_export import save_checked
-from exporter.errors import ExportError, ParityError
+from search.core.errors import ExportError, ParityError
 from exporter.rewrites.graph import GraphView, topological_sort
 from exporter.rewrites.unflatten_gemm import unflatten_gemm
 from exporter.validate import make_session, require_finite
-from search.atomic import ensure_writable_dir
+from search.core.atomic import ensure_writable_dir
 
 MIN_MEAN_COSINE = 0.99
 MIN_TOP1_AGREEMENT = 0.9

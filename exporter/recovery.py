@@ -1,6 +1,7 @@
 """Recovery: fine-tune the pruned model (and its reweights) by distillation from the dense model.
 
-DESIGN.md measured that a falling distillation loss can hide a collapsing feature space, so the
+A falling distillation loss can hide a collapsing feature space (seen here: the cosine to the
+teacher rose from 0.28 to 0.94 while k-NN fell from 57.5% to 47.6%), so the
 loop watches a held-out metric, not the loss, and keeps the best state:
 - backbones: relation agreement, the Pearson correlation between the student's and the teacher's
   sample-by-sample cosine-similarity matrices on the held-out images. k-NN depends on exactly
@@ -23,11 +24,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from exporter.reweight import HeadReweight, UnitScale
 from search.acp import batch_indices
-from search.atomic import atomic_path
+from search.core.atomic import atomic_path
 from search.distill import DistillStudent, distill_loss, distill_targets
 from search.knn import knn_top1
-from search.progress import progress_bar
-from search.runtime import Runtime, on_device
+from search.core.progress import progress_bar
+from search.core.runtime import Runtime, on_device
 
 
 @dataclass(frozen=True)

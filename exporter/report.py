@@ -16,7 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from search.atomic import atomic_path, atomic_paths
+from search.core.atomic import atomic_path, atomic_paths
 from search.macs import ModelGeometry
 from search.plan import Plan
 
@@ -179,7 +179,7 @@ def write_outputs(report: dict[str, Any], artifact: Path, onnx_path: Path) -> di
     """Copy ``artifact`` to ``onnx_path`` and write its report files beside it: all of them, or none.
 
     Every file is built under a temporary name first; only when all are complete are they renamed
-    into place, the ONNX last (:func:`search.atomic.atomic_paths`). A failure anywhere, in the
+    into place, the ONNX last (:func:`search.core.atomic.atomic_paths`). A failure anywhere, in the
     plot, the Markdown or a rename, leaves the previous files as they were and no temporaries, so
     an ONNX never sits beside a report of another run, or without one.
 

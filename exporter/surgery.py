@@ -12,16 +12,17 @@ from torch import nn
 
 from search.attention import get_kind
 from search.families import family_of
-from search.macs import describe
+from search.macs import ModelGeometry, describe
 from search.plan import Plan
 
 
-def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+def apply_plan(model: nn.Module, plan: Plan, geometry: ModelGeometry | None = None) -> nn.Module:
     """A pruned copy of ``model`` that keeps exactly what ``plan`` keeps.
 
+    ``geometry`` is ``model``'s, when the caller has it already (read from the model otherwise).
     Raises PlanError when the plan does not fit the model.
     """
-    geometry = describe(model)
+    geometry = describe(model) if geometry is None else geometry
     plan.check(geometry)
     pruned = copy.deepcopy(model)
     family = family_of(pruned)

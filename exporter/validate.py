@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from exporter.errors import (
+from search.core.errors import (
     NonFiniteReferenceError,
     OutputNameMismatch,
     OutputShapeMismatch,

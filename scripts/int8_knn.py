@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-# Reproduces artifacts/bench/int8_quality.json after `python -m exporter.bench_quality` (it reuses that run's acp @ 0.63 ONNX and k-NN sets).
+# Reproduces artifacts/bench/int8_quality.json after `python -m exporter.bench.quality` (it reuses that run's acp @ 0.63 ONNX and k-NN sets).
 """int8 (dynamic and static calibrated on Fashion-MNIST train images) vs fp32 k-NN on dinov2_s, same bank/test as the quality bench."""
 import os, json
 from pathlib import Path
 os.environ["PRUNE_EXPORT_OFFLINE"] = "1"
-from exporter.bench_quality import knn_of, CACHE
+from exporter.bench.quality import knn_of, CACHE
 from exporter.quantize import quantize_int8
 from search.data import image_folder, stack_images, balanced_subset
 from search.models import load_model

@@ -26,14 +26,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from search.activations import capture
-from search.atomic import atomic_path
+from search.core.atomic import atomic_path
 from search.attention_init import init_logits
 from search.distill import DistillStudent, distill_loss, distill_targets
 from search.gates import ChannelGates
 from search.importance import BlockScores
 from search.macs import ModelGeometry, model_macs
-from search.progress import progress_bar
-from search.runtime import Runtime, on_device
+from search.core.progress import progress_bar
+from search.core.runtime import Runtime, on_device
 from search.similarity import similarity_weights
 
 

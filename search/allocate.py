@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from search.attention import get_kind
-from search.errors import BudgetError, PlanError
+from search.core.errors import BudgetError, PlanError
 from search.importance import BlockScores
 from search.macs import BlockWidths, ModelGeometry, model_macs, unit_macs
 from search.plan import BlockPlan, Plan

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from search.errors import UserError
+from search.core.errors import UserError
 from search.macs import describe, model_macs
 
 INSTALL_HINT = "pip install 'prune-export[bench]'"
@@ -85,7 +85,7 @@ def _prune_once(model: nn.Module, ratio: float, example_input: torch.Tensor, rou
         attn.head_dim = attn.qkv.out_features // (3 * heads)
         attn.attn_dim = heads * attn.head_dim
         # timm's fused path lets SDPA use 1/sqrt(new head_dim); the weights expect the dense
-        # scale (DESIGN.md, first gotcha), which the explicit path applies from ``attn.scale``.
+        # scale, which the explicit path applies from ``attn.scale``.
         attn.fused_attn = False
     return pruned
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from search.errors import DataError
+from search.core.errors import DataError
 
 PACKAGE = "skimage"
 PHOTOS = (

@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
 
-from search.errors import DataError
+from search.core.errors import DataError
 
 
 def _checked_loader(path: str) -> Image.Image:

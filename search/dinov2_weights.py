@@ -31,7 +31,7 @@ import torch
 from onnx import numpy_helper
 from timm.layers import resample_abs_pos_embed
 
-from search.errors import WeightsError
+from search.core.errors import WeightsError
 
 TIMM_MODEL_NAME = "vit_small_patch14_dinov2"
 NATIVE_IMG_SIZE = 518

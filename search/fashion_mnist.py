@@ -24,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 
-from search.errors import DataError, OutputPathError, UserError
+from search.core.errors import DataError, OutputPathError, UserError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 """Where ``apt-get install dataset-fashion-mnist`` puts the IDX files."""

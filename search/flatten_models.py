@@ -11,7 +11,7 @@ Importing this module registers with timm:
 - ``flatten_deit_t``, ``flatten_deit_s``, ``flatten_deit_b``: DeiT-T/S/B geometry
   (``deit_{tiny,small,base}_patch16_224``) and DeiT's preprocessing, so
   ``timm.data.resolve_data_config`` works. No public weights exist for them: ``pretrained=True``
-  raises :class:`search.errors.WeightsError`; use random init or load a checkpoint.
+  raises :class:`search.core.errors.WeightsError`; use random init or load a checkpoint.
 
 They take ``pattern=`` and timm's usual kwargs (``img_size``, ``num_classes``, and also
 ``patch_size``, ``embed_dim``, ``depth``, ``num_heads`` to build a tiny one for tests).
@@ -27,7 +27,7 @@ from timm.models._builder import resolve_pretrained_cfg
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 from torch import nn
 
-from search.errors import WeightsError
+from search.core.errors import WeightsError
 from search.flatten_attention import FocusedLinearAttention
 
 LINEAR = "L"

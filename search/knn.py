@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from search.errors import DataError
+from search.core.errors import DataError
 
 ArrayLike = np.ndarray | torch.Tensor
 

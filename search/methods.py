@@ -16,7 +16,7 @@ from torch import nn
 from search.acp import AcpConfig, acp_search
 from search.importance import BlockScores, magnitude_scores, random_scores
 from search.macs import ModelGeometry
-from search.runtime import Runtime
+from search.core.runtime import Runtime
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from search import flatten_models
-from search.errors import UnknownModelError, WeightsError
-from search.macs import describe
+from search.core.errors import UnknownModelError, WeightsError
+from search.macs import ModelGeometry, describe
 
 ALIASES: dict[str, str] = {
     "deit_t": "deit_tiny_patch16_224",
@@ -85,6 +85,7 @@ class LoadedModel:
         weights: weights source, e.g. ``checkpoint:/path``, ``pretrained:timm``, ``random-init``.
         random_weights: True when the weights are random; accuracy figures are then meaningless.
         data_config: timm preprocessing (input_size, mean, std, interpolation, crop_pct).
+        geometry: the model's geometry, read once here and passed on to every stage.
     """
 
     model: nn.Module = field(repr=False)
@@ -94,6 +95,7 @@ class LoadedModel:
     weights: str
     random_weights: bool
     data_config: dict[str, Any]
+    geometry: ModelGeometry = field(repr=False)
 
     @property
     def is_classifier(self) -> bool:
@@ -263,6 +265,6 @@ def load_model(
                 )
             model, weights, random = _create(timm_name, False, img_size, pattern), "random-init", True
     model.eval()
-    describe(model)
+    geometry = describe(model)
     size = int(model.patch_embed.img_size[0])
-    return LoadedModel(model, name, timm_name, size, weights, random, _data_config(model, size))
+    return LoadedModel(model, name, timm_name, size, weights, random, _data_config(model, size), geometry)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from search.errors import PlanError
+from search.core.errors import PlanError
 from search.macs import BlockWidths, ModelGeometry, model_macs
 
 FORMAT = "prune-export/plan"

@@ -7,7 +7,7 @@ from pathlib import Path
 from search.acp import AcpConfig, acp_search
 from search.allocate import SolverConfig, make_plan
 from search.macs import describe
-from search.runtime import runtime
+from search.core.runtime import runtime
 from tests.acp_case import CONFIG, case
 
 if __name__ == "__main__":

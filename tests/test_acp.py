@@ -18,7 +18,7 @@ from search.attention_init import attention_differences, init_logits
 from search.gates import ChannelGates, gated
 from search.macs import describe, model_macs
 from search.plan import Plan
-from search.runtime import Runtime
+from search.core.runtime import Runtime
 from search.similarity import redundancy, similarity_weights
 from tests.acp_case import CONFIG, case
 from tests.conftest import tiny_vit

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from search.allocate import SolverConfig, make_plan, min_widths, solve_widths
-from search.errors import BudgetError
+from search.core.errors import BudgetError
 from search.importance import BlockScores, magnitude_scores, random_scores
 from search.macs import describe, model_macs
 

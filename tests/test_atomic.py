@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from search.atomic import atomic_path, atomic_paths, ensure_writable_dir
-from search.errors import OutputPathError
+from search.core.atomic import atomic_path, atomic_paths, ensure_writable_dir
+from search.core.errors import OutputPathError
 
 
 def test_replaces_on_success(tmp_path: Path) -> None:

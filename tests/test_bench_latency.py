@@ -10,7 +10,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from exporter import bench_latency as bench
+from exporter.bench import latency as bench
 from exporter.onnx_export import export_onnx
 from tests.conftest import tiny_vit
 
@@ -99,7 +99,7 @@ def test_profile_by_op_sums_kernel_time(tmp_path: Path) -> None:
 
 
 def _timing(layer: str, width: int, us_per_mac: float):
-    from exporter.align_table import WidthTiming
+    from exporter.bench.align import WidthTiming
 
     macs = 1000 * width
     ms = macs * us_per_mac / 1e3
@@ -107,7 +107,7 @@ def _timing(layer: str, width: int, us_per_mac: float):
 
 
 def test_align_recommendation_sees_a_real_alignment_gain() -> None:
-    from exporter.align_table import GPU_ALIGN, recommend
+    from exporter.bench.align import GPU_ALIGN, recommend
 
     rng = np.random.default_rng(0)
     # Widths that are multiples of 16 run 20% faster than the rest; 1% noise.
@@ -118,7 +118,7 @@ def test_align_recommendation_sees_a_real_alignment_gain() -> None:
 
 
 def test_align_recommendation_ignores_noise() -> None:
-    from exporter.align_table import GPU_ALIGN, recommend
+    from exporter.bench.align import GPU_ALIGN, recommend
 
     rng = np.random.default_rng(1)
     timings = [_timing("attention", w, 1 + 0.05 * rng.standard_normal()) for w in range(40, 97)]
@@ -128,7 +128,7 @@ def test_align_recommendation_ignores_noise() -> None:
 
 
 def test_align_table_measures_and_writes(tmp_path: Path) -> None:
-    from exporter import align_table
+    from exporter.bench import align as align_table
 
     timings, settings = align_table.measure(runs=2, threads=1, mlp_widths=(64, 72), head_widths=(8, 9), progress=False)
     assert {(t.layer, t.width) for t in timings} == {("mlp", 64), ("mlp", 72), ("attention", 8), ("attention", 9)}

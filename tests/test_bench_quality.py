@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from exporter.bench_quality import merged, rows
+from exporter.bench.quality import merged, rows
 
 
 def test_a_partial_run_replaces_its_rows_in_place_and_appends_new_ones(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from exporter.pipeline import RunConfig, resolve_defaults
+from exporter.stages.config import RunConfig, resolve_defaults
 from search.builtin_images import PHOTOS, builtin_images, load_photos
 from tests.test_cli import FAST, invoke
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from exporter.checks import MAX_SEED, check_image_count, check_seed, check_work_dir, min_held_out, replay_settings
-from search.errors import DataError, OptionError, OutputPathError, PlanError, UserError
+from search.core.errors import DataError, OptionError, OutputPathError, PlanError, UserError
 from search.plan import Plan
-from search.runtime import resolve_device
+from search.core.runtime import resolve_device
 
 DEFAULTS = (0.63, 8)
 

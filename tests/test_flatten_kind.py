@@ -22,13 +22,13 @@ from exporter.surgery import apply_plan
 from search.acp import AcpConfig, acp_search
 from search.allocate import SolverConfig, make_plan
 from search.attention import get_kind, kind_of
-from search.errors import PlanError
+from search.core.errors import PlanError
 from search.flatten_attention import FocusedLinearAttention
 from search.gates import ChannelGates, gated
 from search.importance import BlockScores, magnitude_scores
 from search.macs import describe, model_macs
 from search.plan import BlockPlan, Plan
-from search.runtime import Runtime
+from search.core.runtime import Runtime
 from tests.test_cli import FAST, invoke
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10, reg_tokens=1)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from search.errors import DataError
+from search.core.errors import DataError
 from search.knn import knn_predict, knn_top1
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from exporter.errors import ExportError
+from search.core.errors import ExportError
 from exporter.onnx_export import export_onnx
 from tests.conftest import tiny_vit
 

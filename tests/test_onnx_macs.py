@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 from timm.models.vision_transformer import VisionTransformer
 
-from exporter.errors import MacCountError
+from search.core.errors import MacCountError
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_onnx_macs, count_ops
 from tests.conftest import tiny_vit

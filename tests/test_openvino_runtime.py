@@ -19,7 +19,8 @@ from timm.models.vision_transformer import VisionTransformer
 from typer.testing import CliRunner
 
 from exporter.cli import app
-from exporter.errors import (
+from search.core.errors import (
+    UserError,
     NonFiniteReferenceError,
     OutputShapeMismatch,
     OutputValuesMismatch,
@@ -33,7 +34,6 @@ from exporter.report import markdown
 from exporter.runtimes import RUNTIMES, get_runtime, parse_runtimes, require_runtimes
 from exporter.runtimes import openvino as ov_runtime
 from exporter.validate import check_parity
-from search.errors import UserError
 from tests.conftest import tiny_vit
 from tests.test_cli import FAST, assert_clean_failure
 

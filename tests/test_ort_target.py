@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 
-from exporter.errors import ExportError
+from search.core.errors import ExportError
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_ops
 from exporter.ort_target import FUSED, OrtTargetConfig, optimize_for_ort

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from search.allocate import SolverConfig, make_plan
-from search.errors import PlanError
+from search.core.errors import PlanError
 from search.importance import random_scores
 from search.macs import describe
 from search.plan import BlockPlan, Plan

@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from exporter.errors import ExportError, NonFiniteReferenceError, ParityError
+from search.core.errors import ExportError, NonFiniteReferenceError, ParityError
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_ops
 from exporter.quantize import ApproxParityError, approx_parity, convert_fp16, quantize_int8

@@ -9,7 +9,7 @@ import torch
 from search.attention.softmax import PrunedAttention
 from exporter.surgery import apply_plan
 from search.allocate import SolverConfig, make_plan
-from search.errors import PlanError
+from search.core.errors import PlanError
 from search.importance import random_scores
 from search.macs import describe, model_macs
 from search.plan import BlockPlan, Plan

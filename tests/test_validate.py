@@ -10,7 +10,8 @@ import torch
 from onnx import numpy_helper
 from timm.models.vision_transformer import VisionTransformer
 
-from exporter.errors import (
+from search.core.errors import (
+    UserError,
     NonFiniteReferenceError,
     OutputNameMismatch,
     OutputShapeMismatch,
@@ -20,7 +21,6 @@ from exporter.errors import (
 )
 from exporter.onnx_export import export_onnx
 from exporter.validate import available_providers, check_parity, make_session
-from search.errors import UserError
 from tests.conftest import tiny_vit
 
 
@@ -126,7 +126,7 @@ def test_a_provider_that_falls_back_to_the_cpu_is_refused(tmp_path, monkeypatch)
     """ORT quietly runs on the CPU when a listed provider cannot start; the session must not pass as that provider."""
     import onnxruntime as ort
 
-    from exporter.errors import ProviderUnavailableError
+    from search.core.errors import ProviderUnavailableError
     from exporter.runtimes import ort as validate
     from exporter.onnx_export import export_onnx
     from tests.conftest import tiny_vit

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import onnx
 
-from exporter.errors import ExportError
-from search.atomic import atomic_path, ensure_writable_dir
+from search.core.errors import ExportError
+from search.core.atomic import atomic_path, ensure_writable_dir
 
 
 def optimize_portable(src: Path, dst: Path) -> Path:

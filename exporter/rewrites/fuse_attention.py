@@ -36,7 +36,7 @@ becomes
 
 ``qkv_hidden_sizes`` lets q/k and v have different widths, which a pruned block has. The scale is
 the product of the constants the graph multiplies by, so a dense scale kept after pruning q/k
-(DESIGN.md, first gotcha) survives the fusion.
+(see ``search.attention.softmax``) survives the fusion.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from exporter.errors import RuntimeUnavailableError, UnknownRuntimeError
+from search.core.errors import RuntimeUnavailableError, UnknownRuntimeError
 from exporter.runtimes import openvino as _openvino
 from exporter.runtimes import ort as _ort
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from exporter.errors import ProviderUnavailableError, RuntimeLoadError
+from search.core.errors import ProviderUnavailableError, RuntimeLoadError
 
 NAME = "openvino"
 LABEL = "OpenVINO"

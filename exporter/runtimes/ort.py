@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from exporter.errors import ProviderUnavailableError
+from search.core.errors import ProviderUnavailableError
 
 NAME = "ort"
 LABEL = "ONNX Runtime"

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from search.errors import UnknownModelError
+from search.core.errors import UnknownModelError
 
 if TYPE_CHECKING:
     from search.plan import BlockPlan

@@ -41,7 +41,7 @@ from search.attention.base import (
     register_kind,
     split_fused_qkv,
 )
-from search.errors import PlanError
+from search.core.errors import PlanError
 from search.flatten_attention import KERNEL_EPS, NORMALISER_EPS, FocusedLinearAttention
 from search.slicing import check_indices, slice_linear
 

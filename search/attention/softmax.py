@@ -34,7 +34,7 @@ from search.attention.base import (
     register_kind,
     split_fused_qkv,
 )
-from search.errors import UnknownModelError
+from search.core.errors import UnknownModelError
 from search.slicing import slice_linear
 
 if TYPE_CHECKING:

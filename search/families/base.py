@@ -12,7 +12,7 @@ from typing import Sequence
 from torch import nn
 
 from search.attention.base import TokenLayout
-from search.errors import UnknownModelError
+from search.core.errors import UnknownModelError
 
 
 class ModelFamily(ABC):

@@ -11,7 +11,7 @@ from typing import Sequence
 from torch import nn
 
 from search.attention.base import TokenLayout
-from search.errors import UnknownModelError
+from search.core.errors import UnknownModelError
 from search.families.base import ModelFamily, register_family
 from search.slicing import slice_linear
 

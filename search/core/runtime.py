@@ -74,7 +74,7 @@ def resolve_device(name: str) -> torch.device:
     Raises:
         OptionError: the name is malformed, there is no GPU for ``cuda``, or N is not a GPU index here.
     """
-    from search.errors import OptionError
+    from search.core.errors import OptionError
 
     match = _DEVICE_NAME.fullmatch(name)
     if match is None:

@@ -13,7 +13,7 @@ Each width's figure is its efficiency, MACs per microsecond; a width whose effic
 its neighbours' is misaligned. The recommendation (:func:`recommend`) counts an alignment's gain
 only when it exceeds the scatter between neighbouring widths.
 
-    python -m exporter.align_table [--runs 100] [--out artifacts/bench]
+    python -m exporter.bench.align [--runs 100] [--out artifacts/bench]
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from torch import nn
 
 from exporter.latency import machine_info, measure_latency
 from search.attention.softmax import PrunedAttention
-from search.atomic import atomic_path
+from search.core.atomic import atomic_path
 
 TOKENS = 197
 EMBED = 768

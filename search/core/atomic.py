@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from search.errors import OutputPathError
+from search.core.errors import OutputPathError
 
 
 def _sibling(final: Path, kind: str) -> Path:

@@ -13,7 +13,7 @@ What it runs, on the first CUDA device:
    this onnxruntime build has it; otherwise PyTorch on CUDA is the GPU latency reference, and the
    report says so.
 
-    python -m exporter.gpu_check [--checkpoint dinov2_s.safetensors] [--out artifacts/bench]
+    python -m exporter.bench.gpu_check [--checkpoint dinov2_s.safetensors] [--out artifacts/bench]
 """
 from __future__ import annotations
 
@@ -36,13 +36,13 @@ from exporter.recovery import RecoveryConfig, recover
 from exporter.reweight import add_reweights
 from exporter.surgery import apply_plan
 from search.acp import AcpConfig, acp_search, batch_indices
-from search.atomic import atomic_path
+from search.core.atomic import atomic_path
 from search.distill import DistillStudent, distill_loss, distill_targets
-from search.errors import UserError
+from search.core.errors import UserError
 from search.macs import describe
 from search.models import load_model
 from search.plan import Plan
-from search.runtime import Runtime
+from search.core.runtime import Runtime
 
 TIMED_STEPS = 12
 WARMUP_STEPS = 3

@@ -9,8 +9,8 @@ Every row goes through the same pipeline (``exporter.pipeline.run``) with the sa
 recovery steps; only the method or one ablation switch changes. The Torch-Pruning row is pruned by
 Torch-Pruning at matched MACs and then recovered by the same distillation loop.
 
-    python -m exporter.bench_quality            # every row
-    python -m exporter.bench_quality --quick    # budget 0.63 rows only, small k-NN sets
+    python -m exporter.bench.quality            # every row
+    python -m exporter.bench.quality --quick    # budget 0.63 rows only, small k-NN sets
 """
 from __future__ import annotations
 
@@ -34,14 +34,14 @@ from exporter.onnx_macs import count_onnx_macs
 from exporter.pipeline import RunConfig, load_images, run
 from exporter.recovery import RecoveryConfig, recover
 from exporter.validate import make_session
-from search.atomic import atomic_path
-from search.errors import UserError
+from search.core.atomic import atomic_path
+from search.core.errors import UserError
 from search.data import balanced_subset, image_folder, stack_images
 from search.fashion_mnist import write_image_folder
 from search.knn import knn_top1
 from search.models import load_model
-from search.progress import progress_bar
-from search.runtime import Runtime
+from search.core.progress import progress_bar
+from search.core.runtime import Runtime
 
 OUT = Path("artifacts/bench")
 CACHE = Path(".cache/quality-bench")
@@ -238,7 +238,7 @@ def write_outputs(results: list[dict[str, Any]], cfg: BenchConfig, quick: bool) 
         "the bundled photographs instead), which the dense row never sees, so a pruned row can end above dense: compare "
         "pruned rows with each other, at the same budget",
         f"- machine: {meta['machine'].get('cpu_model')}, {meta['machine'].get('cpu_count')} CPUs; created {meta['created']}",
-        "- reproduce: `python -m exporter.bench_quality" + (" --quick`" if quick else "` (part of `make bench`)"),
+        "- reproduce: `python -m exporter.bench.quality" + (" --quick`" if quick else "` (part of `make bench`)"),
         f"- one row's binomial noise: at most ±{100 * (0.25 / (10 * cfg.test_per_class)) ** 0.5:.1f} points (1 s.e.)",
         "- recovery: held-out relation agreement (student vs dense cosine-similarity structure, 200 images) at "
         "step 0 → at the step whose state was kept",

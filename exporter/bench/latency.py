@@ -20,7 +20,7 @@ without openvino installed the column says so. Every artifact is checked for par
 fp32 ones against PyTorch, int8 ones with the cosine/top-1 check. Outputs: latency.md, .json and
 .png in ``artifacts/bench``, with the machine and an ORT profile by op type for DeiT-B.
 
-    python -m exporter.bench_latency [--quick] [--out artifacts/bench] [--keep]
+    python -m exporter.bench.latency [--quick] [--out artifacts/bench] [--keep]
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from exporter.errors import ParityError, RuntimeLoadError
+from search.core.errors import ParityError, RuntimeLoadError
 from exporter.latency import LatencyResult, machine_info, measure_latency
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_ops
@@ -57,7 +57,7 @@ from exporter.runtimes.ort import make_session
 from exporter.surgery import apply_plan
 from exporter.validate import check_parity
 from search.allocate import SolverConfig, make_plan
-from search.atomic import atomic_path
+from search.core.atomic import atomic_path
 from search.importance import magnitude_scores
 from search.macs import describe, model_macs
 from search.models import OFFLINE_ENV, load_model
@@ -695,7 +695,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write(report, args.out)
         return 0
     console = Console(stderr=True)
-    command = "python -m exporter.bench_latency" + (" --quick" if args.quick else "") + (f" --models {args.models}" if args.models else "")
+    command = "python -m exporter.bench.latency" + (" --quick" if args.quick else "") + (f" --models {args.models}" if args.models else "")
     report = run(cfg, args.out, args.work, args.reuse, command, console, keep=args.keep or args.reuse)
     console.print(f"wrote {args.out}/latency.md, .json, .png in {report['wall_s'] / 60:.1f} min")
     for goal in report["goals"]:

@@ -1,18 +1,50 @@
-"""Errors raised from the Plan on: export, MAC counting, runtimes and their sessions, and parity.
+"""Errors a user can fix.
 
-Each derives from :class:`search.errors.UserError`, so the CLI prints it as one line, and each
-keeps the figures that explain it as attributes, so reports and tests can read them without
-parsing the message.
+Every error raised for bad input derives from :class:`UserError`. The CLI prints its message as one
+line and exits with its ``exit_code``; it never shows a traceback for these. Messages name the fix.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Sequence
 
-from search.errors import UserError
 
-if TYPE_CHECKING:
-    from exporter.validate import ParityResult
+class UserError(Exception):
+    """A failure caused by the user's input or environment, with a message that names the fix."""
+
+    exit_code: int = 2
+
+
+class UnknownModelError(UserError):
+    """The model name is neither an alias nor a timm model we can prune."""
+
+
+class BudgetError(UserError):
+    """The budget is not a number in (0, 1], or no aligned model is that small."""
+
+
+class WeightsError(UserError):
+    """No usable weights: missing or corrupt checkpoint, or pretrained weights out of reach."""
+
+
+class DataError(UserError):
+    """The data directory is missing, empty or unreadable."""
+
+
+class OutputPathError(UserError):
+    """The output path cannot be written."""
+
+
+class PlanError(UserError):
+    """A plan file is missing, corrupt, or does not fit the model."""
+
+
+class OptionError(UserError):
+    """A command-line option has a value the tool cannot use (a negative seed, an unknown device, ...)."""
+
+
+# From the Plan on: export, MAC counting, runtimes and their sessions, and parity. Each keeps the
+# figures that explain it as attributes, so reports and tests can read them without parsing the message.
 
 
 class ExportError(UserError):
@@ -88,7 +120,7 @@ class ParityError(UserError):
     def __init__(
         self,
         message: str,
-        result: ParityResult | None = None,
+        result: Any = None,
         max_abs_diff: float | None = None,
     ) -> None:
         self.result = result
@@ -122,7 +154,7 @@ class OutputShapeMismatch(ParityError):
 class OutputValuesMismatch(ParityError):
     """The runtime's outputs differ from PyTorch's by more than the tolerance (or hold a NaN)."""
 
-    def __init__(self, result: ParityResult, tolerance: float, min_cosine: float, runtime: str | None = None) -> None:
+    def __init__(self, result: Any, tolerance: float, min_cosine: float, runtime: str | None = None) -> None:
         self.tolerance = tolerance
         self.required_cosine = min_cosine
         super().__init__(

@@ -1,0 +1,110 @@
+"""What one run depends on: the settings, and the defaults that follow from the weights."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from exporter.recovery import RecoveryConfig
+from exporter.runtimes import DEFAULT_RUNTIMES
+from search.acp import AcpConfig
+
+TARGETS = ("portable", "ort")
+PRECISIONS = ("fp32", "fp16")
+QUANTIZE = ("none", "int8")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one ``prune-export`` run depends on.
+
+    Attributes:
+        model: bundled name, alias or timm ViT name.
+        budget: fraction of dense MACs to keep, in (0, 1].
+        output: the ONNX file to write.
+        method: selection method (see ``search.methods``); None means acp for real weights (on --data,
+            or on the built-in photographs without it) and magnitude for random weights, which hold
+            nothing a search or a recovery could keep.
+        align: kept widths are multiples of this.
+        checkpoint: state dict to load instead of pretrained weights.
+        random_init: allow random weights when no others are available.
+        img_size: input resolution; None for the model's default.
+        data: ImageFolder for search, recovery, calibration and parity; None for the built-in
+            photographs (real weights) or random inputs (random weights).
+        plan: replay this plan instead of searching.
+        per_head_indices: choose indices per head (same count) instead of shared indices.
+        similarity: acp: similarity-based weights in the ranking.
+        attn_init: acp: attention-difference initialisation of the indicators.
+        reweight: train reweight modules during recovery (folded before export).
+        search_steps: acp indicator-training steps.
+        finetune_steps: recovery steps; None means 50 for real weights and 0 for random ones.
+        search_images: images drawn from --data for search and recovery.
+        heldout_images: further images, held out, to pick the best recovery state and check parity.
+        device: auto, cpu or cuda for search and recovery.
+        seed: seeds random weights, sampling and the search.
+        calib_images: images used for parity.
+        target: ``portable`` (standard ONNX ops, runs anywhere) or ``ort`` (ONNX Runtime's offline-optimised graph).
+        precision: ``fp32``, or ``fp16`` for GPU artifacts (inputs and outputs stay fp32).
+        quantize: ``none``, or ``int8`` (ONNX Runtime quantization of the weight MatMuls).
+        quantize_mode: ``dynamic``, or ``static`` calibrated on the search images.
+        latency_runs: interleaved runs per model for the latency medians (0 skips latency).
+        pattern: FLatten models only: "L" (focused linear) or "S" (softmax) attention per block.
+        latency_batches: batch sizes to time.
+        threads: inference threads (ONNX Runtime intra-op, OpenVINO INFERENCE_NUM_THREADS); None for every
+            core this process may use.
+        runtimes: runtimes (``exporter.runtimes``) for parity and latency; the first one's figures
+            are also the report's top-level "parity" and "latency".
+        opset: ONNX opset.
+    """
+
+    model: str
+    budget: float
+    output: Path
+    method: str | None = None
+    align: int = 8
+    checkpoint: Path | None = None
+    random_init: bool = False
+    img_size: int | None = None
+    data: Path | None = None
+    plan: Path | None = None
+    per_head_indices: bool = False
+    similarity: bool = True
+    attn_init: bool = True
+    reweight: bool = True
+    search_steps: int = AcpConfig.steps
+    finetune_steps: int | None = None
+    search_images: int = 256
+    heldout_images: int = 200
+    device: str = "auto"
+    seed: int = 0
+    calib_images: int = 16
+    target: str = "portable"
+    precision: str = "fp32"
+    quantize: str = "none"
+    quantize_mode: str = "dynamic"
+    latency_runs: int = 20
+    pattern: str | None = None
+    latency_batches: tuple[int, ...] = (1,)
+    threads: int | None = None
+    opset: int = 17
+    runtimes: tuple[str, ...] = DEFAULT_RUNTIMES
+
+    @property
+    def work_dir(self) -> Path:
+        return self.output.with_suffix(".work")
+
+    def selection_method(self, random_weights: bool) -> str:
+        """The method this run uses: the one asked for, else acp for real weights and magnitude for random ones."""
+        if self.method is not None:
+            return self.method
+        return "magnitude" if random_weights else "acp"
+
+    def recovery_steps(self, random_weights: bool) -> int:
+        """Recovery steps: the ones asked for, else the default for real weights and none for random ones."""
+        if self.finetune_steps is not None:
+            return self.finetune_steps
+        return 0 if random_weights else RecoveryConfig.steps
+
+
+def resolve_defaults(cfg: RunConfig, random_weights: bool) -> RunConfig:
+    """``cfg`` with the method and the recovery steps the weights call for filled in."""
+    return replace(cfg, method=cfg.selection_method(random_weights), finetune_steps=cfg.recovery_steps(random_weights))

@@ -1,0 +1,70 @@
+"""Stage: the Plan, searched by the chosen method, replayed from --plan, or resumed from the work directory."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from exporter.stages.cache import cached_file, is_fresh, key_of
+from exporter.stages.config import RunConfig
+from exporter.stages.images import Images
+from search.acp import AcpConfig
+from search.allocate import SolverConfig, make_plan
+from search.core.atomic import atomic_path
+from search.core.runtime import Runtime
+from search.macs import ModelGeometry
+from search.methods import METHODS, SearchInputs
+from search.models import LoadedModel
+from search.plan import Plan
+
+
+def sync(rt: Runtime) -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if rt.distributed:
+        torch.distributed.barrier()
+
+
+def search(cfg: RunConfig, loaded: LoadedModel, images: Images, rt: Runtime, state_path: Path) -> Plan:
+    geometry = loaded.geometry
+    acp = AcpConfig(
+        budget=cfg.budget, steps=cfg.search_steps, similarity=cfg.similarity, attn_init=cfg.attn_init, seed=cfg.seed
+    )
+    method = METHODS[cfg.method]
+    inputs = SearchInputs(loaded.model, geometry, images.pool, loaded.is_classifier, acp, rt, state_path)
+    scores = method.score(inputs)
+    solver = SolverConfig(cfg.budget, cfg.align, cfg.per_head_indices, normalise=method.normalise)
+    return make_plan(geometry, scores, solver, model=loaded.timm_name, img_size=loaded.img_size, method=cfg.method)
+
+
+def write_plan(plan: Plan, path: Path) -> None:
+    """Save ``plan`` as JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(plan.to_json() + "\n")
+
+
+def plan_stage(cfg: RunConfig, loaded: LoadedModel, images: Images, rt: Runtime, weights_key: dict, notes: list[str]) -> Plan:
+    geometry = loaded.geometry
+    if cfg.plan is not None:
+        plan = Plan.load(cfg.plan)
+        plan.check(geometry, loaded.timm_name)
+        notes.append(f"replayed {cfg.plan}")
+        return plan
+    work = cfg.work_dir
+    key = key_of(
+        **weights_key, method=cfg.method, budget=cfg.budget, align=cfg.align, per_head=cfg.per_head_indices,
+        seed=cfg.seed, data=str(cfg.data), images=[cfg.search_images, cfg.heldout_images],
+        acp=[cfg.search_steps, cfg.similarity, cfg.attn_init] if cfg.method == "acp" else None,
+    )
+    path = work / "plan.json"
+    fresh = is_fresh(work, "plan.json", key)
+    sync(rt)  # every rank looks before rank 0 writes: magnitude and random scoring have no collective to wait on
+    if fresh:
+        notes.append(f"resumed {path}")
+        return Plan.load(path)
+    state_path = work / f"search-{key}.pt"
+    plan = search(cfg, loaded, images, rt, state_path)
+    if rt.is_main:
+        cached_file(work, "plan.json", key, lambda p: write_plan(plan, p))
+    sync(rt)
+    notes.append(f"searched ({cfg.method}), saved {path}")
+    return plan

@@ -1,0 +1,55 @@
+"""Stage: surgery, then recovery by distillation (or its resumed result), reweights folded."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from exporter.recovery import RecoveryConfig, recover
+from exporter.reweight import add_reweights, fold_reweights
+from exporter.stages.cache import cached_file, is_fresh, key_of
+from exporter.stages.config import RunConfig
+from exporter.stages.images import Images
+from exporter.stages.plan import sync
+from exporter.surgery import apply_plan
+from search.core.atomic import atomic_path
+from search.core.runtime import Runtime
+from search.models import LoadedModel
+from search.plan import Plan
+
+
+def recovery_stage(
+    cfg: RunConfig, loaded: LoadedModel, plan: Plan, images: Images, rt: Runtime, weights_key: dict, notes: list[str]
+) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+    pruned = apply_plan(loaded.model, plan, loaded.geometry)
+    if cfg.finetune_steps == 0:
+        notes.append("no recovery (--finetune-steps 0)")
+        return pruned, None
+    work = cfg.work_dir
+    recovery = RecoveryConfig(steps=cfg.finetune_steps, seed=cfg.seed)
+    key = key_of(**weights_key, plan=plan.to_json(), recovery=asdict(recovery), reweight=cfg.reweight, data=str(cfg.data),
+               images=[cfg.search_images, cfg.heldout_images])
+    path = work / "recovered.pt"
+    if is_fresh(work, "recovered.pt", key):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        pruned.load_state_dict(saved["model"])
+        notes.append(f"resumed {path}")
+        return pruned.eval(), json.loads(saved["summary"])
+    if cfg.reweight:
+        add_reweights(pruned)
+    result = recover(pruned, loaded.model, images.pool, images.held_out, recovery, loaded.is_classifier, rt, work / f"recovery-{key}.pt")
+    fold_reweights(pruned)
+    pruned.eval()
+    summary = {**asdict(result), "steps": recovery.steps, "lr": recovery.lr, "batch_size": recovery.batch_size, "reweight": cfg.reweight}
+    if rt.is_main:
+        def save(p: Path) -> None:
+            with atomic_path(p) as tmp:
+                torch.save({"model": pruned.state_dict(), "summary": json.dumps(summary)}, tmp)
+
+        cached_file(work, "recovered.pt", key, save)
+    sync(rt)
+    notes.append(f"{result.metric}: {result.history[0][1]:.4f} → best {result.best_value:.4f} at step {result.best_step}")
+    return pruned, summary
