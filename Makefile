@@ -51,7 +51,7 @@ bench: install system
 ## Where packages cannot be installed (an offline GPU box), NO_INSTALL=1 PY=python3 uses what is there,
 ## and CHECKPOINT=dinov2_s.safetensors stands in for the real extra's weights.
 gpu-check: $(if $(NO_INSTALL),,install)
-	$(PY) -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_builtin_images.py tests/test_acp.py tests/test_recovery.py
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_builtin_images.py tests/test_acp.py tests/test_recovery.py tests/test_flatten_kind.py
 	$(PY) -m exporter.bench.gpu_check $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),)
 
 clean:
