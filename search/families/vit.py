@@ -3,7 +3,7 @@
 Blocks are ``model.blocks``, each with ``attn`` and a plain timm ``Mlp`` (fc1, act, norm, fc2);
 the tokens are the prefix tokens (class, registers) and the patch grid. The MLP's ``norm`` slot sits
 between the activation and fc2, which is where the MLP reweight goes. A block that keeps no head
-becomes an :class:`AttentionlessBlock` (residual + MLP branch), so its attention is not exported.
+becomes an :class:`AttentionlessBlock` (residual, proj's bias, MLP branch), so its attention is not exported.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from search.attention import kind_of
 from search.attention.base import TokenLayout
 from search.attention.removed import RemovedAttention
 from search.core.errors import UnknownModelError
@@ -20,10 +21,13 @@ from search.slicing import slice_linear
 
 
 class AttentionlessBlock(nn.Module):
-    """A timm ViT block whose every head was pruned: x + drop_path2(ls2(mlp(norm2(x)))).
+    """A timm ViT block whose every head was pruned: x + c + drop_path2(ls2(mlp(norm2(x)))).
 
-    The attention branch (norm1, attn, ls1, drop_path1) is gone, not zeroed, so the exported graph
-    computes none of it; ``attn`` holds a :class:`RemovedAttention` marker for the geometry.
+    With every head masked to zero, the attention branch still adds ls1(proj's bias): a constant
+    c per channel, which is all that is left of it. The branch (norm1, qkv, the token mixing, proj)
+    is gone, not zeroed, so the exported graph computes none of it and adds c with one Add (none
+    when proj has no bias); the block then equals the dense block with all its heads masked, as the
+    search saw it. ``attn`` holds a :class:`RemovedAttention` marker for the geometry.
 
     Args:
         block: the timm block it replaces (its MLP half is taken over as is).
@@ -32,6 +36,11 @@ class AttentionlessBlock(nn.Module):
 
     def __init__(self, block: nn.Module, embed_dim: int) -> None:
         super().__init__()
+        out = kind_of(block.attn).reweight_target(block.attn)  # the layer after the merged heads
+        self.attn_bias: nn.Parameter | None = None
+        if out.bias is not None:
+            with torch.no_grad():
+                self.attn_bias = nn.Parameter(block.ls1(out.bias.detach().clone()).clone())
         self.attn = RemovedAttention(embed_dim)
         self.norm2 = block.norm2
         self.mlp = block.mlp
@@ -39,6 +48,8 @@ class AttentionlessBlock(nn.Module):
         self.drop_path2 = block.drop_path2
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        if self.attn_bias is not None:
+            x = x + self.attn_bias
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
