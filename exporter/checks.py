@@ -44,12 +44,61 @@ def check_run_inputs(cfg: RunConfig) -> None:
     """Everything about ``cfg`` that can be checked before the model is loaded.
 
     Raises:
-        OptionError: a bad --seed or --device (including ``cuda`` without a GPU).
+        OptionError: a bad --seed or --device (including ``cuda`` without a GPU), or head-pruning
+            options that contradict the method, the budget or --plan.
         OutputPathError: the work folder next to -o is taken by a file.
     """
     check_seed(cfg.seed)
     resolve_device(cfg.device)
     check_work_dir(cfg.output)
+    check_head_options(cfg)
+
+
+HEAD_METHODS_HINT = "--method dsp, dsp+acp or head-magnitude"
+
+
+def check_head_options(cfg: RunConfig) -> None:
+    """Raise OptionError when the head-pruning options contradict the method, the budget or --plan.
+
+    - They apply to the methods that prune heads; with any other method (or none given) they would
+      be silently ignored.
+    - ``--heads K`` with a heads-only method (dsp, head-magnitude) fixes the MACs: the budget is then
+      no constraint and must be left out (it is 1.0 then) or 1.0. With dsp+acp it is the budget the
+      channel search meets with those K heads.
+    - A ``--plan`` fixes the heads.
+    - The DSP settings apply to dsp and dsp+acp only, the head share to dsp+acp without --heads.
+    """
+    from search.heads import SCOPES
+    from search.methods import METHODS
+
+    given = cfg.head_options()
+    if not given:
+        return
+    names = " ".join(given)
+    if cfg.plan is not None:
+        raise OptionError(f"--plan fixes the heads, so {names} cannot apply; drop them, or run without --plan to search anew")
+    method = METHODS.get(cfg.method) if cfg.method is not None else None
+    if method is None or not method.prunes_heads:
+        raise OptionError(f"{names} apply to head pruning: use {HEAD_METHODS_HINT}"
+                          + ("" if cfg.method is None else f", not --method {cfg.method}"))
+    dsp_given = [n for n in given if n.startswith("--dsp-")]
+    if dsp_given and not cfg.method.startswith("dsp"):
+        raise OptionError(f"{' '.join(dsp_given)} set the DSP search: use --method dsp or dsp+acp, not --method {cfg.method}")
+    if cfg.heads_scope is not None and cfg.heads_scope not in SCOPES:
+        raise OptionError(f"--heads-scope must be one of {', '.join(SCOPES)}, got '{cfg.heads_scope}'")
+    if cfg.head_share is not None:
+        if not method.prunes_channels or cfg.heads is not None:
+            raise OptionError("--head-share splits the MAC cut between heads and channels: it applies to --method dsp+acp "
+                              "without --heads")
+        if not 0.0 < cfg.head_share <= 1.0:
+            raise OptionError(f"--head-share must be in (0, 1], got {cfg.head_share:g}")
+    if cfg.heads is not None and not method.prunes_channels and not math.isclose(cfg.budget, 1.0):
+        raise OptionError(
+            f"--heads {cfg.heads} fixes the kept heads and so the MACs of --method {cfg.method}, which cuts no channel: "
+            f"drop --budget {cfg.budget:g} (or drop --heads to derive the heads from the budget)"
+        )
+    if dsp_given:
+        cfg.dsp_config()  # raises OptionError for bad temperatures, cooldown or lr
 
 
 def replay_settings(
@@ -80,6 +129,16 @@ def replay_settings(
             "drop those options, or run without --plan to search anew"
         )
     return plan.budget, plan.align
+
+
+def default_budget(method: str | None, heads: int | None, default: float) -> float:
+    """The budget when --budget is left out: 1.0 (no constraint) for ``--heads`` with a heads-only method, else ``default``."""
+    from search.methods import METHODS
+
+    known = METHODS.get(method) if method is not None else None
+    if heads is not None and known is not None and known.prunes_heads and not known.prunes_channels:
+        return 1.0
+    return default
 
 
 def _same(given: float | int | str, recorded: float | int | str) -> bool:

@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from search.core.errors import BudgetError, UserError
-from search.methods import method_names
+from search.dsp import DspConfig
+from search.methods import HEAD_SHARE, method_names
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 DEBUG_ENV = "PRUNE_EXPORT_DEBUG"
@@ -47,7 +48,8 @@ def prune_export(
         None, "--budget", "-b", help=f"Fraction of dense MACs to keep, in (0, 1] (default {DEFAULT_BUDGET}; a --plan fixes it)."
     ),
     method: Optional[str] = typer.Option(
-        None, help="Selection method: acp, magnitude or random. Default: acp for real weights, magnitude for random ones.",
+        None, help="Selection method: acp, magnitude or random (channels); dsp or head-magnitude (whole heads); dsp+acp "
+        "(heads, then channels). Default: acp for real weights, magnitude for random ones.",
         callback=_check_method,
     ),
     align: Optional[int] = typer.Option(None, min=1, help=f"Kept widths are multiples of this (default {DEFAULT_ALIGN}; a --plan fixes it)."),
@@ -57,7 +59,7 @@ def prune_export(
     data: Optional[Path] = typer.Option(None, help="ImageFolder for search, recovery and parity (default: built-in photographs for real weights)."),
     plan: Optional[Path] = typer.Option(None, help="Replay this plan.json instead of searching."),
     per_head_indices: bool = typer.Option(False, "--per-head-indices", help="Choose indices per head (same count)."),
-    search_steps: int = typer.Option(40, min=1, help="acp: indicator-training steps."),
+    search_steps: int = typer.Option(40, min=1, help="Search steps of acp and of dsp (each stage of dsp+acp)."),
     finetune_steps: Optional[int] = typer.Option(None, min=0, help="Recovery steps (default: 50 for real weights, 0 for random ones)."),
     no_similarity: bool = typer.Option(False, "--no-similarity", help="acp ablation: no similarity-based weights."),
     no_attn_init: bool = typer.Option(False, "--no-attn-init", help="acp ablation: constant indicator init."),
@@ -76,17 +78,32 @@ def prune_export(
     pattern: Optional[str] = typer.Option(
         None, help="FLatten models: L (focused linear) or S (softmax) attention per block, e.g. LLLLLLSSSSSS."),
     runtimes: str = typer.Option("ort", help="Runtimes for parity and latency, comma-separated: ort, openvino."),
+    heads: Optional[int] = typer.Option(
+        None, min=0, help="Head pruning: heads kept in the whole model. Left out: the most heads whose head-only model "
+        "fits --budget. Given to dsp or head-magnitude: the MACs follow from it, so leave --budget out."),
+    heads_scope: Optional[str] = typer.Option(
+        None, help="Head pruning: layer (each block keeps its share of the heads; the default) or global (the best anywhere)."),
+    head_share: Optional[float] = typer.Option(
+        None, help=f"dsp+acp without --heads: fraction of the MAC cut taken by removing heads (default {HEAD_SHARE})."),
+    dsp_t0: Optional[float] = typer.Option(None, help=f"DSP: starting temperature (default {DspConfig.t0:g})."),
+    dsp_tf: Optional[float] = typer.Option(None, help=f"DSP: final temperature (default {DspConfig.tf:g})."),
+    dsp_cooldown: Optional[int] = typer.Option(
+        None, help="DSP: steps of the log-linear descent from --dsp-t0 to --dsp-tf (default 3/4 of --search-steps)."),
+    dsp_lr: Optional[float] = typer.Option(None, help=f"DSP: Adam learning rate of the head logits (default {DspConfig.lr:g})."),
+    dsp_straight_through: bool = typer.Option(
+        False, "--dsp-straight-through", help="DSP: hard top-k forward, soft gradient backward."),
 ) -> None:
     """Prune a vision transformer under a MAC budget and write a validated ONNX file."""
     err = Console(stderr=True, soft_wrap=True)
     try:
-        from exporter.checks import replay_settings
+        from exporter.checks import default_budget, replay_settings
         from exporter.pipeline import RunConfig, run
         from exporter.report import print_summary
         from exporter.runtimes import parse_runtimes
 
         explicit_budget = None if budget is None else parse_budget(budget)
-        budget_value, align_value = replay_settings(plan, explicit_budget, align, method, (DEFAULT_BUDGET, DEFAULT_ALIGN))
+        budget_default = default_budget(method, heads, DEFAULT_BUDGET)
+        budget_value, align_value = replay_settings(plan, explicit_budget, align, method, (budget_default, DEFAULT_ALIGN))
         cfg = RunConfig(
             model=model, budget=budget_value, output=output, method=method, align=align_value,
             checkpoint=checkpoint, random_init=random_init, img_size=img_size, data=data, plan=plan,
@@ -95,7 +112,8 @@ def prune_export(
             search_images=search_images, heldout_images=heldout_images, device=device, seed=seed,
             calib_images=calib_images, target=target, precision=precision, quantize=quantize,
             quantize_mode=quantize_mode, latency_runs=latency_runs, threads=threads, pattern=pattern,
-            runtimes=parse_runtimes(runtimes),
+            runtimes=parse_runtimes(runtimes), heads=heads, heads_scope=heads_scope, head_share=head_share,
+            dsp_t0=dsp_t0, dsp_tf=dsp_tf, dsp_cooldown=dsp_cooldown, dsp_lr=dsp_lr, dsp_straight_through=dsp_straight_through,
         )
         report = run(cfg, err)
         if report is not None:

@@ -29,15 +29,19 @@ from exporter.stages.artifact import build_artifact, describe_parity
 from exporter.stages.cache import Stages, cached_file, key_of, weights_key
 from exporter.stages.config import PRECISIONS, QUANTIZE, TARGETS, RunConfig, resolve_defaults
 from exporter.stages.images import Images, load_images
-from exporter.stages.plan import plan_stage
+from exporter.stages.plan import head_target, plan_stage
 from exporter.stages.recovery import recovery_stage
 from search.core.atomic import ensure_writable_dir
 from search.core.errors import OutputPathError, UserError
 from search.core.runtime import Runtime, runtime
+from search.heads import total_heads
 from search.methods import METHODS
 from search.models import load_model
 
 __all__ = ["Images", "RunConfig", "load_images", "resolve_defaults", "run"]
+
+SEARCHED = ("acp", "dsp", "dsp+acp")
+"""The methods that run a search of --search-steps steps."""
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -100,11 +104,16 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
     input_size = tuple(loaded.data_config["input_size"])
     console.print(
         f"[dim]method {cfg.method}, budget {cfg.budget:g}, align {cfg.align}, "
-        + (f"search steps {cfg.search_steps}, " if cfg.method == "acp" else "")
+        + (f"search steps {cfg.search_steps}, " if cfg.method in SEARCHED else "")
         + f"recovery steps {cfg.finetune_steps}, device {rt.device}"
         + (", images: built-in photographs (no --data)" if cfg.data is None and not loaded.random_weights else "")
         + (f", {rt.world_size} ranks" if rt.distributed else "") + "[/]"
     )
+
+    target = head_target(cfg, geometry) if cfg.plan is None else None  # a bad K or budget fails here, before the images
+    if target is not None:
+        console.print(f"[dim]heads: {target.describe(geometry)}"
+                      + (f"; {cfg.dsp_config().describe()}" if cfg.method.startswith("dsp") else "") + "[/]")
 
     with stage("images") as notes:
         images = load_images(cfg, loaded)
@@ -178,7 +187,12 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
         },
         "search": {
             "method": cfg.method, "device": str(rt.device), "ranks": rt.world_size,
-            **({"steps": cfg.search_steps, "similarity": cfg.similarity, "attn_init": cfg.attn_init} if cfg.method == "acp" else {}),
+            **({"steps": cfg.search_steps} if cfg.method in SEARCHED else {}),
+            **({"similarity": cfg.similarity, "attn_init": cfg.attn_init} if cfg.method in ("acp", "dsp+acp") else {}),
+            **({"heads": {"kept": target.total, "of": total_heads(geometry), "scope": target.scope, "source": target.source}}
+               if target is not None else {}),
+            **({"dsp": asdict(cfg.dsp_config()) | {"cooldown": cfg.dsp_config().cooldown_steps}}
+               if target is not None and cfg.method.startswith("dsp") else {}),
         },
         "recovery": recovery,
         "images": images.label,

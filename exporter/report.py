@@ -70,12 +70,14 @@ def _device(label: str, provider: str) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """A short human-readable summary of the report."""
     m, macs, params = report["model"], report["macs"], report["params"]
-    lines = [f"# prune-export: {m['name']} at budget {report['plan']['budget']:g}", ""]
+    lines = [f"# prune-export: {run_title(report)}", ""]
     if m["random_weights"]:
         lines += [f"> **{RANDOM_WEIGHTS_WARNING}**", ""]
+    kept, dense_heads = heads_kept(report["blocks"])
     lines += [
         f"- weights: {m['weights']}",
         f"- method: {report['plan']['method']}, align {report['plan']['align']}",
+        *([f"- heads kept: {kept} of {dense_heads}" + _head_source(report)] if kept < dense_heads else []),
         f"- search and recovery images: {report.get('images', 'n/a')}",
         f"- MACs: {macs['pruned'] / 1e9:.3f} G of {macs['dense'] / 1e9:.3f} G (ratio {macs['ratio']:.4f}; "
         f"ONNX graph count {_fmt_ratio(macs.get('onnx_ratio'))})",
@@ -112,6 +114,24 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_title(report: dict[str, Any]) -> str:
+    """The run in a few words: ``deit_t at budget 0.63``, or ``deit_t keeping 24 of 36 heads`` for --heads without a budget."""
+    kept, dense_heads = heads_kept(report["blocks"])
+    if report["plan"]["budget"] == 1.0 and kept < dense_heads:
+        return f"{report['model']['name']} keeping {kept} of {dense_heads} heads"
+    return f"{report['model']['name']} at budget {report['plan']['budget']:g}"
+
+
+def heads_kept(blocks: list[dict[str, Any]]) -> tuple[int, int]:
+    """(heads kept, heads of the dense model) over the report's blocks."""
+    return sum(b["heads"] for b in blocks), sum(b["dense"]["heads"] for b in blocks)
+
+
+def _head_source(report: dict[str, Any]) -> str:
+    heads = report.get("search", {}).get("heads")
+    return "" if not heads else f" ({heads['scope']} scope; K from {heads['source']})"
+
+
 def _artifact_parity_line(artifact: dict[str, Any] | None) -> str | None:
     """The Markdown line for an fp16 or int8 artifact's approximate parity; None for fp32 ones."""
     if not artifact or "mean_cosine" not in artifact.get("parity", {}):
@@ -129,6 +149,9 @@ def _artifact_parity_line(artifact: dict[str, Any] | None) -> str | None:
 def plot_widths(report: dict[str, Any], path: Path) -> None:
     """Bar chart of the fraction of q/k, v and MLP width each block keeps, saved to ``path`` as is.
 
+    When heads were removed, each block's kept heads are marked too: a black diamond at the fraction
+    kept, and k/H written above the block's bars.
+
     Not atomic on its own: :func:`write_report` and :func:`write_outputs` give it a temporary path.
     """
     import matplotlib
@@ -143,16 +166,22 @@ def plot_widths(report: dict[str, Any], path: Path) -> None:
     for offset, (group, colour) in zip((-width, 0, width), (("qk", "#4c72b0"), ("v", "#55a868"), ("mlp", "#c44e52"))):
         kept = [b[group] * b["heads"] / (b["dense"][group] * b["dense"]["heads"]) if group != "mlp" else b["mlp"] / b["dense"]["mlp"] for b in blocks]
         ax.bar([x + offset for x in xs], kept, width, label=group, color=colour)
+    kept, dense_heads = heads_kept(blocks)
+    if kept < dense_heads:  # head pruning: mark each block's kept heads, k/H above its bars
+        fractions = [b["heads"] / b["dense"]["heads"] for b in blocks]
+        ax.scatter(xs, fractions, marker="D", color="black", s=18, zorder=3, label=f"heads ({kept}/{dense_heads})")
+        for x, b in zip(xs, blocks):
+            ax.annotate(f"{b['heads']}/{b['dense']['heads']}", (x, 1.02), ha="center", va="bottom", fontsize=7)
     ax.axhline(report["macs"]["ratio"], color="grey", linestyle="--", linewidth=1, label=f"MAC ratio {report['macs']['ratio']:.3f}")
     ax.set_xticks(xs)
     ax.set_xlabel("block")
     ax.set_ylabel("fraction of dense width kept")
     ax.set_ylim(0, 1.3)
-    title = f"{report['model']['name']} at budget {report['plan']['budget']:g} ({report['plan']['method']})"
+    title = f"{run_title(report)} ({report['plan']['method']})"
     if report["model"]["random_weights"]:
         title += " - random weights"
     ax.set_title(title)
-    ax.legend(loc="upper center", fontsize="small", ncols=4, frameon=False)
+    ax.legend(loc="upper center", fontsize="small", ncols=5, frameon=False)
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=110, format="png")

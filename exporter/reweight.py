@@ -47,11 +47,12 @@ def add_reweights(model: nn.Module) -> nn.Module:
     family = family_of(model)
     for block in family.blocks(model):
         attn = family.attention(block)
-        if not hasattr(attn, "reweight"):
-            raise TypeError("reweights go on a model after surgery (attention modules with a reweight slot)")
         shape = kind_of(attn).shape(attn)
-        device = kind_of(attn).reweight_target(attn).weight.device
-        attn.reweight = HeadReweight(shape.num_heads, shape.v_dim).to(device)
+        if shape.num_heads > 0:  # a block that kept no head has no attention to reweight
+            if not hasattr(attn, "reweight"):
+                raise TypeError("reweights go on a model after surgery (attention modules with a reweight slot)")
+            device = kind_of(attn).reweight_target(attn).weight.device
+            attn.reweight = HeadReweight(shape.num_heads, shape.v_dim).to(device)
         fc2 = family.mlp_linears(block)[1]
         family.set_mlp_reweight(block, UnitScale(fc2.in_features).to(fc2.weight.device))
     return model

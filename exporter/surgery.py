@@ -1,8 +1,9 @@
 """Surgery: turn a dense model and a Plan into a physically smaller model.
 
 The result is the same model class whose attention modules are replaced by their kind's sliced
-module and whose MLPs have fewer hidden units; the model family says where both are. The input
-model is left untouched.
+module and whose MLPs have fewer hidden units; the model family says where both are. A block whose
+plan keeps no head loses its attention branch (the family rebuilds it as residual + MLP), so the
+exported graph computes nothing for it. The input model is left untouched.
 """
 from __future__ import annotations
 
@@ -26,7 +27,11 @@ def apply_plan(model: nn.Module, plan: Plan, geometry: ModelGeometry | None = No
     plan.check(geometry)
     pruned = copy.deepcopy(model)
     family = family_of(pruned)
-    for block, block_plan, block_geometry in zip(family.blocks(pruned), plan.blocks, geometry.blocks):
-        family.set_attention(block, get_kind(block_geometry.kind).slice(family.attention(block), block_plan))
+    for i, (block_plan, block_geometry) in enumerate(zip(plan.blocks, geometry.blocks)):
+        block = family.blocks(pruned)[i]
+        if block_plan.heads:
+            family.set_attention(block, get_kind(block_geometry.kind).slice(family.attention(block), block_plan))
+        else:
+            block = family.drop_attention(pruned, i)
         family.slice_mlp(block, block_plan.mlp)
     return pruned

@@ -11,6 +11,10 @@
 3. Rank channels by similarity weight × indicator; ``search.allocate`` turns the ranking into an
    aligned Plan with MACs ≤ budget × dense exactly.
 
+With heads chosen first (``--method dsp+acp``), the search runs on the kept heads only: the
+activations are captured with the removed heads masked out, the removed heads' gates stay at 0, and
+the expected MACs count the kept heads (``search.gates``).
+
 The loop checkpoints its state every ``checkpoint_every`` steps, and a re-run with the same inputs
 resumes from the last checkpoint. Batches are drawn from a generator seeded by (seed, step), so a
 resumed run follows the same trajectory as an uninterrupted one.
@@ -29,9 +33,10 @@ from search.activations import capture
 from search.core.atomic import atomic_path
 from search.attention_init import init_logits
 from search.distill import DistillStudent, distill_loss, distill_targets
-from search.gates import ChannelGates
+from search.gates import ChannelGates, head_gated
 from search.importance import BlockScores
 from search.macs import ModelGeometry, model_macs
+from search.plan import KeptHeads
 from search.core.progress import progress_bar
 from search.core.runtime import Runtime, on_device
 from search.similarity import similarity_weights
@@ -79,17 +84,30 @@ def done_fraction(step: int, steps: int) -> float:
 
 
 def polarisation(gates: ChannelGates) -> torch.Tensor:
-    """Mean of 4·g(1-g) over each group's gates, averaged over groups: 0 when every gate is 0 or 1."""
+    """Mean of 4·g(1-g) over each group's gates of the kept heads, averaged over groups: 0 when every gate is 0 or 1."""
     terms = []
     for i in range(len(gates.qk)):
-        block = gates.values(i)
-        for g in (block.qk, block.v, block.mlp):
-            terms.append((4 * g * (1 - g)).mean())
+        block, heads = gates.values(i), gates.kept_heads[i]
+        for g in (block.qk, block.v):
+            if heads == g.shape[0]:
+                terms.append((4 * g * (1 - g)).mean())
+            elif heads:  # removed heads' gates are 0 and add nothing; average over the kept ones only
+                terms.append((4 * g * (1 - g)).sum() / (heads * g.shape[1]))
+        terms.append((4 * block.mlp * (1 - block.mlp)).mean())
     return torch.stack(terms).mean()
 
 
-def _initial_scores(model: nn.Module, geometry: ModelGeometry, images: torch.Tensor, config: AcpConfig):
-    acts = capture(model, geometry, images[: config.calib_images])
+def _initial_scores(model: nn.Module, geometry: ModelGeometry, images: torch.Tensor, config: AcpConfig,
+                    heads: KeptHeads | None = None):
+    """Similarity weights and initial logits, from the activations of the model with only the kept heads."""
+    if heads is None:
+        acts = capture(model, geometry, images[: config.calib_images])
+    else:
+        masks = [torch.zeros(g.attention.num_heads, device=images.device) for g in geometry.blocks]
+        for mask, kept in zip(masks, heads):
+            mask[list(kept)] = 1.0
+        with head_gated(model, geometry, masks.__getitem__):
+            acts = capture(model, geometry, images[: config.calib_images])
     weights = tuple(similarity_weights(a) for a in acts) if config.similarity else None
     logits = init_logits(model, acts) if config.attn_init else None
     return weights, logits
@@ -104,6 +122,7 @@ def acp_search(
     runtime: Runtime,
     state_path: Path | None = None,
     on_step: Callable[[int], None] | None = None,
+    heads: KeptHeads | None = None,
 ) -> tuple[BlockScores, ...]:
     """Search the indicators and return the final ranking scores (weight × indicator) per block.
 
@@ -116,9 +135,11 @@ def acp_search(
         runtime: device and process group.
         state_path: where to checkpoint and resume; None disables both.
         on_step: called after every finished step (progress reporting, tests).
+        heads: the heads each block keeps, when they were chosen first (all when None); the search
+            prunes channels of those heads only.
     """
     with on_device(runtime, model):
-        indicators, weights = _search_loop(model, geometry, images, config, classifier, runtime, state_path, on_step)
+        indicators, weights = _search_loop(model, geometry, images, config, classifier, runtime, state_path, on_step, heads)
     if weights is None:
         return indicators
     return tuple(BlockScores(qk=w.qk * s.qk, v=w.v * s.v, mlp=w.mlp * s.mlp) for w, s in zip(weights, indicators))
@@ -133,14 +154,15 @@ def _search_loop(
     runtime: Runtime,
     state_path: Path | None,
     on_step: Callable[[int], None] | None,
+    heads: KeptHeads | None = None,
 ) -> tuple[tuple[BlockScores, ...], tuple[BlockScores, ...] | None]:
     """The indicator training on ``runtime.device``; returns the indicators and similarity weights, on the CPU."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     pool = images.to(runtime.device)
-    weights, logits = _initial_scores(model, geometry, pool, config)
-    gates = ChannelGates(geometry, init=logits).to(runtime.device)
+    weights, logits = _initial_scores(model, geometry, pool, config, heads)
+    gates = ChannelGates(geometry, init=logits, heads=heads).to(runtime.device)
     optimiser = torch.optim.Adam(gates.parameters(), lr=config.lr)
     start = 0
     if state_path is not None and state_path.is_file():

@@ -9,6 +9,11 @@ the final plan never exceeds the budget.
 Scores are divided by their group's mean per (head, channel) or per unit, which makes a q/k chunk
 (align channels in each of H heads) and an MLP chunk (align units) comparable: both cost roughly
 their element count in importance, and the MAC price decides.
+
+When heads were chosen first (head pruning, ``--method dsp`` and ``dsp+acp``), the solver starts
+from those heads instead of all of them: a block keeps ``heads[i]`` at dense widths, only their
+channels are scored and cut, and a block that keeps no head has no q/k or v group left. A head-only
+plan that already fits the budget is returned with every kept head whole.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from search.attention import get_kind
 from search.core.errors import BudgetError, PlanError
 from search.importance import BlockScores
 from search.macs import BlockWidths, ModelGeometry, model_macs, unit_macs
-from search.plan import BlockPlan, Plan
+from search.plan import BlockPlan, KeptHeads, Plan
 
 GROUPS = ("qk", "v", "mlp")
 
@@ -75,34 +80,57 @@ def _next_width(width: int, align: int) -> int | None:
     return nxt if nxt >= align else None
 
 
-def min_widths(geometry: ModelGeometry, align: int) -> tuple[BlockWidths, ...]:
-    """The smallest widths the solver may reach: ``align`` everywhere (or dense, if narrower)."""
+def start_widths(geometry: ModelGeometry, heads: KeptHeads | None = None) -> tuple[BlockWidths, ...]:
+    """Where the solver starts: the dense widths, with only the kept heads when ``heads`` is given."""
+    if heads is None:
+        return geometry.dense_widths()
+    if len(heads) != len(geometry.blocks):
+        raise PlanError(f"{len(heads)} kept-head sets for {len(geometry.blocks)} blocks")
+    return tuple(
+        BlockWidths(heads=len(kept), qk=w.qk, v=w.v, mlp=w.mlp) if kept else BlockWidths(heads=0, qk=0, v=0, mlp=w.mlp)
+        for kept, w in zip(heads, geometry.dense_widths())
+    )
+
+
+def min_widths(geometry: ModelGeometry, align: int, heads: KeptHeads | None = None) -> tuple[BlockWidths, ...]:
+    """The smallest widths the solver may reach: ``align`` everywhere (or the start width, if narrower)."""
     return tuple(
         BlockWidths(heads=w.heads, qk=min(w.qk, align), v=min(w.v, align), mlp=min(w.mlp, align))
-        for w in geometry.dense_widths()
+        for w in start_widths(geometry, heads)
     )
 
 
 def solve_widths(
-    geometry: ModelGeometry, scores: tuple[BlockScores, ...], config: SolverConfig
+    geometry: ModelGeometry, scores: tuple[BlockScores, ...], config: SolverConfig, heads: KeptHeads | None = None
 ) -> tuple[BlockWidths, ...]:
-    """Kept widths per block with MACs ≤ budget × dense; raises BudgetError when unreachable."""
+    """Kept widths per block with MACs ≤ budget × dense; raises BudgetError when unreachable.
+
+    ``heads``: the heads each block keeps (all when None); only their channels are scored and cut.
+    """
     dense = model_macs(geometry)
     target = config.budget * dense
-    floor = model_macs(geometry, min_widths(geometry, config.align))
+    floor = model_macs(geometry, min_widths(geometry, config.align, heads))
     if floor > target:
+        kept = "" if heads is None else f" and the {sum(map(len, heads))} heads chosen"
         raise BudgetError(
             f"budget {config.budget:g} is unreachable: the smallest model with widths aligned to "
-            f"{config.align} keeps {floor / dense:.3f} of the MACs; raise --budget or lower --align"
+            f"{config.align}{kept} keeps {floor / dense:.3f} of the MACs; raise --budget or lower --align"
+            + ("" if heads is None else " (or keep fewer heads)")
         )
-    costs = [{g: _removal_costs(getattr(s, g), config.per_head_indices, config.normalise) for g in GROUPS} for s in scores]
-    widths = list(geometry.dense_widths())
-    macs = dense
+    kept_rows = [list(range(g.attention.num_heads)) if heads is None else list(heads[i]) for i, g in enumerate(geometry.blocks)]
+    costs = [
+        {g: _removal_costs(getattr(s, g) if g == "mlp" else getattr(s, g)[rows], config.per_head_indices, config.normalise)
+         for g in GROUPS if g == "mlp" or rows}
+        for s, rows in zip(scores, kept_rows)
+    ]
+    widths = list(start_widths(geometry, heads))
+    full_widths = tuple(widths)
+    macs = model_macs(geometry, full_widths)
     while macs > target:
         best: tuple[float, int, str, int, int] | None = None
         for i, w in enumerate(widths):
-            dense_w = geometry.blocks[i].dense
-            for g in GROUPS:
+            dense_w = full_widths[i]
+            for g in costs[i]:
                 cur = getattr(w, g)
                 nxt = _next_width(cur, config.align)
                 if nxt is None:
@@ -123,14 +151,16 @@ def _top(scores: torch.Tensor, k: int) -> tuple[int, ...]:
     return tuple(sorted(torch.topk(scores.double(), k, sorted=False).indices.tolist()))
 
 
-def select_indices(scores: BlockScores, widths: BlockWidths, per_head: bool) -> BlockPlan:
-    """Keep the highest-scoring channels of one block at the given widths."""
-    heads = tuple(range(scores.qk.shape[0]))
+def select_indices(scores: BlockScores, widths: BlockWidths, per_head: bool, heads: tuple[int, ...] | None = None) -> BlockPlan:
+    """Keep the highest-scoring channels of one block's kept ``heads`` (all when None) at the given widths."""
+    heads = tuple(range(scores.qk.shape[0])) if heads is None else tuple(heads)
 
     def rows(s: torch.Tensor, k: int) -> tuple[tuple[int, ...], ...]:
+        if not heads:
+            return ()
         if per_head:
             return tuple(_top(s[h], k) for h in heads)
-        return (_top(s.double().sum(0), k),) * len(heads)
+        return (_top(s[list(heads)].double().sum(0), k),) * len(heads)
 
     return BlockPlan(heads=heads, qk=rows(scores.qk, widths.qk), v=rows(scores.v, widths.v), mlp=_top(scores.mlp, widths.mlp))
 
@@ -143,16 +173,21 @@ def make_plan(
     model: str,
     img_size: int,
     method: str,
+    heads: KeptHeads | None = None,
 ) -> Plan:
-    """Solve widths under the budget and pick the indices to keep: the search's final Plan."""
+    """Solve widths under the budget and pick the indices to keep: the search's final Plan.
+
+    ``heads``: the heads each block keeps, when a head-pruning method chose them (all when None).
+    """
     shared = sorted({g.kind for g in geometry.blocks if get_kind(g.kind).shared_v_indices})
     if config.per_head_indices and shared:
         raise PlanError(
             f"--per-head-indices cannot prune {', '.join(shared)} attention: a part shared by its heads (the DWC) "
             "reads the v channels, so every head must keep the same ones; drop --per-head-indices"
         )
-    widths = solve_widths(geometry, scores, config)
-    blocks = tuple(select_indices(s, w, config.per_head_indices) for s, w in zip(scores, widths))
+    widths = solve_widths(geometry, scores, config, heads)
+    kept = (None,) * len(widths) if heads is None else heads
+    blocks = tuple(select_indices(s, w, config.per_head_indices, h) for s, w, h in zip(scores, widths, kept))
     plan = Plan(
         model=model,
         img_size=img_size,
@@ -163,5 +198,39 @@ def make_plan(
         pruned_macs=model_macs(geometry, widths),
         blocks=blocks,
     )
+    plan.check(geometry, model)
+    return plan
+
+
+def head_plan(
+    geometry: ModelGeometry,
+    heads: KeptHeads,
+    budget: float,
+    *,
+    model: str,
+    img_size: int,
+    method: str,
+    align: int = 1,
+) -> Plan:
+    """The Plan that keeps ``heads`` whole (every channel of a kept head, every MLP unit) and nothing else.
+
+    What a heads-only method (``dsp``, ``head-magnitude``) produces. Its MACs follow from the heads;
+    BudgetError when they exceed ``budget`` × dense (the caller chose too many heads for it). ``align``
+    is only recorded: no width is cut, and dense widths may stay as they are under any align.
+    """
+    widths = start_widths(geometry, heads)
+    dense, pruned = model_macs(geometry), model_macs(geometry, widths)
+    if pruned > budget * dense:
+        raise BudgetError(
+            f"keeping {sum(map(len, heads))} whole heads leaves {pruned / dense:.3f} of the MACs, above the budget "
+            f"{budget:g}; keep fewer heads (--heads), or use --method dsp+acp to cut channels as well"
+        )
+    blocks = tuple(
+        BlockPlan(heads=tuple(kept), qk=(tuple(range(g.attention.qk_dim)),) * len(kept),
+                  v=(tuple(range(g.attention.v_dim)),) * len(kept), mlp=tuple(range(g.mlp_hidden)))
+        for kept, g in zip(heads, geometry.blocks)
+    )
+    plan = Plan(model=model, img_size=img_size, method=method, budget=budget, align=align, dense_macs=dense, pruned_macs=pruned,
+                blocks=blocks)
     plan.check(geometry, model)
     return plan

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from search.families import family_of
-from search.gates import ChannelGates, gated
+from search.gates import Gates
 
 
 def block_outputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -57,13 +57,14 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, classifier: bool)
 
 class DistillStudent(nn.Module):
     """The student seen through what is distilled, as one module so DistributedDataParallel sees the
-    whole forward and owns every trainable parameter: the gates in the search (the model frozen under
-    them), the weights and reweights in recovery (``gates`` None)."""
+    whole forward and owns every trainable parameter: the gates in the searches (channel gates for
+    acp, head logits for dsp; the model frozen under them), the weights and reweights in recovery
+    (``gates`` None)."""
 
-    def __init__(self, model: nn.Module, classifier: bool, gates: ChannelGates | None = None) -> None:
+    def __init__(self, model: nn.Module, classifier: bool, gates: Gates | None = None) -> None:
         super().__init__()
         self.model, self.classifier, self.gates = model, classifier, gates
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        with gated(self.model, self.gates) if self.gates is not None else nullcontext():
+        with self.gates.gating(self.model) if self.gates is not None else nullcontext():
             return distill_targets(self.model, images, self.classifier)

@@ -9,11 +9,15 @@ attention-difference initialisation when it is on.
 Where the gates act is up to each block's attention kind (``search.attention``) for the q/k and v
 groups, and on the MLP's hidden activation (before fc2) for MLP units. They are applied by forward
 hooks, so the model's own forward runs unchanged.
+
+When heads were chosen first (``--method dsp+acp``), the gates of every removed head are held at 0
+(a fixed mask, no gradient), the expected MACs count the kept heads only, and the search works on
+the channels of the kept heads. Head masks (``head_gated``) act through each kind's ``head_gate``.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, ContextManager, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -22,6 +26,14 @@ from search.attention import get_kind
 from search.families import get_family
 from search.importance import BlockScores
 from search.macs import BlockWidths, ModelGeometry, block_macs
+from search.plan import KeptHeads
+
+
+class Gates(Protocol):
+    """Anything that gates a model while a distillation student runs (channel gates, head masks)."""
+
+    def gating(self, model: nn.Module) -> ContextManager[nn.Module]:
+        """A context within which ``model``'s forward is gated."""
 
 
 class ChannelGates(nn.Module):
@@ -31,14 +43,22 @@ class ChannelGates(nn.Module):
         geometry: the dense model's geometry (sets the shape of every gate tensor).
         init: optional per-block initial logits; defaults to ``init_logit`` everywhere.
         init_logit: the constant starting logit when ``init`` is None.
+        heads: the heads each block keeps (all when None); the gates of the others are held at 0.
     """
 
-    def __init__(self, geometry: ModelGeometry, init: tuple[BlockScores, ...] | None = None, init_logit: float = 3.0) -> None:
+    def __init__(self, geometry: ModelGeometry, init: tuple[BlockScores, ...] | None = None, init_logit: float = 3.0,
+                 heads: KeptHeads | None = None) -> None:
         super().__init__()
         self.geometry = geometry
         qk, v, mlp = [], [], []
+        self.kept_heads = tuple(g.attention.num_heads if heads is None else len(heads[i]) for i, g in enumerate(geometry.blocks))
         for i, g in enumerate(geometry.blocks):
             a = g.attention
+            kept = torch.ones(a.num_heads)
+            if heads is not None:
+                kept = torch.zeros(a.num_heads)
+                kept[list(heads[i])] = 1.0
+            self.register_buffer(f"kept_{i}", kept, persistent=False)
             if init is None:
                 qk.append(torch.full((a.num_heads, a.qk_dim), init_logit))
                 v.append(torch.full((a.num_heads, a.v_dim), init_logit))
@@ -51,21 +71,33 @@ class ChannelGates(nn.Module):
         self.v = nn.ParameterList(nn.Parameter(t) for t in v)
         self.mlp = nn.ParameterList(nn.Parameter(t) for t in mlp)
 
+    def head_mask(self, block: int) -> torch.Tensor:
+        """(heads,) 1 for the heads block ``block`` keeps, 0 for the ones removed before the search."""
+        return getattr(self, f"kept_{block}")
+
     def values(self, block: int) -> BlockScores:
-        """The gates of one block, in (0, 1)."""
-        return BlockScores(qk=torch.sigmoid(self.qk[block]), v=torch.sigmoid(self.v[block]), mlp=torch.sigmoid(self.mlp[block]))
+        """The gates of one block, in (0, 1); exactly 0 in every head removed before the search."""
+        kept = self.head_mask(block)[:, None]
+        return BlockScores(qk=torch.sigmoid(self.qk[block]) * kept, v=torch.sigmoid(self.v[block]) * kept,
+                           mlp=torch.sigmoid(self.mlp[block]))
+
+    def gating(self, model: nn.Module) -> ContextManager[nn.Module]:
+        """``gated(model, self)``: the gates act within the context."""
+        return gated(model, self)
 
     def expected_macs(self) -> torch.Tensor:
         """Differentiable MACs at the soft widths, batch 1.
 
-        A group's soft width per head is the sum of its gates over the heads, divided by the head
-        count; the block's kind counts its MACs at those widths exactly as it counts a real cut
-        (its formula is polynomial in the widths, so it takes tensors as well as integers).
+        A group's soft width per head is the sum of its gates over the kept heads, divided by the
+        kept head count; the block's kind counts its MACs at those widths exactly as it counts a real
+        cut (its formula is polynomial in the widths, so it takes tensors as well as integers).
         """
         total = torch.tensor(float(self.geometry.fixed_macs), dtype=torch.float64, device=self.qk[0].device)
-        for i, g in enumerate(self.geometry.blocks):
-            s, heads = self.values(i), g.attention.num_heads
-            widths = BlockWidths(heads=heads, qk=s.qk.double().sum() / heads, v=s.v.double().sum() / heads, mlp=s.mlp.double().sum())
+        for i in range(len(self.geometry.blocks)):
+            s, heads = self.values(i), self.kept_heads[i]
+            per_head = max(heads, 1)  # no head kept: the qk and v sums are 0, and so are the attention MACs
+            widths = BlockWidths(heads=heads, qk=s.qk.double().sum() / per_head, v=s.v.double().sum() / per_head,
+                                 mlp=s.mlp.double().sum())
             total = total + block_macs(self.geometry, i, widths)
         return total
 
@@ -99,6 +131,24 @@ def gated(model: nn.Module, gates: ChannelGates) -> Iterator[nn.Module]:
 
             handles += get_kind(g.kind).gate(family.attention(block), values)
             handles.append(family.mlp_activation(block).register_forward_hook(_act_hook(gates, i)))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def head_gated(model: nn.Module, geometry: ModelGeometry, masks: Callable[[int], torch.Tensor]) -> Iterator[nn.Module]:
+    """Within the block, head h of block i has its output scaled by ``masks(i)[h]``; hooks removed on exit.
+
+    Each block's attention kind places the mask (``AttentionKind.head_gate``): a mask of 0 acts like
+    removing the head, as surgery will.
+    """
+    family = get_family(geometry.family)
+    handles = []
+    try:
+        for i, (block, g) in enumerate(zip(family.blocks(model), geometry.blocks)):
+            handles += get_kind(g.kind).head_gate(family.attention(block), lambda i=i: masks(i))
         yield model
     finally:
         for h in handles:

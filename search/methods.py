@@ -1,8 +1,14 @@
-"""Selection methods: named ways of scoring channels, all ending in the same budget solver.
+"""Selection methods: named ways of choosing what to keep, all ending in the same Plan.
 
-Each method maps the dense model (and images, for the methods that look at activations) to one
-``BlockScores`` per block; ``search.allocate.make_plan`` turns any method's scores into a Plan, so
-methods differ only in what they think matters.
+A method may first choose whole heads (``heads``: a head-pruning method, see ``search.heads``) and
+then score channels (``score``: one ``BlockScores`` per block); ``search.allocate.make_plan`` turns
+any method's scores into a Plan under the budget, on the kept heads only when heads were chosen.
+A method without ``score`` keeps its heads whole (``search.allocate.head_plan``).
+
+- ``acp``, ``magnitude``, ``random``: channels of every head.
+- ``dsp``: heads only, learned by differentiable subset pruning (``search.dsp``).
+- ``dsp+acp``: heads by DSP first, then acp on the channels of the kept heads, under one budget.
+- ``head-magnitude``: heads only, the lowest-magnitude heads removed (the baseline DSP must beat).
 """
 from __future__ import annotations
 
@@ -14,9 +20,15 @@ import torch
 from torch import nn
 
 from search.acp import AcpConfig, acp_search
+from search.core.runtime import Runtime
+from search.dsp import DspConfig, dsp_search
+from search.heads import HeadTarget, head_magnitude_scores, top_heads
 from search.importance import BlockScores, magnitude_scores, random_scores
 from search.macs import ModelGeometry
-from search.core.runtime import Runtime
+from search.plan import KeptHeads
+
+HEAD_SHARE = 0.5
+"""dsp+acp without --heads: the fraction of the MAC cut (1 − budget) that removing heads takes; acp takes the rest."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +43,9 @@ class SearchInputs:
         acp: settings of the acp search (budget, steps, ablation switches).
         runtime: device and process group.
         state_path: where a resumable method checkpoints its state.
+        heads: how many heads a head-pruning method keeps, and over which scope (None for others).
+        dsp: settings of the DSP head search.
+        kept: the heads chosen by the method's head stage, once it ran (None: every head).
     """
 
     model: nn.Module
@@ -40,25 +55,71 @@ class SearchInputs:
     acp: AcpConfig
     runtime: Runtime
     state_path: Path | None = None
+    heads: HeadTarget | None = None
+    dsp: DspConfig = DspConfig()
+    kept: KeptHeads | None = None
+
+    def stage_path(self, stage: str) -> Path | None:
+        """The checkpoint of one stage of a two-stage method (``search-KEY-heads.pt``)."""
+        return None if self.state_path is None else self.state_path.with_name(f"{self.state_path.stem}-{stage}.pt")
 
 
 @dataclass(frozen=True)
 class Method:
-    """A selection method: its scoring function, and whether its scores need per-group normalising."""
+    """A selection method.
 
-    score: Callable[[SearchInputs], tuple[BlockScores, ...]]
+    Attributes:
+        score: channel scores per block; None for a method that keeps its heads whole.
+        normalise: whether its scores need per-group normalising in the solver.
+        heads: chooses the heads to keep first; None for a method that keeps every head.
+    """
+
+    score: Callable[[SearchInputs], tuple[BlockScores, ...]] | None
     normalise: bool
+    heads: Callable[[SearchInputs], KeptHeads] | None = None
+
+    @property
+    def prunes_heads(self) -> bool:
+        return self.heads is not None
+
+    @property
+    def prunes_channels(self) -> bool:
+        return self.score is not None
+
+
+def _dsp_heads(i: SearchInputs) -> KeptHeads:
+    assert i.heads is not None, "a head-pruning method needs a HeadTarget"
+    return dsp_search(i.model, i.geometry, i.images, i.heads, i.dsp, i.classifier, i.runtime, i.stage_path("heads")).heads
+
+
+def _magnitude_heads(i: SearchInputs) -> KeptHeads:
+    assert i.heads is not None, "a head-pruning method needs a HeadTarget"
+    return top_heads(head_magnitude_scores(i.model), i.heads, i.geometry)
+
+
+def _acp(i: SearchInputs) -> tuple[BlockScores, ...]:
+    return acp_search(i.model, i.geometry, i.images, i.acp, i.classifier, i.runtime, i.state_path, heads=i.kept)
 
 
 METHODS: dict[str, Method] = {
-    "acp": Method(
-        lambda i: acp_search(i.model, i.geometry, i.images, i.acp, i.classifier, i.runtime, i.state_path),
-        normalise=False,
-    ),
+    "acp": Method(_acp, normalise=False),
     "magnitude": Method(lambda i: magnitude_scores(i.model), normalise=True),
     "random": Method(lambda i: random_scores(i.geometry, i.acp.seed), normalise=True),
+    "dsp": Method(None, normalise=False, heads=_dsp_heads),
+    "dsp+acp": Method(_acp, normalise=False, heads=_dsp_heads),
+    "head-magnitude": Method(None, normalise=False, heads=_magnitude_heads),
 }
 
 
 def method_names() -> list[str]:
     return sorted(METHODS)
+
+
+def head_budget(method: str, budget: float, share: float = HEAD_SHARE) -> float:
+    """The budget the head-only model must meet when K is derived from ``budget``.
+
+    A heads-only method (dsp, head-magnitude) meets the whole budget with heads. A method that cuts
+    channels afterwards (dsp+acp) leaves part of the cut to them: heads take ``share`` of it, so
+    the head-only model keeps 1 − share·(1 − budget) and the channel search brings it to ``budget``.
+    """
+    return budget if not METHODS[method].prunes_channels else 1.0 - share * (1.0 - budget)

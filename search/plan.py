@@ -7,6 +7,11 @@ The Plan is the contract between search and surgery, and the replayable record o
 Indices are stored per kept head. With the default equal removal every head has the same indices;
 with ``--per-head-indices`` each head has its own. Equal *counts* in every head of a block are an
 invariant in both cases: the pruned block must still reshape to (B, H, N, d').
+
+A block may keep no head at all (head pruning, ``--method dsp``): ``heads``, ``qk`` and ``v`` are
+then empty, its attention costs no MAC, and surgery removes its attention branch, keeping the
+residual. Version 2 of the file format allows this; version 1 files (every block keeps a head) load
+unchanged, since their schema is the same.
 """
 from __future__ import annotations
 
@@ -18,8 +23,12 @@ from typing import Any
 from search.core.errors import PlanError
 from search.macs import BlockWidths, ModelGeometry, model_macs
 
+KeptHeads = tuple[tuple[int, ...], ...]
+"""Per block, the sorted indices of the heads it keeps (empty: the block keeps no head)."""
+
 FORMAT = "prune-export/plan"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # v1: the same schema, before blocks could keep no head
 
 
 def _check_indices(what: str, indices: tuple[int, ...], size: int) -> None:
@@ -36,7 +45,7 @@ class BlockPlan:
     """Kept parts of one block.
 
     Attributes:
-        heads: kept head indices.
+        heads: kept head indices; empty when the block keeps no head (its attention branch goes).
         qk: per kept head, the kept q/k channel indices (q and k go together: q·k sums over them).
         v: per kept head, the kept v channel indices (and the matching input columns of proj).
         mlp: kept MLP hidden units (rows of fc1, columns of fc2).
@@ -49,22 +58,26 @@ class BlockPlan:
 
     @property
     def widths(self) -> BlockWidths:
+        """Kept widths; a block without heads keeps 0 q/k and 0 v channels."""
+        if not self.heads:
+            return BlockWidths(heads=0, qk=0, v=0, mlp=len(self.mlp))
         return BlockWidths(heads=len(self.heads), qk=len(self.qk[0]), v=len(self.v[0]), mlp=len(self.mlp))
 
     @property
     def shared_indices(self) -> bool:
-        """True when every head keeps the same q/k and the same v indices."""
-        return len(set(self.qk)) == 1 and len(set(self.v)) == 1
+        """True when every kept head keeps the same q/k and the same v indices (trivially, when none is kept)."""
+        return len(set(self.qk)) <= 1 and len(set(self.v)) <= 1
 
     def check(self, index: int, geometry: ModelGeometry) -> None:
         """Raise PlanError unless this block plan fits block ``index`` of ``geometry``."""
         g = geometry.blocks[index]
         name = f"block {index}"
-        _check_indices(f"{name} heads", self.heads, g.attention.num_heads)
+        if self.heads:
+            _check_indices(f"{name} heads", self.heads, g.attention.num_heads)
         for group, rows, size in (("qk", self.qk, g.attention.qk_dim), ("v", self.v, g.attention.v_dim)):
             if len(rows) != len(self.heads):
                 raise PlanError(f"{name} has {len(rows)} {group} rows for {len(self.heads)} kept heads")
-            if len({len(r) for r in rows}) != 1:
+            if len({len(r) for r in rows}) > 1:
                 raise PlanError(f"{name} keeps unequal {group} counts across heads; every head must keep the same number")
             for h, r in zip(self.heads, rows):
                 _check_indices(f"{name} head {h} {group}", r, size)
@@ -140,8 +153,9 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
-        if data.get("format") != FORMAT or data.get("version") != VERSION:
-            raise PlanError(f"not a {FORMAT} v{VERSION} file")
+        if data.get("format") != FORMAT or data.get("version") not in READABLE_VERSIONS:
+            readable = " or ".join(f"v{v}" for v in READABLE_VERSIONS)
+            raise PlanError(f"not a {FORMAT} {readable} file")
         try:
             blocks = tuple(
                 BlockPlan(

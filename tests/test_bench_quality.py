@@ -24,3 +24,19 @@ def test_the_no_data_rows_compare_builtin_images_with_no_recovery():
     by_name = {r.name: r for r in rows(quick=True)}
     assert by_name["acp @ 0.63, built-in images (no --data)"].overrides == {"data": None}
     assert by_name["acp @ 0.63, no recovery"].overrides == {"finetune_steps": 0}
+
+
+def test_the_head_pruning_rows_make_valid_runs():
+    from dataclasses import replace
+    from pathlib import Path
+
+    from exporter.checks import check_head_options
+    from exporter.pipeline import RunConfig
+
+    by_name = {r.name: r for r in rows(quick=True)}
+    for name in ("acp @ 0.63", "dsp @ 0.63", "dsp+acp @ 0.63", "dsp @ 50% of heads", "head-magnitude @ 50% of heads"):
+        row = by_name[name]
+        cfg = replace(RunConfig("dinov2_s", 1.0, Path("x.onnx")), method=row.method, budget=row.budget, **row.overrides)
+        check_head_options(cfg)
+    assert by_name["dsp @ 50% of heads"].overrides == by_name["head-magnitude @ 50% of heads"].overrides == {"heads": 36}
+    assert by_name["dsp @ 50% of heads"].budget == 1.0

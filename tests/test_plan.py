@@ -10,7 +10,9 @@ from search.allocate import SolverConfig, make_plan
 from search.core.errors import PlanError
 from search.importance import random_scores
 from search.macs import describe
-from search.plan import BlockPlan, Plan
+from search.attention import get_kind
+from search.macs import model_macs
+from search.plan import VERSION, BlockPlan, Plan
 from tests.conftest import tiny_vit
 
 
@@ -50,7 +52,9 @@ def test_unequal_counts_across_heads_are_rejected(plan, geometry):
         (lambda b: dataclasses.replace(b, mlp=b.mlp + (10_000,)), "out of range"),
         (lambda b: dataclasses.replace(b, mlp=tuple(reversed(b.mlp))), "sorted and unique"),
         (lambda b: dataclasses.replace(b, v=b.v[:-1]), "rows for"),
-        (lambda b: dataclasses.replace(b, heads=()), "keeps no index"),
+        (lambda b: dataclasses.replace(b, heads=()), "4 qk rows for 0 kept heads"),
+        (lambda b: dataclasses.replace(b, mlp=()), "keeps no index"),
+        (lambda b: dataclasses.replace(b, heads=(), qk=(), v=((0,),)), "1 v rows for 0 kept heads"),
     ],
 )
 def test_malformed_blocks_are_rejected(plan, geometry, mutate, message):
@@ -86,3 +90,27 @@ def test_dense_plan_keeps_everything(geometry):
     dense.check(geometry)
     assert dense.mac_ratio == 1.0 and all(b.shared_indices for b in dense.blocks)
     assert isinstance(dense.blocks[0], BlockPlan)
+
+
+def test_a_block_may_keep_no_head_and_then_counts_no_attention_mac(geometry):
+    dense = Plan.dense("tiny", 32, geometry)
+    empty = dataclasses.replace(dense.blocks[0], heads=(), qk=(), v=())
+    empty.check(0, geometry)
+    assert empty.widths.heads == empty.widths.qk == empty.widths.v == 0 and empty.shared_indices
+    widths = (empty.widths,) + dense.widths()[1:]
+    plan = dataclasses.replace(dense, method="dsp", blocks=(empty,) + dense.blocks[1:], pruned_macs=model_macs(geometry, widths))
+    plan.check(geometry, "tiny")
+    attention = get_kind(geometry.blocks[0].kind).macs(geometry.blocks[0].attention, 4, 16, 16, geometry.layout)
+    assert dense.pruned_macs - plan.pruned_macs == attention > 0
+    assert Plan.from_dict(json.loads(plan.to_json())) == plan
+
+
+def test_a_version_1_plan_file_still_loads(tmp_path, plan):
+    data = plan.to_dict()
+    assert data["version"] == VERSION == 2
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps({**data, "version": 1}))
+    assert Plan.load(path) == plan
+    path.write_text(json.dumps({**data, "version": 3}))
+    with pytest.raises(PlanError, match="v1 or v2"):
+        Plan.load(path)

@@ -57,8 +57,17 @@ class Row:
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
+DINOV2_S_HEADS = 12 * 6
+"""Heads of dinov2_s (12 blocks of 6): the head-pruning rows keep half of them."""
+
+
 def rows(quick: bool) -> list[Row]:
-    """The bench rows: methods × budgets, then the acp ablations at 0.63."""
+    """The bench rows: methods × budgets, the acp ablations at 0.63, then head pruning.
+
+    Head pruning: dsp and dsp+acp at 0.63 (K from the budget; dsp+acp leaves half the cut to
+    channels), and DSP keeping half the heads against the lowest-magnitude half removed
+    (``--heads 36``, so the MACs follow from the heads and the budget is 1.0).
+    """
     budgets = (0.63,) if quick else (0.5, 0.63, 0.8)
     table = [Row(f"{m} @ {b:g}", m, b) for b in budgets for m in ("acp", "magnitude", "random")]
     table += [
@@ -71,6 +80,10 @@ def rows(quick: bool) -> list[Row]:
         Row("acp @ 0.63, built-in images, no recovery", "acp", 0.63, {"data": None, "finetune_steps": 0}),
         Row("acp @ 0.63, no recovery", "acp", 0.63, {"finetune_steps": 0}),
         Row("magnitude @ 0.63, no recovery", "magnitude", 0.63, {"finetune_steps": 0}),
+        Row("dsp @ 0.63", "dsp", 0.63),
+        Row("dsp+acp @ 0.63", "dsp+acp", 0.63),
+        Row("dsp @ 50% of heads", "dsp", 1.0, {"heads": DINOV2_S_HEADS // 2}),
+        Row("head-magnitude @ 50% of heads", "head-magnitude", 1.0, {"heads": DINOV2_S_HEADS // 2}),
     ]
     return table
 
@@ -232,7 +245,7 @@ def write_outputs(results: list[dict[str, Any]], cfg: BenchConfig, quick: bool) 
         "# Quality bench: dinov2_s on Fashion-MNIST",
         "",
         f"- {meta['metric']}; {cfg.img_size} px; bank {cfg.bank_per_class}/class, test {cfg.test_per_class}/class",
-        f"- acp search steps {cfg.search_steps}, recovery steps {cfg.finetune_steps} for every row (batch 16; the CLI defaults "
+        f"- search steps (acp, dsp) {cfg.search_steps}, recovery steps {cfg.finetune_steps} for every row (batch 16; the CLI defaults "
         f"are 40 and 50); {meta['device']}",
         "- every pruned row is distilled from the dense model on Fashion-MNIST train images (the built-in rows: on crops of "
         "the bundled photographs instead), which the dense row never sees, so a pruned row can end above dense: compare "
@@ -273,7 +286,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    markers = {"acp": "o", "magnitude": "s", "random": "^", "torch-pruning": "D", "dense": "*"}
+    markers = {"acp": "o", "magnitude": "s", "random": "^", "torch-pruning": "D", "dense": "*", "dsp": "v", "dsp+acp": "P",
+               "head-magnitude": "X"}
     for method, marker in markers.items():
         pts = sorted((r["mac_ratio"], 100 * r["knn_top1"]) for r in results
                      if r["method"] == method and r.get("knn_top1") is not None and "," not in r["row"])

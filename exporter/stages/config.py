@@ -7,6 +7,8 @@ from pathlib import Path
 from exporter.recovery import RecoveryConfig
 from exporter.runtimes import DEFAULT_RUNTIMES
 from search.acp import AcpConfig
+from search.dsp import DspConfig
+from search.methods import HEAD_SHARE
 
 TARGETS = ("portable", "ort")
 PRECISIONS = ("fp32", "fp16")
@@ -54,6 +56,13 @@ class RunConfig:
         runtimes: runtimes (``exporter.runtimes``) for parity and latency; the first one's figures
             are also the report's top-level "parity" and "latency".
         opset: ONNX opset.
+        heads: head-pruning methods: K, the heads kept in the whole model; None derives K from the
+            budget (``search.heads.heads_for_budget``). With a heads-only method (dsp,
+            head-magnitude) the budget is then no constraint and must be 1.0.
+        heads_scope: ``layer`` (each block keeps its share of K) or ``global`` (the best K anywhere).
+        head_share: dsp+acp without ``heads``: the fraction of the MAC cut taken by removing heads.
+        dsp_t0, dsp_tf, dsp_cooldown, dsp_lr, dsp_straight_through: DSP search settings; None
+            (False) for :class:`search.dsp.DspConfig`'s defaults.
     """
 
     model: str
@@ -87,6 +96,14 @@ class RunConfig:
     threads: int | None = None
     opset: int = 17
     runtimes: tuple[str, ...] = DEFAULT_RUNTIMES
+    heads: int | None = None
+    heads_scope: str | None = None
+    head_share: float | None = None
+    dsp_t0: float | None = None
+    dsp_tf: float | None = None
+    dsp_cooldown: int | None = None
+    dsp_lr: float | None = None
+    dsp_straight_through: bool = False
 
     @property
     def work_dir(self) -> Path:
@@ -97,6 +114,32 @@ class RunConfig:
         if self.method is not None:
             return self.method
         return "magnitude" if random_weights else "acp"
+
+    def head_options(self) -> dict[str, object]:
+        """The head-pruning options given (not left at their defaults), by their command-line names."""
+        given = {"--heads": self.heads, "--heads-scope": self.heads_scope, "--head-share": self.head_share,
+                 "--dsp-t0": self.dsp_t0, "--dsp-tf": self.dsp_tf, "--dsp-cooldown": self.dsp_cooldown,
+                 "--dsp-lr": self.dsp_lr, "--dsp-straight-through": self.dsp_straight_through or None}
+        return {name: value for name, value in given.items() if value is not None}
+
+    @property
+    def scope(self) -> str:
+        """The head scope: the one given, else ``layer``."""
+        return self.heads_scope or "layer"
+
+    @property
+    def share(self) -> float:
+        """dsp+acp's head share: the one given, else the default."""
+        return HEAD_SHARE if self.head_share is None else self.head_share
+
+    def dsp_config(self) -> DspConfig:
+        """The DSP search settings of this run (its length is --search-steps, like acp's)."""
+        d = DspConfig()
+        return DspConfig(
+            steps=self.search_steps, lr=d.lr if self.dsp_lr is None else self.dsp_lr,
+            t0=d.t0 if self.dsp_t0 is None else self.dsp_t0, tf=d.tf if self.dsp_tf is None else self.dsp_tf,
+            cooldown=self.dsp_cooldown, straight_through=self.dsp_straight_through, seed=self.seed,
+        )
 
     def recovery_steps(self, random_weights: bool) -> int:
         """Recovery steps: the ones asked for, else the default for real weights and none for random ones."""

@@ -1,6 +1,12 @@
-"""Stage: the Plan, searched by the chosen method, replayed from --plan, or resumed from the work directory."""
+"""Stage: the Plan, searched by the chosen method, replayed from --plan, or resumed from the work directory.
+
+A head-pruning method first chooses the heads (K from --heads, or from the budget), then, if it
+also cuts channels (dsp+acp), scores the channels of the kept heads; the solver meets the one
+budget either way.
+"""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -9,11 +15,12 @@ from exporter.stages.cache import cached_file, is_fresh, key_of
 from exporter.stages.config import RunConfig
 from exporter.stages.images import Images
 from search.acp import AcpConfig
-from search.allocate import SolverConfig, make_plan
+from search.allocate import SolverConfig, head_plan, make_plan
 from search.core.atomic import atomic_path
 from search.core.runtime import Runtime
+from search.heads import HeadTarget, check_total, heads_for_budget
 from search.macs import ModelGeometry
-from search.methods import METHODS, SearchInputs
+from search.methods import METHODS, SearchInputs, head_budget
 from search.models import LoadedModel
 from search.plan import Plan
 
@@ -24,16 +31,41 @@ def sync(rt: Runtime) -> None:
         torch.distributed.barrier()
 
 
+def head_target(cfg: RunConfig, geometry: ModelGeometry) -> HeadTarget | None:
+    """K and the scope of a head-pruning method (None for the others).
+
+    K is ``--heads``, or the largest K whose head-only model fits the budget: the whole budget for a
+    heads-only method, the head share of it for dsp+acp (``search.methods.head_budget``).
+    Raises OptionError or BudgetError (one line) when K is out of range or the budget out of reach.
+    """
+    if cfg.method is None or not METHODS[cfg.method].prunes_heads:
+        return None
+    if cfg.heads is not None:
+        check_total(geometry, cfg.heads)
+        return HeadTarget(cfg.heads, cfg.scope, "--heads")
+    budget = head_budget(cfg.method, cfg.budget, cfg.share)
+    source = f"budget {cfg.budget:g}" if budget == cfg.budget else \
+        f"head budget {budget:.4g} = 1 - {cfg.share:g} x (1 - budget {cfg.budget:g})"
+    return HeadTarget(heads_for_budget(geometry, budget, cfg.scope), cfg.scope, source)
+
+
 def search(cfg: RunConfig, loaded: LoadedModel, images: Images, rt: Runtime, state_path: Path) -> Plan:
     geometry = loaded.geometry
     acp = AcpConfig(
         budget=cfg.budget, steps=cfg.search_steps, similarity=cfg.similarity, attn_init=cfg.attn_init, seed=cfg.seed
     )
     method = METHODS[cfg.method]
-    inputs = SearchInputs(loaded.model, geometry, images.pool, loaded.is_classifier, acp, rt, state_path)
+    inputs = SearchInputs(loaded.model, geometry, images.pool, loaded.is_classifier, acp, rt, state_path,
+                          heads=head_target(cfg, geometry), dsp=cfg.dsp_config())
+    naming = dict(model=loaded.timm_name, img_size=loaded.img_size, method=cfg.method)
+    if method.heads is not None:
+        inputs = replace(inputs, kept=method.heads(inputs))
+    if method.score is None:
+        assert inputs.kept is not None, "a method without channel scores keeps heads"
+        return head_plan(geometry, inputs.kept, cfg.budget, align=cfg.align, **naming)
     scores = method.score(inputs)
     solver = SolverConfig(cfg.budget, cfg.align, cfg.per_head_indices, normalise=method.normalise)
-    return make_plan(geometry, scores, solver, model=loaded.timm_name, img_size=loaded.img_size, method=cfg.method)
+    return make_plan(geometry, scores, solver, heads=inputs.kept, **naming)
 
 
 def write_plan(plan: Plan, path: Path) -> None:
@@ -53,7 +85,9 @@ def plan_stage(cfg: RunConfig, loaded: LoadedModel, images: Images, rt: Runtime,
     key = key_of(
         **weights_key, method=cfg.method, budget=cfg.budget, align=cfg.align, per_head=cfg.per_head_indices,
         seed=cfg.seed, data=str(cfg.data), images=[cfg.search_images, cfg.heldout_images],
-        acp=[cfg.search_steps, cfg.similarity, cfg.attn_init] if cfg.method == "acp" else None,
+        acp=[cfg.search_steps, cfg.similarity, cfg.attn_init] if cfg.method in ("acp", "dsp+acp") else None,
+        heads=[cfg.heads, cfg.scope, cfg.share] if METHODS[cfg.method].prunes_heads else None,
+        dsp=repr(cfg.dsp_config()) if cfg.method.startswith("dsp") else None,
     )
     path = work / "plan.json"
     fresh = is_fresh(work, "plan.json", key)

@@ -13,6 +13,7 @@ from search.attention.base import (
     AttentionKind,
     AttentionShape,
     GateValues,
+    HeadValues,
     HeadWeights,
     TokenLayout,
     get_kind,
@@ -28,6 +29,6 @@ for _module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "AttentionActivations", "AttentionKind", "AttentionShape", "GateValues", "HeadWeights", "TokenLayout",
+    "AttentionActivations", "AttentionKind", "AttentionShape", "GateValues", "HeadValues", "HeadWeights", "TokenLayout",
     "get_kind", "head_rows", "kind_names", "kind_of", "register_kind", "split_fused_qkv",
 ]

@@ -10,7 +10,9 @@ through it and never look inside an attention module themselves:
 - where the indicators act (``gate``) and what the search captures (``capture``);
 - how much the output changes when one channel goes (``attention_differences``);
 - slicing it into its own physically smaller module (``slice``);
-- the linear layer that reweights fold into (``reweight_target``).
+- the linear layer that reweights fold into (``reweight_target``);
+- a mask per head on its output, for head pruning (``head_gate``; one implementation here serves
+  every kind that merges its heads head-major right before that layer).
 
 Kinds register themselves when their module is imported; ``search.attention`` imports every module
 of its package, so a new kind is a new file and nothing else.
@@ -105,6 +107,9 @@ class AttentionActivations:
 GateValues = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 """Called at every forward: the current (qk, v) gates of one block, shaped (heads, qk_dim), (heads, v_dim)."""
 
+HeadValues = Callable[[], torch.Tensor]
+"""Called at every forward: the current mask of one block's heads, shaped (heads,)."""
+
 
 class AttentionKind(ABC):
     """One kind of attention, as search and surgery see it. Subclasses register an instance."""
@@ -159,6 +164,22 @@ class AttentionKind(ABC):
     def reweight_target(self, module: nn.Module) -> nn.Linear:
         """The linear layer right after the ``reweight`` slot (heads × v_dim inputs): reweights fold into it."""
         return module.proj
+
+    def head_gate(self, module: nn.Module, values: HeadValues) -> list[RemovableHandle]:
+        """Scale head h's output by ``values()[h]`` right before ``reweight_target``; returns the hooks to remove.
+
+        Every kind here merges its heads as (heads × v_dim), head-major, right before that layer, so
+        one forward pre-hook that views its input as (…, heads, v_dim) and scales each head's block
+        serves them all. A mask of 0 must act like removing the head (as for ``gate``): where the
+        other heads' outputs depend on a head's q/k (FLatten's focusing map), the kind adds to this.
+        """
+        def hook(_module: nn.Module, inputs: tuple) -> tuple:
+            x, mask = inputs[0], values()
+            heads = mask.shape[0]
+            scaled = x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads) * mask.to(x.dtype)[:, None]
+            return (scaled.reshape(x.shape), *inputs[1:])
+
+        return [self.reweight_target(module).register_forward_pre_hook(hook)]
 
 
 _KINDS: dict[str, AttentionKind] = {}

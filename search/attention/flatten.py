@@ -19,6 +19,12 @@
   chunks: exact for one removed channel (the DWC does not see q or k). For v channel j of head h, the
   change is O_hj ⊗ proj[:, h, j], of squared norm ‖O_hj‖²·‖proj[:, h, j]‖², exactly.
 - **Reweights** fold into proj, never into q: φ is not linear, so nothing in front of it folds.
+- **Removing a head** deletes its q/k channels before φ (so the other heads' φ is normalised over the
+  remaining channels) and its v channels. Masking its output alone would not be that: φ(k)'s
+  per-token norms include the removed head's channels, and the other heads' outputs change when they
+  go (φ(q)'s do not matter: each head's output is invariant to a per-token scale of q). So the head
+  mask acts on the head's output, as for every kind, and on its q and k at φ's input, like the q/k
+  channel gates: at 0 it leaves only (1e-6)² in φ's norms.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ from search.attention.base import (
     AttentionKind,
     AttentionShape,
     GateValues,
+    HeadValues,
     HeadWeights,
     TokenLayout,
     head_rows,
@@ -111,6 +118,15 @@ class FocusedLinearKind(AttentionKind):
 
         return [module.focus_q.register_forward_hook(qk_hook), module.focus_k.register_forward_hook(qk_hook),
                 module.proj.register_forward_pre_hook(v_hook)]
+
+    def head_gate(self, module: nn.Module, values: HeadValues) -> list[RemovableHandle]:
+        dqk = module.qk_dim
+
+        def qk_hook(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+            return out * values().to(out.dtype).repeat_interleave(dqk)
+
+        return super().head_gate(module, values) + [module.focus_q.register_forward_hook(qk_hook),
+                                                    module.focus_k.register_forward_hook(qk_hook)]
 
     def capture(self, module: nn.Module, sink: Callable[[AttentionActivations], None]) -> list[RemovableHandle]:
         h, dqk, dv = module.num_heads, module.qk_dim, module.v_dim

@@ -41,6 +41,15 @@ class ModelFamily(ABC):
         """Replace the block's attention module."""
 
     @abstractmethod
+    def drop_attention(self, model: nn.Module, index: int) -> nn.Module:
+        """Remove block ``index``'s attention branch, keeping the residual and the MLP branch; returns the block now there.
+
+        For a block that keeps no head: the exported graph must then compute nothing of that
+        branch (no normalisation, no zero added), and the block's attention slot must hold a
+        :class:`search.attention.removed.RemovedAttention` so the pruned model is still described.
+        """
+
+    @abstractmethod
     def mlp_linears(self, block: nn.Module) -> tuple[nn.Linear, nn.Linear]:
         """The MLP's first and second linear layers (hidden units are fc1's rows and fc2's columns)."""
 

@@ -2,18 +2,55 @@
 
 Blocks are ``model.blocks``, each with ``attn`` and a plain timm ``Mlp`` (fc1, act, norm, fc2);
 the tokens are the prefix tokens (class, registers) and the patch grid. The MLP's ``norm`` slot sits
-between the activation and fc2, which is where the MLP reweight goes.
+between the activation and fc2, which is where the MLP reweight goes. A block that keeps no head
+becomes an :class:`AttentionlessBlock` (residual, proj's bias, MLP branch), so its attention is not exported.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
+import torch
 from torch import nn
 
+from search.attention import kind_of
 from search.attention.base import TokenLayout
+from search.attention.removed import RemovedAttention
 from search.core.errors import UnknownModelError
 from search.families.base import ModelFamily, register_family
 from search.slicing import slice_linear
+
+
+class AttentionlessBlock(nn.Module):
+    """A timm ViT block whose every head was pruned: x + c + drop_path2(ls2(mlp(norm2(x)))).
+
+    With every head masked to zero, the attention branch still adds ls1(proj's bias): a constant
+    c per channel, which is all that is left of it. The branch (norm1, qkv, the token mixing, proj)
+    is gone, not zeroed, so the exported graph computes none of it and adds c with one Add (none
+    when proj has no bias); the block then equals the dense block with all its heads masked, as the
+    search saw it. ``attn`` holds a :class:`RemovedAttention` marker for the geometry.
+
+    Args:
+        block: the timm block it replaces (its MLP half is taken over as is).
+        embed_dim: token width.
+    """
+
+    def __init__(self, block: nn.Module, embed_dim: int) -> None:
+        super().__init__()
+        out = kind_of(block.attn).reweight_target(block.attn)  # the layer after the merged heads
+        self.attn_bias: nn.Parameter | None = None
+        if out.bias is not None:
+            with torch.no_grad():
+                self.attn_bias = nn.Parameter(block.ls1(out.bias.detach().clone()).clone())
+        self.attn = RemovedAttention(embed_dim)
+        self.norm2 = block.norm2
+        self.mlp = block.mlp
+        self.ls2 = block.ls2
+        self.drop_path2 = block.drop_path2
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        if self.attn_bias is not None:
+            x = x + self.attn_bias
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 class VisionTransformerFamily(ModelFamily):
@@ -46,6 +83,13 @@ class VisionTransformerFamily(ModelFamily):
 
     def set_attention(self, block: nn.Module, module: nn.Module) -> None:
         block.attn = module
+
+    def drop_attention(self, model: nn.Module, index: int) -> nn.Module:
+        block = model.blocks[index]
+        if not isinstance(block, AttentionlessBlock):
+            block = AttentionlessBlock(block, int(model.embed_dim)).train(block.training)
+            model.blocks[index] = block
+        return block
 
     def mlp_linears(self, block: nn.Module) -> tuple[nn.Linear, nn.Linear]:
         return block.mlp.fc1, block.mlp.fc2
