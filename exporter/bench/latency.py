@@ -47,6 +47,7 @@ from torch import nn
 
 from search.core.errors import ParityError, RuntimeLoadError
 from exporter.latency import LatencyResult, machine_info, measure_latency
+from exporter.bench.head_plans import head_pruned_plans
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_ops
 from exporter.ort_target import FUSED, OrtTargetConfig, optimize_for_ort
@@ -250,6 +251,12 @@ class _Builder:
                       _int8_parity(static, portable, self.images))
             op23 = self._file(f"opset23-{tag}", lambda p: _opset23_export(pruned, p, self.input_size))
             self._add(f"opset23@{tag}", "opset-23 Attention (dynamo)", budget, op23, macs, params, _fp32_parity(op23, pruned, self.images))
+            for row, head_plan_ in head_pruned_plans(self.model, self.geometry, budget, name=self.timm_name,
+                                                     img_size=self.input_size[-1]).items():
+                cut = apply_plan(self.model, head_plan_)
+                path = self._file(row.replace("@", "-"), lambda p, cut=cut: export_onnx(cut, p, self.input_size))
+                self._add(row, "portable, head-pruned (heads by magnitude; the shape dsp gives)", head_plan_.budget,
+                          path, head_plan_.pruned_macs, _params(cut), _fp32_parity(path, cut, self.images))
             dense23 = self._file("opset23-dense", lambda p: _opset23_export(self.model, p, self.input_size))
             self._add("opset23-dense", "opset-23 Attention, dense", 1.0, dense23, self.dense_macs, _params(self.model),
                       _fp32_parity(dense23, self.model, self.images))
