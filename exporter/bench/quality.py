@@ -283,6 +283,9 @@ def write_outputs(results: list[dict[str, Any]], cfg: BenchConfig, quick: bool) 
             f"| {r['row']} | {'' if mac is None else f'{mac:.4f}'} | {'skipped' if acc is None else f'{100 * acc:.1f}%'} | "
             f"{'' if acc is None else f'{100 * (acc - dense):+.1f}'} | {ra} | {r.get('device', 'cpu')} |"
         )
+    skipped = [r for r in results if r.get("skipped")]
+    if skipped:
+        lines += ["", "Skipped rows:", *[f"- {r['row']}: {r['skipped']}" for r in skipped]]
     with atomic_path(OUT / "quality.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     plot(results, OUT / "quality.png")
