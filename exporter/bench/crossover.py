@@ -34,7 +34,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import timm
 import torch
@@ -150,7 +150,7 @@ def _paired(samples: dict[str, tuple[float, ...]], name: str) -> dict[str, float
 
 
 def measure_size(px: int, runs: int, warmup: int, cfg: CrossoverConfig, work: Path,
-                 step: Any = lambda _text: None) -> dict[str, Any]:
+                 step: Callable[[str], None] = lambda _text: None) -> dict[str, Any]:
     """Build, export, check and time the four models at ``px``; returns the size's rows.
 
     ``step(text)`` is called before each stage (for a progress display).
@@ -159,11 +159,12 @@ def measure_size(px: int, runs: int, warmup: int, cfg: CrossoverConfig, work: Pa
     images = torch.randn(cfg.parity_images, 3, px, px, generator=torch.Generator().manual_seed(cfg.seed + 1))
     rows: dict[str, dict[str, Any]] = {}
     paths: dict[str, Path] = {}
-    reference_macs = None
+    reference_macs = tokens = None
     for attention in ATTENTIONS:
         step(f"{px} px: {attention}: building and planning")
         dense = build(attention, px, cfg.seed)
         geometry = describe(dense)
+        tokens = geometry.tokens
         plan = make_plan(geometry, magnitude_scores(dense), SolverConfig(cfg.budget, align=cfg.align),
                          model=attention, img_size=px, method="magnitude")
         pruned = apply_plan(dense, plan, geometry)
@@ -197,7 +198,7 @@ def measure_size(px: int, runs: int, warmup: int, cfg: CrossoverConfig, work: Pa
     for name, row in rows.items():
         if "ms" not in row:
             row.update(ms=None, ratio=None, paired=None, samples_ms=[])
-    return {"px": px, "tokens": (px // 16) ** 2 + 1, "runs": runs, "warmup": warmup, "rows": list(rows.values()), **timed}
+    return {"px": px, "tokens": tokens, "runs": runs, "warmup": warmup, "rows": list(rows.values()), **timed}
 
 
 def mac_crossover(softmax: ModelGeometry, linear: ModelGeometry, limit_px: int = 2048) -> int | None:
