@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import time
@@ -288,7 +289,7 @@ def run(cfg: CrossoverConfig, out: Path, work: Path, command: str, console: Cons
     start = time.perf_counter()
     report: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command, "config": asdict(cfg),
-        "machine": machine_info(), "weights": "random weights; biases, norm parameters, FLatten's scale and positional encoding jittered",
+        "machine": machine_info(), "load_average_at_start": list(os.getloadavg()), "weights": "random weights; biases, norm parameters, FLatten's scale and positional encoding jittered",
         "models": {"softmax": SOFTMAX_MODEL, "linear": f"{LINEAR_MODEL}, pattern {LINEAR_PATTERN}"}, "sizes": [],
     }
     report["mac_crossover_px"] = mac_crossover(describe(build("softmax", 224, cfg.seed)),
@@ -306,6 +307,7 @@ def run(cfg: CrossoverConfig, out: Path, work: Path, command: str, console: Cons
                 shutil.rmtree(size_work, ignore_errors=True)
             progress.advance(task)
     report["wall_s"] = time.perf_counter() - start
+    report["load_average_at_end"] = list(os.getloadavg())
     summarise(report)
     write(report, out)
     return report
@@ -313,6 +315,14 @@ def run(cfg: CrossoverConfig, out: Path, work: Path, command: str, console: Cons
 
 def _g(macs: int) -> str:
     return f"{macs / 1e9:.2f}"
+
+
+def _load(report: dict[str, Any]) -> str:
+    """The 1-minute load average at start and end: above the thread count, another process shared the cores."""
+    if "load_average_at_start" not in report:
+        return ""
+    start, end = report["load_average_at_start"][0], report["load_average_at_end"][0]
+    return f"1-minute load average {start:.2f} at the start and {end:.2f} at the end (the bench itself adds up to {report['config']['threads']})."
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -332,7 +342,7 @@ def markdown(report: dict[str, Any]) -> str:
         "over softmax dense's at the same size; `paired` is the median (quartiles) of per-round ratios. Every file",
         f"passed parity against its PyTorch model ({cfg['parity_images']} random images) before it was timed, unless",
         "the parity column says otherwise. MACs: analytic (search.macs) and counted from the graph (exporter.onnx_macs).",
-        f"Command: `{report['command']}` ({report['wall_s'] / 60:.1f} min).",
+        f"Command: `{report['command']}` ({report['wall_s'] / 60:.1f} min). {_load(report)}".rstrip(),
         "",
         "## Where linear attention wins",
         "",
