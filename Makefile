@@ -39,11 +39,13 @@ $(FMNIST)/train$(PER_CLASS)/manifest.json: | system $(STAMP)
 demo: install $(FMNIST)/train$(PER_CLASS)/manifest.json
 	$(VENV)/bin/prune-export dinov2_s --data $(FMNIST)/train$(PER_CLASS) --budget 0.63 --img-size 112 -o artifacts/demo/dinov2_s_0.63.onnx
 
-## Benches into artifacts/bench/: --align table, latency (ORT CPU, random weights), quality (dinov2_s,
-## Fashion-MNIST k-NN). QUICK=1 keeps it under 10 minutes by skipping the quality bench.
+## Benches into artifacts/bench/: --align table, latency (ORT CPU, random weights), softmax-vs-linear
+## crossover by image size (ORT CPU, about 15 min), quality (dinov2_s, Fashion-MNIST k-NN). QUICK=1 keeps it
+## under 10 minutes by skipping the crossover and quality benches (their quick forms measure nothing to keep).
 bench: install system
 	$(PY) -m exporter.bench.align $(if $(QUICK),--runs 15,)
 	$(PY) -m exporter.bench.latency $(if $(QUICK),--quick,)
+	$(if $(QUICK),@echo "QUICK=1: crossover bench skipped; 'python -m exporter.bench.crossover --quick --out /tmp/crossover' checks its path",$(PY) -m exporter.bench.crossover)
 	$(if $(QUICK),@echo "QUICK=1: quality bench skipped; 'python -m exporter.bench.quality --quick' runs its 0.63 rows",$(PY) -m exporter.bench.quality)
 
 ## On a machine with CUDA: the device tests and the tiny end-to-end runs on the GPU, then the default

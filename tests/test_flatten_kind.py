@@ -20,8 +20,10 @@ from exporter.onnx_macs import count_onnx_macs
 from exporter.reweight import HeadReweight, UnitScale, add_reweights, fold_reweights
 from exporter.surgery import apply_plan
 from search.acp import AcpConfig, acp_search
+from search.activations import capture
 from search.allocate import SolverConfig, make_plan
 from search.attention import get_kind, kind_of
+from search.attention_init import attention_differences, init_logits
 from search.core.errors import PlanError
 from search.flatten_attention import FocusedLinearAttention
 from search.gates import ChannelGates, gated
@@ -187,3 +189,40 @@ def test_cli_refuses_a_pattern_for_a_softmax_model(tmp_path: Path):
     out = tmp_path / "m.onnx"
     result = invoke("deit_t", "--random-init", "--pattern", "LS", "-o", out)
     assert result.exit_code == 2 and "--pattern" in result.output and "Traceback" not in result.output
+
+
+def test_attention_difference_gives_a_dead_linear_channel_the_lowest_init():
+    """A q/k channel that computes nothing and a v channel whose output is zero start lowest.
+
+    The linear analogue of the softmax test in test_acp. The q/k channel is dead when its q and k
+    rows, their biases and its positional-encoding column are zero: then y = 1e-6 / softplus(s)
+    on both sides whatever s is, and φ gives it (1e-6)³ of a norm of order one, nothing. The v
+    channel's output is zero when its v row and bias are zero and the shared DWC adds no bias on that
+    channel (the DWC's weights only ever see this head's zero v there).
+    """
+    model = tiny_flatten("LS")
+    attn = model.blocks[0].attn
+    h, d = attn.num_heads, attn.qk_dim
+    qk_head, qk_ch, v_head, v_ch = 1, 5, 2, 7
+    with torch.no_grad():
+        for row in (qk_head * d + qk_ch, h * d + qk_head * d + qk_ch):
+            attn.qkv.weight[row] = 0
+            attn.qkv.bias[row] = 0
+        attn.positional_encoding[..., qk_head * d + qk_ch] = 0
+        v_row = 2 * h * d + v_head * attn.v_dim + v_ch
+        attn.qkv.weight[v_row] = 0
+        attn.qkv.bias[v_row] = 0
+        attn.dwc.bias[v_ch] = 0
+        model.blocks[0].mlp.fc1.weight[11] = 0
+        model.blocks[0].mlp.fc1.bias[11] = 0
+    acts = capture(model, describe(model), torch.randn(4, 3, 32, 32))
+    diffs = attention_differences(model, 0, acts[0])
+    assert diffs.qk.shape == (h, d) and diffs.v.shape == (h, attn.v_dim)
+    assert int(diffs.qk.flatten().argmin()) == qk_head * d + qk_ch
+    assert diffs.qk[qk_head, qk_ch] < 1e-6 * diffs.qk.median()
+    assert int(diffs.v.flatten().argmin()) == v_head * attn.v_dim + v_ch and diffs.v[v_head, v_ch] == 0
+    assert int(diffs.mlp.argmin()) == 11
+    logits = init_logits(model, acts)[0]
+    assert int(logits.qk.flatten().argmin()) == qk_head * d + qk_ch
+    assert int(logits.v.flatten().argmin()) == v_head * attn.v_dim + v_ch
+    assert logits.qk.min() < logits.qk.max() and logits.v.min() < logits.v.max()

@@ -1,0 +1,442 @@
+"""Where focused linear attention starts to beat softmax attention in latency, dense and pruned.
+
+Softmax attention costs H·N²·(d_qk + d_v) MACs per block for its token mixing, focused linear
+attention (FLatten) H·N·(2·d_qk·d_v + d_qk) plus its depthwise conv: linear in the token count N,
+but with elementwise work (the focusing map's powers and norms) that MACs do not see. This bench
+measures where the two cross on a real runtime rather than assuming it from the MAC count.
+
+At each image size (224, 448 and 672 px by default) it builds DeiT-S geometry twice on random
+weights (latency does not depend on the values; biases and norm parameters are jittered, as in
+:mod:`exporter.bench.latency`, so onnxsim keeps a realistic graph):
+
+- ``softmax``: ``deit_small_patch16_224`` built with ``img_size=px``;
+- ``linear``: ``flatten_deit_s`` with pattern "L"·12 (every block focused linear attention);
+
+each dense and pruned to 0.63 of its own dense MACs by the project's own planner (magnitude
+scores, ``--align 8``) and surgery, exported with :func:`exporter.onnx_export.export_onnx`. Every
+file is checked against its PyTorch model in ONNX Runtime before it is timed; a file that fails
+parity is reported and not timed. The four files of one size are timed in ONE interleaved run
+(batch 1, 2 intra-op threads, spinning off; medians), so their ratios share the machine's drift.
+MACs are given twice: analytic (:mod:`search.macs`) and counted from the graph
+(:mod:`exporter.onnx_macs`).
+
+Outputs: crossover.md, .json and .png under ``artifacts/bench``.
+
+    python -m exporter.bench.crossover [--quick] [--out artifacts/bench] [--work .cache/bench/crossover] [--keep]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import timm
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+import search.flatten_models  # noqa: F401  (registers flatten_deit_s with timm)
+from exporter.latency import machine_info, measure_latency
+from exporter.onnx_export import export_onnx
+from exporter.onnx_macs import count_onnx_macs
+from exporter.surgery import apply_plan
+from exporter.validate import check_parity
+from search.allocate import SolverConfig, make_plan
+from search.attention import TokenLayout, get_kind
+from search.core.atomic import atomic_path
+from search.core.errors import ParityError
+from search.flatten_attention import FocusedLinearAttention
+from search.importance import magnitude_scores
+from search.macs import ModelGeometry, describe, model_macs
+
+DEFAULT_OUT = Path("artifacts/bench")
+DEFAULT_WORK = Path(".cache/bench/crossover")
+SOFTMAX_MODEL = "deit_small_patch16_224"
+LINEAR_MODEL = "flatten_deit_s"
+LINEAR_PATTERN = "L" * 12
+REFERENCE = "softmax dense"
+ATTENTIONS = ("softmax", "linear")
+
+
+@dataclass(frozen=True)
+class CrossoverConfig:
+    """What one crossover run covers and how long it times.
+
+    Attributes:
+        sizes: image sizes in px (square), multiples of the patch size 16.
+        runs: interleaved rounds per size, one entry per size (large sizes take longer per round).
+        warmup: untimed runs per model and size, one entry per size.
+        budget: the pruned models' MAC budget, a fraction of their own dense MACs.
+        align: kept widths are multiples of this (the CLI's default).
+        threads: intra-op threads of every session.
+        parity_images: random images each file is checked on against PyTorch.
+        seed: weights, jitter, plans and inputs.
+    """
+
+    sizes: tuple[int, ...] = (224, 448, 672)
+    runs: tuple[int, ...] = (60, 30, 20)
+    warmup: tuple[int, ...] = (5, 3, 2)
+    budget: float = 0.63
+    align: int = 8
+    threads: int = 2
+    parity_images: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.sizes or len(self.runs) != len(self.sizes) or len(self.warmup) != len(self.sizes):
+            raise ValueError(f"need one runs and one warmup entry per size; got sizes {self.sizes}, "
+                             f"runs {self.runs}, warmup {self.warmup}")
+        if any(s % 16 for s in self.sizes) or list(self.sizes) != sorted(set(self.sizes)):
+            raise ValueError(f"sizes must be increasing multiples of the patch size 16, got {self.sizes}")
+        if min(self.runs) < 1 or min(self.warmup) < 0 or self.threads < 1 or self.parity_images < 1:
+            raise ValueError("runs, threads and parity_images must be at least 1, warmup at least 0")
+
+
+QUICK = CrossoverConfig(sizes=(64, 96), runs=(2, 2), warmup=(1, 1))
+"""Two tiny sizes and two rounds: checks the whole path (for tests), measures nothing useful."""
+
+
+def jitter(model: nn.Module, seed: int) -> nn.Module:
+    """Make biases, norm parameters and FLatten's scale and positional encoding non-trivial, in place.
+
+    timm's random init sets biases to 0 and norm weights to 1, and FLatten starts its scale and
+    positional encoding at 0; onnxsim then deletes the Adds and Muls that a trained model keeps.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            extra = (module.scale, module.positional_encoding) if isinstance(module, FocusedLinearAttention) else ()
+            for p in module.parameters(recurse=False):
+                if p.dim() == 1 or any(p is e for e in extra):
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model
+
+
+def build(attention: str, px: int, seed: int) -> nn.Module:
+    """DeiT-S geometry at ``px`` with softmax or all-linear attention, random weights, jittered, eval mode."""
+    torch.manual_seed(seed)
+    if attention == "softmax":
+        model = timm.create_model(SOFTMAX_MODEL, pretrained=False, img_size=px)
+    elif attention == "linear":
+        model = timm.create_model(LINEAR_MODEL, pretrained=False, img_size=px, pattern=LINEAR_PATTERN)
+    else:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    return jitter(model, seed).eval()
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _parity(path: Path, model: nn.Module, images: torch.Tensor) -> dict[str, Any]:
+    try:
+        return asdict(check_parity(path, model, images, classifier=True))
+    except ParityError as err:
+        return {"passed": False, "error": str(err)}
+
+
+def _paired(samples: dict[str, tuple[float, ...]], name: str) -> dict[str, float]:
+    """Median and quartiles of the per-round ratio to the reference (same round, adjacent runs)."""
+    ratios = [a / b for a, b in zip(samples[name], samples[REFERENCE])]
+    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+    return {"median": statistics.median(ratios), "q1": q[0], "q3": q[2]}
+
+
+def measure_size(px: int, runs: int, warmup: int, cfg: CrossoverConfig, work: Path,
+                 step: Callable[[str], None] = lambda _text: None) -> dict[str, Any]:
+    """Build, export, check and time the four models at ``px``; returns the size's rows.
+
+    ``step(text)`` is called before each stage (for a progress display).
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    images = torch.randn(cfg.parity_images, 3, px, px, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    rows: dict[str, dict[str, Any]] = {}
+    paths: dict[str, Path] = {}
+    reference_macs = tokens = None
+    for attention in ATTENTIONS:
+        step(f"{px} px: {attention}: building and planning")
+        dense = build(attention, px, cfg.seed)
+        geometry = describe(dense)
+        tokens = geometry.tokens
+        plan = make_plan(geometry, magnitude_scores(dense), SolverConfig(cfg.budget, align=cfg.align),
+                         model=attention, img_size=px, method="magnitude")
+        pruned = apply_plan(dense, plan, geometry)
+        for budget, model in ((1.0, dense), (cfg.budget, pruned)):
+            name = f"{attention} {'dense' if budget == 1.0 else f'{budget:g}'}"
+            step(f"{px} px: {name}: export")
+            path = export_onnx(model, work / f"{name.replace(' ', '-')}-{px}.onnx", (3, px, px))
+            step(f"{px} px: {name}: parity and MACs")
+            analytic = model_macs(describe(model))
+            reference_macs = reference_macs or analytic
+            rows[name] = {
+                "model": name, "attention": attention, "budget": budget, "px": px,
+                "timm_name": SOFTMAX_MODEL if attention == "softmax" else f"{LINEAR_MODEL} pattern={LINEAR_PATTERN}",
+                "analytic_macs": analytic, "onnx_macs": count_onnx_macs(path), "params": _params(model),
+                "mac_ratio_to_reference": analytic / reference_macs,
+                "mac_ratio_to_own_dense": plan.mac_ratio if budget != 1.0 else 1.0,
+                "parity": _parity(path, model, images), "path": str(path),
+            }
+            if rows[name]["parity"]["passed"]:
+                paths[name] = path
+        del dense, pruned
+    timed: dict[str, Any] = {}
+    if REFERENCE in paths:
+        step(f"{px} px: timing {len(paths)} files, {runs} interleaved rounds")
+        result = measure_latency(paths, batch=1, threads=cfg.threads, runs=runs, warmup=warmup,
+                                 input_size=(3, px, px), seed=cfg.seed)
+        timed = {"provider": result.provider, "settings": result.settings, "machine": result.machine}
+        for name in paths:
+            rows[name].update(ms=result.median_ms[name], ratio=result.ratio(name, REFERENCE),
+                              paired=_paired(result.samples_ms, name), samples_ms=list(result.samples_ms[name]))
+    for name, row in rows.items():
+        if "ms" not in row:
+            row.update(ms=None, ratio=None, paired=None, samples_ms=[])
+    return {"px": px, "tokens": tokens, "runs": runs, "warmup": warmup, "rows": list(rows.values()), **timed}
+
+
+def mac_crossover(softmax: ModelGeometry, linear: ModelGeometry, limit_px: int = 2048) -> int | None:
+    """The smallest image size (a multiple of 16) at which the linear model's dense MACs are below softmax's.
+
+    Counted with each block's kind at the token layout of every size, so it is the MAC count's
+    prediction of the crossover, to set against the measured one. None when not reached by ``limit_px``.
+    """
+    def total(geometry: ModelGeometry, grid: int) -> int:
+        layout = TokenLayout(prefix=geometry.layout.prefix, grid=(grid, grid))
+        attention = sum(get_kind(b.kind).macs(b.attention, b.attention.num_heads, b.attention.qk_dim, b.attention.v_dim, layout)
+                        for b in geometry.blocks)
+        return attention  # the MLPs, patch embedding and head are the same in both models
+
+    for px in range(16, limit_px + 1, 16):
+        if total(linear, px // 16) < total(softmax, px // 16):
+            return px
+    return None
+
+
+def crossover(sizes: Sequence[dict[str, Any]], linear: str, softmax: str) -> dict[str, Any]:
+    """Where ``linear`` (a model name) starts to be faster than ``softmax``, from the measured medians.
+
+    ``from_px`` is the smallest measured size from which linear is faster at every larger measured
+    size too; ``estimate_px`` interpolates log(latency ratio) linearly in px between the last size it
+    lost and the first it won (None when it wins everywhere or nowhere).
+    """
+    points = []
+    for size in sizes:
+        rows = {r["model"]: r for r in size["rows"]}
+        if rows.get(linear, {}).get("ms") and rows.get(softmax, {}).get("ms"):
+            points.append((size["px"], rows[linear]["ms"] / rows[softmax]["ms"]))
+    result: dict[str, Any] = {"linear": linear, "softmax": softmax,
+                              "ratios": {str(px): r for px, r in points}, "from_px": None, "estimate_px": None}
+    if not points:
+        return result
+    winning = [r < 1.0 for _, r in points]
+    for i in range(len(points)):
+        if all(winning[i:]):
+            result["from_px"] = points[i][0]
+            if i > 0:
+                (p0, r0), (p1, r1) = points[i - 1], points[i]
+                result["estimate_px"] = round(p0 + (p1 - p0) * math.log(r0) / (math.log(r0) - math.log(r1)))
+            break
+    return result
+
+
+def _sentence(c: dict[str, Any], sizes: Sequence[int], what: str) -> str:
+    ratios = ", ".join(f"{px} px ×{r:.2f}" for px, r in c["ratios"].items())
+    if not c["ratios"]:
+        return f"{what}: not measured (a file failed parity)."
+    if c["from_px"] is None:
+        return f"{what}: linear attention does not win at any measured size up to {sizes[-1]} px (linear / softmax latency: {ratios})."
+    smallest = min(map(int, c["ratios"]))
+    if c["from_px"] == smallest:
+        return f"{what}: linear attention is already faster at the smallest measured size, {smallest} px (linear / softmax latency: {ratios})."
+    before = max(p for p in map(int, c["ratios"]) if p < c["from_px"])
+    estimate = f", about {c['estimate_px']} px by interpolating the log ratio" if c["estimate_px"] else ""
+    return (f"{what}: linear attention is faster from {c['from_px']} px on, and slower at {before} px: the crossover "
+            f"lies between them{estimate} (linear / softmax latency: {ratios}).")
+
+
+def summarise(report: dict[str, Any]) -> None:
+    """Add the crossover figures and sentences to ``report``, in place."""
+    budget = f"{report['config']['budget']:g}"
+    px = [s["px"] for s in report["sizes"]]
+    report["crossover"] = {
+        "dense": crossover(report["sizes"], "linear dense", "softmax dense"),
+        "pruned": crossover(report["sizes"], f"linear {budget}", f"softmax {budget}"),
+        "linear_pruned_vs_softmax_dense": crossover(report["sizes"], f"linear {budget}", "softmax dense"),
+    }
+    mac_px = report.get("mac_crossover_px")
+    report["findings"] = [
+        _sentence(report["crossover"]["dense"], px, "Dense"),
+        _sentence(report["crossover"]["pruned"], px, f"Both pruned to {budget} of their MACs"),
+        _sentence(report["crossover"]["linear_pruned_vs_softmax_dense"], px, f"Linear at {budget} against dense softmax"),
+        (f"By MACs alone (dense attention MACs counted by each kind at every size), linear attention would win from "
+         f"{mac_px} px on." if mac_px else "By MACs alone linear attention does not win below 2048 px."),
+    ]
+
+
+def run(cfg: CrossoverConfig, out: Path, work: Path, command: str, console: Console, keep: bool = False) -> dict[str, Any]:
+    """Build, check and time everything in ``cfg``; write crossover.{md,json,png} under ``out``.
+
+    Without ``keep`` each size's ONNX files are deleted once it is timed.
+    """
+    start = time.perf_counter()
+    report: dict[str, Any] = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command, "config": asdict(cfg),
+        "machine": machine_info(), "load_average_at_start": list(os.getloadavg()), "weights": "random weights; biases, norm parameters, FLatten's scale and positional encoding jittered",
+        "models": {"softmax": SOFTMAX_MODEL, "linear": f"{LINEAR_MODEL}, pattern {LINEAR_PATTERN}"}, "sizes": [],
+    }
+    report["mac_crossover_px"] = mac_crossover(describe(build("softmax", 224, cfg.seed)),
+                                               describe(build("linear", 224, cfg.seed)))
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=False)
+    with progress:
+        task = progress.add_task("crossover", total=len(cfg.sizes))
+        for px, runs, warmup in zip(cfg.sizes, cfg.runs, cfg.warmup):
+            size_work = work / f"{px}"
+            entry = measure_size(px, runs, warmup, cfg, size_work,
+                                 step=lambda text: progress.update(task, description=text))
+            report["sizes"].append(entry)
+            if not keep:
+                shutil.rmtree(size_work, ignore_errors=True)
+            progress.advance(task)
+    report["wall_s"] = time.perf_counter() - start
+    report["load_average_at_end"] = list(os.getloadavg())
+    summarise(report)
+    write(report, out)
+    return report
+
+
+def _g(macs: int) -> str:
+    return f"{macs / 1e9:.2f}"
+
+
+def _load(report: dict[str, Any]) -> str:
+    """The 1-minute load average at start and end: above the thread count, another process shared the cores."""
+    if "load_average_at_start" not in report:
+        return ""
+    start, end = report["load_average_at_start"][0], report["load_average_at_end"][0]
+    return f"1-minute load average {start:.2f} at the start and {end:.2f} at the end (the bench itself adds up to {report['config']['threads']})."
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The crossover table and findings as Markdown."""
+    m, cfg = report["machine"], report["config"]
+    budget = f"{cfg['budget']:g}"
+    lines = [
+        "# Softmax against focused linear attention: latency by image size (ORT CPU)",
+        "",
+        f"DeiT-S geometry, {report['weights']}. Softmax is `{report['models']['softmax']}`, linear is",
+        f"`{report['models']['linear']}` (every block FLatten), both built with `img_size` = px. Pruned rows keep {budget} of",
+        f"their own dense MACs (magnitude scores, `--align {cfg['align']}`, the project's planner and surgery).",
+        "",
+        f"Machine: {m.get('cpu_model')}, {m.get('cpus_usable')} usable cores, onnxruntime {m.get('onnxruntime')}, "
+        f"torch {m.get('torch')}. {cfg['threads']} intra-op threads, spinning off, CPUExecutionProvider, batch 1.",
+        "The four files of one size were timed in one interleaved run; figures are medians. `ratio` is median latency",
+        "over softmax dense's at the same size; `paired` is the median (quartiles) of per-round ratios. Every file",
+        f"passed parity against its PyTorch model ({cfg['parity_images']} random images) before it was timed, unless",
+        "the parity column says otherwise. MACs: analytic (search.macs) and counted from the graph (exporter.onnx_macs).",
+        f"Command: `{report['command']}` ({report['wall_s'] / 60:.1f} min). {_load(report)}".rstrip(),
+        "",
+        "## Where linear attention wins",
+        "",
+        *[f"- {f}" for f in report["findings"]],
+        "",
+        "| px | tokens | rounds | model | MACs analytic (G) | MACs graph (G) | MACs / softmax dense | ms | ratio | paired | parity max \\|Δ\\| |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for size in report["sizes"]:
+        for r in size["rows"]:
+            p = r["parity"]
+            parity = f"{p['max_abs_diff']:.1e}" if p.get("passed") else f"FAILED: {p.get('error', '')[:80]}"
+            timing = (f"{r['ms']:.1f} | {r['ratio']:.3f} | {r['paired']['median']:.3f} ({r['paired']['q1']:.3f}–{r['paired']['q3']:.3f})"
+                      if r["ms"] is not None else "not timed | | ")
+            lines.append(f"| {size['px']} | {size['tokens']} | {size['runs']} | {r['model']} | {_g(r['analytic_macs'])} | "
+                         f"{_g(r['onnx_macs'])} | {r['mac_ratio_to_reference']:.3f} | {timing} | {parity} |")
+    lines += [
+        "",
+        "Notes:",
+        "",
+        "- Linear attention's token mixing is linear in the token count but carries elementwise work the MAC count",
+        "  does not see (the focusing map's ReLU, powers and norms over every q and k, the DWC's padding and layout",
+        "  changes); the latency crossover can therefore sit above the MAC crossover.",
+        "- Wide quartiles in `paired` mean the machine was noisy: trust a ratio only where its quartiles are narrow",
+        "  compared with its distance from 1.",
+        "- GPU: not measured here.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> Path:
+    """Median latency against image size, one line per model, log y."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    names = [r["model"] for r in report["sizes"][0]["rows"]] if report["sizes"] else []
+    colours = {"softmax": "tab:blue", "linear": "tab:orange"}
+    for name in names:
+        points = [(s["px"], r["ms"]) for s in report["sizes"] for r in s["rows"] if r["model"] == name and r["ms"]]
+        if points:
+            xs, ys = zip(*points)
+            dense = name.endswith("dense")
+            ax.plot(xs, ys, "-" if dense else "--", marker="o" if dense else "s", color=colours[name.split()[0]], label=name)
+    ax.set_yscale("log")
+    ax.set_xticks([s["px"] for s in report["sizes"]])
+    ax.set_xlabel("image size (px), DeiT-S geometry, patch 16")
+    ax.set_ylabel("median latency (ms), batch 1, log scale")
+    ax.set_title(f"ORT CPU, {report['config']['threads']} threads: softmax vs focused linear attention")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as temp:
+        fig.savefig(temp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write(report: dict[str, Any], out: Path) -> dict[str, Path]:
+    """crossover.json, crossover.md and crossover.png under ``out``, each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "crossover.json", "md": out / "crossover.md", "png": out / "crossover.png"}
+    with atomic_path(paths["json"]) as temp:
+        temp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    with atomic_path(paths["md"]) as temp:
+        temp.write_text(markdown(report))
+    plot(report, paths["png"])
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Latency of softmax against focused linear attention by image size (ORT CPU).")
+    parser.add_argument("--quick", action="store_true", help="64 and 96 px, 2 rounds: checks the path, measures nothing useful")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="where the ONNX files are built")
+    parser.add_argument("--keep", action="store_true", help="keep the ONNX files in --work")
+    parser.add_argument("--render", type=Path, help="rewrite the report files from a crossover.json, timing nothing")
+    args = parser.parse_args(argv)
+    console = Console(stderr=True)
+    if args.render:
+        report = json.loads(args.render.read_text())
+        summarise(report)
+        write(report, args.out)
+        return 0
+    cfg = QUICK if args.quick else CrossoverConfig()
+    command = "python -m exporter.bench.crossover" + (" --quick" if args.quick else "")
+    report = run(cfg, args.out, args.work, command, console, keep=args.keep)
+    console.print(f"wrote {args.out}/crossover.md, .json, .png in {report['wall_s'] / 60:.1f} min")
+    for finding in report["findings"]:
+        console.print(f"  {finding}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
