@@ -5,7 +5,8 @@ attention (FLatten) H·N·(2·d_qk·d_v + d_qk) plus its depthwise conv: linear 
 but with elementwise work (the focusing map's powers and norms) that MACs do not see. This bench
 measures where the two cross on a real runtime rather than assuming it from the MAC count.
 
-At each image size (224, 448 and 672 px by default) it builds DeiT-S geometry twice on random
+At each image size (224, 448 and 672 px, and 288 to 384 px and 560 px between them, so that the
+crossover is measured rather than interpolated) it builds DeiT-S geometry twice on random
 weights (latency does not depend on the values; biases and norm parameters are jittered, as in
 :mod:`exporter.bench.latency`, so onnxsim keeps a realistic graph):
 
@@ -16,8 +17,9 @@ each dense and pruned to 0.63 of its own dense MACs by the project's own planner
 scores, ``--align 8``) and surgery, exported with :func:`exporter.onnx_export.export_onnx`. Every
 file is checked against its PyTorch model in ONNX Runtime before it is timed; a file that fails
 parity is reported and not timed. The four files of one size are timed in ONE interleaved run
-(batch 1, 2 intra-op threads, spinning off; medians), so their ratios share the machine's drift.
-MACs are given twice: analytic (:mod:`search.macs`) and counted from the graph
+(batch 1, 2 intra-op threads, spinning off; medians), so their ratios share the machine's drift,
+and in a fresh process per size, so that nothing run before it changes its figures
+(:func:`time_in_fresh_process`). MACs are given twice: analytic (:mod:`search.macs`) and counted from the graph
 (:mod:`exporter.onnx_macs`).
 
 Outputs: crossover.md, .json and .png under ``artifacts/bench``.
@@ -29,10 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -44,7 +48,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 import search.flatten_models  # noqa: F401  (registers flatten_deit_s with timm)
-from exporter.latency import machine_info, measure_latency
+from exporter.latency import LatencyResult, machine_info, measure_latency
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_onnx_macs
 from exporter.surgery import apply_plan
@@ -64,6 +68,7 @@ LINEAR_MODEL = "flatten_deit_s"
 LINEAR_PATTERN = "L" * 12
 REFERENCE = "softmax dense"
 ATTENTIONS = ("softmax", "linear")
+NEAR_TIE = 0.05  # a latency ratio this close to 1 is called a near-tie in the findings
 
 
 @dataclass(frozen=True)
@@ -81,9 +86,9 @@ class CrossoverConfig:
         seed: weights, jitter, plans and inputs.
     """
 
-    sizes: tuple[int, ...] = (224, 448, 672)
-    runs: tuple[int, ...] = (60, 30, 20)
-    warmup: tuple[int, ...] = (5, 3, 2)
+    sizes: tuple[int, ...] = (224, 288, 320, 352, 384, 448, 560, 672)
+    runs: tuple[int, ...] = (100, 80, 60, 60, 60, 40, 30, 25)
+    warmup: tuple[int, ...] = (5, 5, 3, 3, 3, 3, 2, 2)
     budget: float = 0.63
     align: int = 8
     threads: int = 2
@@ -150,6 +155,18 @@ def _paired(samples: dict[str, tuple[float, ...]], name: str) -> dict[str, float
     return {"median": statistics.median(ratios), "q1": q[0], "q3": q[2]}
 
 
+def time_in_fresh_process(paths: dict[str, Path], **settings: Any) -> LatencyResult:
+    """:func:`exporter.latency.measure_latency` on ``paths``, run in a new (spawned) Python process.
+
+    Measured on this bench: timed at the end of one long process that had built and timed seven
+    smaller sizes first, the all-linear model at 672 px ran 20% slower (273 against 226 ms) while
+    softmax hardly moved, and a fresh process gave back the first figure. Timing every size in its
+    own process keeps what ran before it out of its numbers.
+    """
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(measure_latency, paths, **settings).result()
+
+
 def measure_size(px: int, runs: int, warmup: int, cfg: CrossoverConfig, work: Path,
                  step: Callable[[str], None] = lambda _text: None) -> dict[str, Any]:
     """Build, export, check and time the four models at ``px``; returns the size's rows.
@@ -189,9 +206,9 @@ def measure_size(px: int, runs: int, warmup: int, cfg: CrossoverConfig, work: Pa
         del dense, pruned
     timed: dict[str, Any] = {}
     if REFERENCE in paths:
-        step(f"{px} px: timing {len(paths)} files, {runs} interleaved rounds")
-        result = measure_latency(paths, batch=1, threads=cfg.threads, runs=runs, warmup=warmup,
-                                 input_size=(3, px, px), seed=cfg.seed)
+        step(f"{px} px: timing {len(paths)} files, {runs} interleaved rounds, in a fresh process")
+        result = time_in_fresh_process(paths, batch=1, threads=cfg.threads, runs=runs, warmup=warmup,
+                                       input_size=(3, px, px), seed=cfg.seed, progress=False)
         timed = {"provider": result.provider, "settings": result.settings, "machine": result.machine}
         for name in paths:
             rows[name].update(ms=result.median_ms[name], ratio=result.ratio(name, REFERENCE),
@@ -258,8 +275,11 @@ def _sentence(c: dict[str, Any], sizes: Sequence[int], what: str) -> str:
         return f"{what}: linear attention is already faster at the smallest measured size, {smallest} px (linear / softmax latency: {ratios})."
     before = max(p for p in map(int, c["ratios"]) if p < c["from_px"])
     estimate = f", about {c['estimate_px']} px by interpolating the log ratio" if c["estimate_px"] else ""
+    close = [px for px, r in c["ratios"].items() if abs(r - 1.0) <= NEAR_TIE]
+    tie = (f" Within {NEAR_TIE:.0%} of a tie at {', '.join(f'{px} px' for px in close)}: there the two run at"
+           " about the same speed and the order can change from run to run." if close else "")
     return (f"{what}: linear attention is faster from {c['from_px']} px on, and slower at {before} px: the crossover "
-            f"lies between them{estimate} (linear / softmax latency: {ratios}).")
+            f"lies between them{estimate} (linear / softmax latency: {ratios}).{tie}")
 
 
 def summarise(report: dict[str, Any]) -> None:
@@ -338,7 +358,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Machine: {m.get('cpu_model')}, {m.get('cpus_usable')} usable cores, onnxruntime {m.get('onnxruntime')}, "
         f"torch {m.get('torch')}. {cfg['threads']} intra-op threads, spinning off, CPUExecutionProvider, batch 1.",
-        "The four files of one size were timed in one interleaved run; figures are medians. `ratio` is median latency",
+        "The four files of one size were timed in one interleaved run, in a fresh process per size; figures are medians. `ratio` is median latency",
         "over softmax dense's at the same size; `paired` is the median (quartiles) of per-round ratios. Every file",
         f"passed parity against its PyTorch model ({cfg['parity_images']} random images) before it was timed, unless",
         "the parity column says otherwise. MACs: analytic (search.macs) and counted from the graph (exporter.onnx_macs).",
