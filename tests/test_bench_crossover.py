@@ -26,7 +26,8 @@ def test_quick_run_writes_every_file_and_every_parity_passed(quick: Path) -> Non
         assert set(rows) == NAMES
         for name, row in rows.items():
             assert row["parity"]["passed"], (size["px"], name, row["parity"])
-            assert row["ms"] > 0 and len(row["samples_ms"]) == size["runs"], name
+            assert row["ms"] > 0 and [len(s) for s in row["samples_ms"]] == [size["runs"]] * bench.QUICK.passes, name
+            assert len(row["pass_ratios"]) == bench.QUICK.passes, name
             assert row["onnx_macs"] == row["analytic_macs"], (size["px"], name)
         assert rows["softmax dense"]["ratio"] == 1.0
         for attention in bench.ATTENTIONS:
@@ -35,7 +36,7 @@ def test_quick_run_writes_every_file_and_every_parity_passed(quick: Path) -> Non
     assert report["machine"]["cpus_usable"] >= 1 and report["command"].endswith("--quick")
     assert len(report["findings"]) == 4 and report["mac_crossover_px"] is not None
     md = (quick / "crossover.md").read_text()
-    assert "## Where linear attention wins" in md and "| 96 | 37 | 2 | linear 0.63 |" in md
+    assert "## Where linear attention wins" in md and "| 96 | 37 | 2 × 2 | linear 0.63 |" in md
     assert report["findings"][0] in md and "FAILED" not in md
     assert (quick / "crossover.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (quick / "work" / "64").exists()  # ONNX files are removed unless --keep
@@ -74,3 +75,13 @@ def test_mac_crossover_matches_the_kinds_formulas() -> None:
         n = (px // 16) ** 2 + 1
         return n * (2 * 64 + 1) + 25 * (n - 1) < 2 * n * n
     assert wins(px) and not wins(px - 16)
+
+
+def test_passes_that_disagree_are_named() -> None:
+    sizes = [{"px": px, "rows": [{"model": "softmax dense", "ms": 10.0, "pass_ms": [10.0, 10.0, 10.0]},
+                                 {"model": "linear dense", "ms": 10.0 * r, "pass_ms": [10.0 * p for p in passes]}]}
+             for px, r, passes in ((224, 1.1, (1.1, 1.1, 1.2)), (448, 0.97, (0.95, 0.97, 1.04)), (672, 0.6, (0.6, 0.6, 0.6)))]
+    found = bench.crossover(sizes, "linear dense", "softmax dense")
+    assert found["from_px"] == 448 and found["passes_disagree_px"] == [448]
+    sentence = bench._sentence(found, [224, 448, 672], "Dense")
+    assert "disagreed on which is faster at 448 px" in sentence and "tie at 448 px" in sentence

@@ -5,7 +5,8 @@ attention (FLatten) H·N·(2·d_qk·d_v + d_qk) plus its depthwise conv: linear 
 but with elementwise work (the focusing map's powers and norms) that MACs do not see. This bench
 measures where the two cross on a real runtime rather than assuming it from the MAC count.
 
-At each image size (224, 448 and 672 px by default) it builds DeiT-S geometry twice on random
+At each image size (224, 448 and 672 px, and 288 to 384 px and 560 px between them, so that the
+crossover is measured rather than interpolated) it builds DeiT-S geometry twice on random
 weights (latency does not depend on the values; biases and norm parameters are jittered, as in
 :mod:`exporter.bench.latency`, so onnxsim keeps a realistic graph):
 
@@ -16,8 +17,9 @@ each dense and pruned to 0.63 of its own dense MACs by the project's own planner
 scores, ``--align 8``) and surgery, exported with :func:`exporter.onnx_export.export_onnx`. Every
 file is checked against its PyTorch model in ONNX Runtime before it is timed; a file that fails
 parity is reported and not timed. The four files of one size are timed in ONE interleaved run
-(batch 1, 2 intra-op threads, spinning off; medians), so their ratios share the machine's drift.
-MACs are given twice: analytic (:mod:`search.macs`) and counted from the graph
+(batch 1, 2 intra-op threads, spinning off; medians), so their ratios share the machine's drift;
+that run is repeated in three passes, each in a fresh process, because the linear graph's latency
+moved between runs by more than within one (:func:`measure_size`). MACs are given twice: analytic (:mod:`search.macs`) and counted from the graph
 (:mod:`exporter.onnx_macs`).
 
 Outputs: crossover.md, .json and .png under ``artifacts/bench``.
@@ -29,10 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -44,7 +48,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 import search.flatten_models  # noqa: F401  (registers flatten_deit_s with timm)
-from exporter.latency import machine_info, measure_latency
+from exporter.latency import LatencyResult, machine_info, measure_latency
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_onnx_macs
 from exporter.surgery import apply_plan
@@ -64,6 +68,7 @@ LINEAR_MODEL = "flatten_deit_s"
 LINEAR_PATTERN = "L" * 12
 REFERENCE = "softmax dense"
 ATTENTIONS = ("softmax", "linear")
+NEAR_TIE = 0.05  # a latency ratio this close to 1 is called a near-tie in the findings
 
 
 @dataclass(frozen=True)
@@ -72,8 +77,9 @@ class CrossoverConfig:
 
     Attributes:
         sizes: image sizes in px (square), multiples of the patch size 16.
-        runs: interleaved rounds per size, one entry per size (large sizes take longer per round).
-        warmup: untimed runs per model and size, one entry per size.
+        runs: interleaved rounds per pass, one entry per size (large sizes take longer per round).
+        warmup: untimed runs per model and pass, one entry per size.
+        passes: independent timing passes per size, each in a fresh process (see :func:`measure_size`).
         budget: the pruned models' MAC budget, a fraction of their own dense MACs.
         align: kept widths are multiples of this (the CLI's default).
         threads: intra-op threads of every session.
@@ -81,9 +87,10 @@ class CrossoverConfig:
         seed: weights, jitter, plans and inputs.
     """
 
-    sizes: tuple[int, ...] = (224, 448, 672)
-    runs: tuple[int, ...] = (60, 30, 20)
-    warmup: tuple[int, ...] = (5, 3, 2)
+    sizes: tuple[int, ...] = (224, 288, 320, 352, 384, 448, 560, 672)
+    runs: tuple[int, ...] = (40, 30, 30, 30, 30, 20, 15, 12)
+    warmup: tuple[int, ...] = (5, 5, 3, 3, 3, 3, 2, 2)
+    passes: int = 3
     budget: float = 0.63
     align: int = 8
     threads: int = 2
@@ -96,11 +103,11 @@ class CrossoverConfig:
                              f"runs {self.runs}, warmup {self.warmup}")
         if any(s % 16 for s in self.sizes) or list(self.sizes) != sorted(set(self.sizes)):
             raise ValueError(f"sizes must be increasing multiples of the patch size 16, got {self.sizes}")
-        if min(self.runs) < 1 or min(self.warmup) < 0 or self.threads < 1 or self.parity_images < 1:
-            raise ValueError("runs, threads and parity_images must be at least 1, warmup at least 0")
+        if min(self.runs) < 1 or min(self.warmup) < 0 or min(self.threads, self.parity_images, self.passes) < 1:
+            raise ValueError("runs, passes, threads and parity_images must be at least 1, warmup at least 0")
 
 
-QUICK = CrossoverConfig(sizes=(64, 96), runs=(2, 2), warmup=(1, 1))
+QUICK = CrossoverConfig(sizes=(64, 96), runs=(2, 2), warmup=(1, 1), passes=2)
 """Two tiny sizes and two rounds: checks the whole path (for tests), measures nothing useful."""
 
 
@@ -143,17 +150,28 @@ def _parity(path: Path, model: nn.Module, images: torch.Tensor) -> dict[str, Any
         return {"passed": False, "error": str(err)}
 
 
-def _paired(samples: dict[str, tuple[float, ...]], name: str) -> dict[str, float]:
-    """Median and quartiles of the per-round ratio to the reference (same round, adjacent runs)."""
-    ratios = [a / b for a, b in zip(samples[name], samples[REFERENCE])]
+def _paired(passes: Sequence[LatencyResult], name: str) -> dict[str, float]:
+    """Median and quartiles of the per-round ratio to the reference (same round, adjacent runs), all passes pooled."""
+    ratios = [a / b for result in passes for a, b in zip(result.samples_ms[name], result.samples_ms[REFERENCE])]
     q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
     return {"median": statistics.median(ratios), "q1": q[0], "q3": q[2]}
+
+
+def time_in_fresh_process(paths: dict[str, Path], **settings: Any) -> LatencyResult:
+    """:func:`exporter.latency.measure_latency` on ``paths``, run in a new (spawned) Python process."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(measure_latency, paths, **settings).result()
 
 
 def measure_size(px: int, runs: int, warmup: int, cfg: CrossoverConfig, work: Path,
                  step: Callable[[str], None] = lambda _text: None) -> dict[str, Any]:
     """Build, export, check and time the four models at ``px``; returns the size's rows.
 
+    The files are timed in ``cfg.passes`` independent passes, each one interleaved run in a fresh
+    process. On this 2-core VM the all-linear model's latency at large sizes moved between runs by
+    far more than the quartiles within a run (221 to 273 ms at 672 px over five runs, softmax 374
+    to 396 ms), so one run can put the crossover a size early or late. A row's ``ms`` is the median
+    over passes of each pass's median, and ``pass_ratios`` shows the spread between passes.
     ``step(text)`` is called before each stage (for a progress display).
     """
     work.mkdir(parents=True, exist_ok=True)
@@ -189,17 +207,24 @@ def measure_size(px: int, runs: int, warmup: int, cfg: CrossoverConfig, work: Pa
         del dense, pruned
     timed: dict[str, Any] = {}
     if REFERENCE in paths:
-        step(f"{px} px: timing {len(paths)} files, {runs} interleaved rounds")
-        result = measure_latency(paths, batch=1, threads=cfg.threads, runs=runs, warmup=warmup,
-                                 input_size=(3, px, px), seed=cfg.seed)
-        timed = {"provider": result.provider, "settings": result.settings, "machine": result.machine}
+        passes = []
+        for i in range(cfg.passes):
+            step(f"{px} px: timing {len(paths)} files, pass {i + 1}/{cfg.passes} of {runs} interleaved rounds")
+            passes.append(time_in_fresh_process(paths, batch=1, threads=cfg.threads, runs=runs, warmup=warmup,
+                                                input_size=(3, px, px), seed=cfg.seed, progress=False))
+        timed = {"provider": passes[0].provider, "settings": passes[0].settings, "machine": passes[0].machine}
+        reference_ms = statistics.median(r.median_ms[REFERENCE] for r in passes)
         for name in paths:
-            rows[name].update(ms=result.median_ms[name], ratio=result.ratio(name, REFERENCE),
-                              paired=_paired(result.samples_ms, name), samples_ms=list(result.samples_ms[name]))
+            ms = statistics.median(r.median_ms[name] for r in passes)
+            rows[name].update(ms=ms, ratio=ms / reference_ms, paired=_paired(passes, name),
+                              pass_ms=[r.median_ms[name] for r in passes],
+                              pass_ratios=[r.ratio(name, REFERENCE) for r in passes],
+                              samples_ms=[list(r.samples_ms[name]) for r in passes])
     for name, row in rows.items():
         if "ms" not in row:
-            row.update(ms=None, ratio=None, paired=None, samples_ms=[])
-    return {"px": px, "tokens": tokens, "runs": runs, "warmup": warmup, "rows": list(rows.values()), **timed}
+            row.update(ms=None, ratio=None, paired=None, pass_ms=[], pass_ratios=[], samples_ms=[])
+    return {"px": px, "tokens": tokens, "runs": runs, "warmup": warmup, "passes": cfg.passes,
+            "rows": list(rows.values()), **timed}
 
 
 def mac_crossover(softmax: ModelGeometry, linear: ModelGeometry, limit_px: int = 2048) -> int | None:
@@ -223,17 +248,21 @@ def mac_crossover(softmax: ModelGeometry, linear: ModelGeometry, limit_px: int =
 def crossover(sizes: Sequence[dict[str, Any]], linear: str, softmax: str) -> dict[str, Any]:
     """Where ``linear`` (a model name) starts to be faster than ``softmax``, from the measured medians.
 
-    ``from_px`` is the smallest measured size from which linear is faster at every larger measured
-    size too; ``estimate_px`` interpolates log(latency ratio) linearly in px between the last size it
+    ``from_px`` is the smallest measured size from which linear is faster (median over passes) at
+    every larger measured size too; ``passes_disagree_px`` lists the sizes where one pass had linear
+    faster and another slower; ``estimate_px`` interpolates log(latency ratio) linearly in px between the last size it
     lost and the first it won (None when it wins everywhere or nowhere).
     """
-    points = []
+    points, split = [], []
     for size in sizes:
         rows = {r["model"]: r for r in size["rows"]}
         if rows.get(linear, {}).get("ms") and rows.get(softmax, {}).get("ms"):
             points.append((size["px"], rows[linear]["ms"] / rows[softmax]["ms"]))
-    result: dict[str, Any] = {"linear": linear, "softmax": softmax,
-                              "ratios": {str(px): r for px, r in points}, "from_px": None, "estimate_px": None}
+            per_pass = [a / b for a, b in zip(rows[linear].get("pass_ms", []), rows[softmax].get("pass_ms", []))]
+            if per_pass and min(per_pass) < 1.0 < max(per_pass):
+                split.append(size["px"])
+    result: dict[str, Any] = {"linear": linear, "softmax": softmax, "ratios": {str(px): r for px, r in points},
+                              "passes_disagree_px": split, "from_px": None, "estimate_px": None}
     if not points:
         return result
     winning = [r < 1.0 for _, r in points]
@@ -258,8 +287,13 @@ def _sentence(c: dict[str, Any], sizes: Sequence[int], what: str) -> str:
         return f"{what}: linear attention is already faster at the smallest measured size, {smallest} px (linear / softmax latency: {ratios})."
     before = max(p for p in map(int, c["ratios"]) if p < c["from_px"])
     estimate = f", about {c['estimate_px']} px by interpolating the log ratio" if c["estimate_px"] else ""
+    close = [px for px, r in c["ratios"].items() if abs(r - 1.0) <= NEAR_TIE]
+    tie = (f" Within {NEAR_TIE:.0%} of a tie at {', '.join(f'{px} px' for px in close)}: there the two run at"
+           " about the same speed and the order can change from run to run." if close else "")
+    disagree = c.get("passes_disagree_px") or []
+    split = (f" The timing passes disagreed on which is faster at {', '.join(f'{px} px' for px in disagree)}." if disagree else "")
     return (f"{what}: linear attention is faster from {c['from_px']} px on, and slower at {before} px: the crossover "
-            f"lies between them{estimate} (linear / softmax latency: {ratios}).")
+            f"lies between them{estimate} (linear / softmax latency: {ratios}).{tie}{split}")
 
 
 def summarise(report: dict[str, Any]) -> None:
@@ -338,8 +372,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Machine: {m.get('cpu_model')}, {m.get('cpus_usable')} usable cores, onnxruntime {m.get('onnxruntime')}, "
         f"torch {m.get('torch')}. {cfg['threads']} intra-op threads, spinning off, CPUExecutionProvider, batch 1.",
-        "The four files of one size were timed in one interleaved run; figures are medians. `ratio` is median latency",
-        "over softmax dense's at the same size; `paired` is the median (quartiles) of per-round ratios. Every file",
+        "The four files of one size were timed in one interleaved run, repeated in independent passes, each in a fresh",
+        "process. `ms` is the median over passes of each pass's median; `ratio` is that over softmax dense's at the same",
+        "size; `per pass` gives each pass's ratio; `paired` is the median (quartiles) of per-round ratios, passes pooled. Every file",
         f"passed parity against its PyTorch model ({cfg['parity_images']} random images) before it was timed, unless",
         "the parity column says otherwise. MACs: analytic (search.macs) and counted from the graph (exporter.onnx_macs).",
         f"Command: `{report['command']}` ({report['wall_s'] / 60:.1f} min). {_load(report)}".rstrip(),
@@ -348,16 +383,20 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         *[f"- {f}" for f in report["findings"]],
         "",
-        "| px | tokens | rounds | model | MACs analytic (G) | MACs graph (G) | MACs / softmax dense | ms | ratio | paired | parity max \\|Δ\\| |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---|",
+        "| px | tokens | passes × rounds | model | MACs analytic (G) | MACs graph (G) | MACs / softmax dense | ms | ratio "
+        "| per pass | paired | parity max \\|Δ\\| |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for size in report["sizes"]:
         for r in size["rows"]:
             p = r["parity"]
             parity = f"{p['max_abs_diff']:.1e}" if p.get("passed") else f"FAILED: {p.get('error', '')[:80]}"
-            timing = (f"{r['ms']:.1f} | {r['ratio']:.3f} | {r['paired']['median']:.3f} ({r['paired']['q1']:.3f}–{r['paired']['q3']:.3f})"
-                      if r["ms"] is not None else "not timed | | ")
-            lines.append(f"| {size['px']} | {size['tokens']} | {size['runs']} | {r['model']} | {_g(r['analytic_macs'])} | "
+            per_pass = ", ".join(f"{x:.2f}" for x in r.get("pass_ratios", []))
+            timing = (f"{r['ms']:.1f} | {r['ratio']:.3f} | {per_pass} | "
+                      f"{r['paired']['median']:.3f} ({r['paired']['q1']:.3f}–{r['paired']['q3']:.3f})"
+                      if r["ms"] is not None else "not timed | | | ")
+            rounds = f"{size.get('passes', 1)} × {size['runs']}"
+            lines.append(f"| {size['px']} | {size['tokens']} | {rounds} | {r['model']} | {_g(r['analytic_macs'])} | "
                          f"{_g(r['onnx_macs'])} | {r['mac_ratio_to_reference']:.3f} | {timing} | {parity} |")
     lines += [
         "",
