@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from exporter.reweight import HeadReweight, UnitScale
 from search.acp import batch_indices
 from search.core.atomic import atomic_path
-from search.distill import DistillStudent, distill_loss, distill_targets
+from search.distill import DistillStudent, distill_loss, distill_targets, distill_step_loss
 from search.knn import knn_top1
 from search.core.progress import progress_bar
 from search.core.runtime import Runtime, on_device
@@ -209,10 +209,7 @@ def _recover(
             student.train()
             idx = runtime.shard(batch_indices(len(images), config.batch_size, config.seed + 7919, step))
             batch = images[idx].to(runtime.device)
-            with torch.no_grad(), runtime.autocast():
-                target = distill_targets(teacher, batch, classifier)
-            with runtime.autocast():
-                loss = distill_loss(trained(batch), target, classifier)
+            loss = distill_step_loss(teacher, trained, batch, classifier, runtime)
             for group in optimiser.param_groups:
                 group["lr"] = group["peak_lr"] * lr_factor(step, config)
             optimiser.zero_grad(set_to_none=True)

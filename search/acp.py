@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from search.activations import capture
 from search.core.atomic import atomic_path
 from search.attention_init import init_logits
-from search.distill import DistillStudent, distill_loss, distill_targets
+from search.distill import DistillStudent, distill_step_loss
 from search.gates import ChannelGates, head_gated
 from search.importance import BlockScores
 from search.macs import ModelGeometry, model_macs
@@ -178,10 +178,7 @@ def _search_loop(
         for step in range(start, config.steps):
             idx = runtime.shard(batch_indices(len(pool), config.batch_size, config.seed, step))
             batch = pool[idx]
-            with torch.no_grad(), runtime.autocast():
-                teacher = distill_targets(model, batch, classifier)
-            with runtime.autocast():
-                kd = distill_loss(student(batch), teacher, classifier)
+            kd = distill_step_loss(model, student, batch, classifier, runtime)
             ratio = gates.expected_macs() / dense
             ramp = config.polarize * done_fraction(step, config.steps)
             loss = kd + config.budget_weight * torch.relu(ratio - config.budget) + ramp * polarisation(gates)

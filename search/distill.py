@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from search.core.runtime import Runtime
 from search.families import family_of
 from search.gates import Gates
 
@@ -53,6 +54,17 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, classifier: bool)
     per_block = (hidden_s - hidden_t).pow(2).mean(dim=(0, 2, 3)) / hidden_t.pow(2).mean(dim=(0, 2, 3)).clamp_min(1e-12)
     cls = (1.0 - F.cosine_similarity(student[:, -1, 0], teacher[:, -1, 0], dim=-1)).mean()
     return per_block.mean() + cls
+
+
+def distill_step_loss(teacher: nn.Module, student: nn.Module, batch: torch.Tensor, classifier: bool, runtime: Runtime) -> torch.Tensor:
+    """One training step's distillation loss: the frozen teacher's targets (no gradient), then the student's loss.
+
+    Both run under the runtime's autocast; every distillation loop (acp, DSP, recovery) goes through here.
+    """
+    with torch.no_grad(), runtime.autocast():
+        target = distill_targets(teacher, batch, classifier)
+    with runtime.autocast():
+        return distill_loss(student(batch), target, classifier)
 
 
 class DistillStudent(nn.Module):

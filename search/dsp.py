@@ -45,7 +45,7 @@ from search.core.atomic import atomic_path
 from search.core.errors import OptionError
 from search.core.progress import progress_bar
 from search.core.runtime import Runtime, on_device
-from search.distill import DistillStudent, distill_loss, distill_targets
+from search.distill import DistillStudent, distill_step_loss
 from search.gates import head_gated
 from search.heads import HeadTarget, layer_counts, top_heads, total_heads
 from search.macs import ModelGeometry
@@ -296,10 +296,7 @@ def _search_loop(
             batch = pool[idx]
             t = config.temperature(step)
             logits.prepare(t, gumbel_noise(n, config.seed, step))
-            with torch.no_grad(), runtime.autocast():
-                teacher = distill_targets(model, batch, classifier)
-            with runtime.autocast():
-                kd = distill_loss(student(batch), teacher, classifier)
+            kd = distill_step_loss(model, student, batch, classifier, runtime)
             optimiser.zero_grad(set_to_none=True)
             kd.backward()
             optimiser.step()

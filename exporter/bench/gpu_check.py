@@ -37,7 +37,7 @@ from exporter.reweight import add_reweights
 from exporter.surgery import apply_plan
 from search.acp import AcpConfig, acp_search, batch_indices
 from search.core.atomic import atomic_path
-from search.distill import DistillStudent, distill_loss, distill_targets
+from search.distill import DistillStudent, distill_step_loss
 from search.core.errors import UserError
 from search.macs import describe
 from search.models import load_model
@@ -80,10 +80,7 @@ def _dense_train_times(model: nn.Module, pool: torch.Tensor, batch_size: int, rt
     def loop(on_step: Callable[[int], None]) -> None:
         for step in range(TIMED_STEPS + WARMUP_STEPS):
             batch = pool[batch_indices(len(pool), batch_size, 0, step).to(pool.device)]
-            with torch.no_grad(), rt.autocast():
-                target = distill_targets(teacher, batch, False)
-            with rt.autocast():
-                loss = distill_loss(trained(batch), target, False)
+            loss = distill_step_loss(teacher, trained, batch, False, rt)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
