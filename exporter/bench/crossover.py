@@ -48,6 +48,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 import search.flatten_models  # noqa: F401  (registers flatten_deit_s with timm)
+from exporter.bench.jitter import jitter
 from exporter.latency import LatencyResult, machine_info, measure_latency
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_onnx_macs
@@ -57,7 +58,6 @@ from search.allocate import SolverConfig, make_plan
 from search.attention import TokenLayout, get_kind
 from search.core.atomic import atomic_path
 from search.core.errors import ParityError
-from search.flatten_attention import FocusedLinearAttention
 from search.importance import magnitude_scores
 from search.macs import ModelGeometry, describe, model_macs
 
@@ -109,22 +109,6 @@ class CrossoverConfig:
 
 QUICK = CrossoverConfig(sizes=(64, 96), runs=(2, 2), warmup=(1, 1), passes=2)
 """Two tiny sizes and two rounds: checks the whole path (for tests), measures nothing useful."""
-
-
-def jitter(model: nn.Module, seed: int) -> nn.Module:
-    """Make biases, norm parameters and FLatten's scale and positional encoding non-trivial, in place.
-
-    timm's random init sets biases to 0 and norm weights to 1, and FLatten starts its scale and
-    positional encoding at 0; onnxsim then deletes the Adds and Muls that a trained model keeps.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            extra = (module.scale, module.positional_encoding) if isinstance(module, FocusedLinearAttention) else ()
-            for p in module.parameters(recurse=False):
-                if p.dim() == 1 or any(p is e for e in extra):
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    return model
 
 
 def build(attention: str, px: int, seed: int) -> nn.Module:

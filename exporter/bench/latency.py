@@ -48,6 +48,7 @@ from torch import nn
 from search.core.errors import ParityError, RuntimeLoadError
 from exporter.latency import LatencyResult, machine_info, measure_latency
 from exporter.bench.head_plans import head_pruned_plans
+from exporter.bench.jitter import jitter
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_ops
 from exporter.ort_target import FUSED, OrtTargetConfig, optimize_for_ort
@@ -124,20 +125,6 @@ class Artifact:
     parity: dict[str, Any]
 
 
-def _jitter_vectors(model: nn.Module, seed: int) -> nn.Module:
-    """Make biases and norm parameters non-trivial, in place.
-
-    timm's random init sets biases to 0 and norm weights to 1; onnxsim then deletes those Adds and
-    Muls, leaving a graph lighter than any trained model's. Jittering keeps the graph realistic.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    return model
-
-
 def _plain_export(model: nn.Module, path: Path, input_size: tuple[int, int, int]) -> Path:
     """What a user would ship without this tool: torch.onnx.export at opset 17, nothing else."""
     buffer = io.BytesIO()
@@ -196,7 +183,7 @@ class _Builder:
         if not loaded.random_weights:
             console.print(f"[yellow]{name}: found real weights; the bench still jitters biases[/]")
         self.name = name
-        self.model = _jitter_vectors(loaded.model, cfg.seed)
+        self.model = jitter(loaded.model, cfg.seed)
         self.timm_name = loaded.timm_name
         self.input_size = tuple(loaded.data_config["input_size"])
         self.geometry = describe(self.model)
