@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from search.core.errors import DataError, OptionError, OutputPathError, PlanError
+from search.methods import SEARCHES_CHANNELS
 from search.plan import Plan
 from search.core.runtime import resolve_device
 
@@ -52,6 +53,17 @@ def check_run_inputs(cfg: RunConfig) -> None:
     resolve_device(cfg.device)
     check_work_dir(cfg.output)
     check_head_options(cfg)
+    check_acp_options(cfg)
+
+
+def check_acp_options(cfg: RunConfig) -> None:
+    """Raise OptionError for an unknown --indicator, --widths or --gate-optimiser, or one given to a method without the acp search."""
+    cfg.acp_config()
+    given = [name for name, value in (("--indicator", cfg.indicator), ("--widths", cfg.widths), ("--gate-optimiser", cfg.gate_optimiser))
+             if value is not None]
+    if given and cfg.method is not None and cfg.method not in SEARCHES_CHANNELS:
+        raise OptionError(f"{', '.join(given)} set the acp search: use --method {' or '.join(SEARCHES_CHANNELS)}, "
+                          f"not --method {cfg.method}")
 
 
 HEAD_METHODS_HINT = "--method dsp, dsp+acp or head-magnitude"

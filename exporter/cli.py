@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from search.core.errors import BudgetError, UserError
+from search.acp import AcpConfig
 from search.dsp import DspConfig
 from search.methods import HEAD_SHARE, method_names
 
@@ -64,6 +65,15 @@ def prune_export(
     no_similarity: bool = typer.Option(False, "--no-similarity", help="acp ablation: no similarity-based weights."),
     no_attn_init: bool = typer.Option(False, "--no-attn-init", help="acp ablation: constant indicator init."),
     no_reweight: bool = typer.Option(False, "--no-reweight", help="Ablation: no reweight modules in recovery."),
+    indicator: Optional[str] = typer.Option(
+        None, help=f"acp: shared (one indicator per channel index, the same in every head) or free (one per head and "
+        f"channel; equal removal imposed at the cut). Default {AcpConfig.indicator}."),
+    widths: Optional[str] = typer.Option(
+        None, help=f"acp: search (the widths the search converged to, rounded under the budget) or greedy (re-derived "
+        f"from the ranking). Default {AcpConfig.widths}."),
+    gate_optimiser: Optional[str] = typer.Option(
+        None, help=f"acp: shared-scale (steps in proportion to the gradients) or adam (per-indicator scale). "
+        f"Default {AcpConfig.optimiser}."),
     search_images: int = typer.Option(256, min=1, help="Images from --data for search and recovery."),
     heldout_images: int = typer.Option(200, min=2, help="Further images from --data held out for model selection."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N for search and recovery."),
@@ -108,6 +118,7 @@ def prune_export(
             model=model, budget=budget_value, output=output, method=method, align=align_value,
             checkpoint=checkpoint, random_init=random_init, img_size=img_size, data=data, plan=plan,
             per_head_indices=per_head_indices, similarity=not no_similarity, attn_init=not no_attn_init,
+            indicator=indicator, widths=widths, gate_optimiser=gate_optimiser,
             reweight=not no_reweight, search_steps=search_steps, finetune_steps=finetune_steps,
             search_images=search_images, heldout_images=heldout_images, device=device, seed=seed,
             calib_images=calib_images, target=target, precision=precision, quantize=quantize,

@@ -35,7 +35,7 @@ from search.core.atomic import ensure_writable_dir
 from search.core.errors import OutputPathError, UserError
 from search.core.runtime import Runtime, runtime
 from search.heads import total_heads
-from search.methods import METHODS
+from search.methods import METHODS, SEARCHES_CHANNELS
 from search.models import load_model
 
 __all__ = ["Images", "RunConfig", "load_images", "resolve_defaults", "run"]
@@ -102,9 +102,12 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
     model = loaded.model
     geometry = loaded.geometry
     input_size = tuple(loaded.data_config["input_size"])
+    acp = cfg.acp_config()
     console.print(
         f"[dim]method {cfg.method}, budget {cfg.budget:g}, align {cfg.align}, "
         + (f"search steps {cfg.search_steps}, " if cfg.method in SEARCHED else "")
+        + (f"indicator {acp.indicator} ({acp.optimiser}), widths from the {'search' if acp.widths == 'search' else 'greedy solver'}, "
+           if cfg.method in SEARCHES_CHANNELS else "")
         + f"recovery steps {cfg.finetune_steps}, device {rt.device}"
         + (", images: built-in photographs (no --data)" if cfg.data is None and not loaded.random_weights else "")
         + (f", {rt.world_size} ranks" if rt.distributed else "") + "[/]"
@@ -188,7 +191,8 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
         "search": {
             "method": cfg.method, "device": str(rt.device), "ranks": rt.world_size,
             **({"steps": cfg.search_steps} if cfg.method in SEARCHED else {}),
-            **({"similarity": cfg.similarity, "attn_init": cfg.attn_init} if cfg.method in ("acp", "dsp+acp") else {}),
+            **({"similarity": cfg.similarity, "attn_init": cfg.attn_init, "indicator": acp.indicator, "widths": acp.widths,
+                "gate_optimiser": acp.optimiser} if cfg.method in SEARCHES_CHANNELS else {}),
             **({"heads": {"kept": target.total, "of": total_heads(geometry), "scope": target.scope, "source": target.source}}
                if target is not None else {}),
             **({"dsp": asdict(cfg.dsp_config()) | {"cooldown": cfg.dsp_config().cooldown_steps}}

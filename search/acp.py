@@ -9,7 +9,13 @@
    soft widths meet the budget by sliding every gate down together, and the hard cut at the end
    is a different model from the one the search optimised.
 3. Rank channels by similarity weight × indicator; ``search.allocate`` turns the ranking into an
-   aligned Plan with MACs ≤ budget × dense exactly.
+   aligned Plan with MACs ≤ budget × dense exactly. The widths of that plan are either the soft
+   widths the search converged to, rounded to the alignment under the budget (``widths="search"``),
+   or re-derived greedily from the ranking (``widths="greedy"``); both are returned.
+
+The attention indicators are ``shared`` (one logit per channel index, the same in every head, so the
+soft model has the equal-removal structure of the cut) or ``free`` (one per head and channel, equal
+removal imposed only when the plan is cut); see ``search.gates``.
 
 With heads chosen first (``--method dsp+acp``), the search runs on the kept heads only: the
 activations are captured with the removed heads masked out, the removed heads' gates stay at 0, and
@@ -33,13 +39,19 @@ from search.activations import capture
 from search.core.atomic import atomic_path
 from search.attention_init import init_logits
 from search.distill import DistillStudent, distill_step_loss
+from search.gate_optim import SharedScaleAdam
 from search.gates import ChannelGates, head_gated
 from search.importance import BlockScores
-from search.macs import ModelGeometry, model_macs
+from search.core.errors import OptionError
+from search.macs import BlockWidths, ModelGeometry, model_macs
 from search.plan import KeptHeads
 from search.core.progress import progress_bar
 from search.core.runtime import Runtime, on_device
 from search.similarity import similarity_weights
+
+INDICATORS = ("free", "shared")
+WIDTHS = ("greedy", "search")
+OPTIMISERS = ("adam", "shared-scale")
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,12 @@ class AcpConfig:
         polarize: final weight of the g(1-g) term (linearly ramped from 0).
         similarity: use similarity-based weights in the ranking.
         attn_init: initialise indicators from attention differences (else a constant).
+        indicator: ``shared`` (one q/k and v logit per channel index for all heads) or ``free``
+            (one per head and channel).
+        widths: ``search`` (the plan's widths are the soft widths the search converged to, rounded
+            under the budget) or ``greedy`` (re-derived from the ranking by the budget solver).
+        optimiser: ``shared-scale`` (``search.gate_optim``: steps in proportion to the gradients) or
+            ``adam`` (per-logit scale; every gate of steady gradient sign moves alike).
         calib_images: images used for similarity weights and the initialisation.
         checkpoint_every: steps between checkpoints.
         seed: seeds batch sampling.
@@ -68,9 +86,46 @@ class AcpConfig:
     polarize: float = 1.0
     similarity: bool = True
     attn_init: bool = True
+    indicator: str = "free"
+    widths: str = "greedy"
+    optimiser: str = "adam"
     calib_images: int = 8
     checkpoint_every: int = 10
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.indicator not in INDICATORS:
+            raise OptionError(f"unknown --indicator {self.indicator!r}; use one of: {', '.join(INDICATORS)}")
+        if self.optimiser not in OPTIMISERS:
+            raise OptionError(f"unknown gate optimiser {self.optimiser!r}; use one of: {', '.join(OPTIMISERS)}")
+        if self.widths not in WIDTHS:
+            raise OptionError(f"unknown --widths {self.widths!r}; use one of: {', '.join(WIDTHS)}")
+
+
+@dataclass(frozen=True)
+class AcpResult:
+    """What the search found.
+
+    Attributes:
+        indicators: final gate values per block, in (0, 1).
+        initial: gate values per block before the first step.
+        weights: similarity weights per block (None when turned off).
+        widths: the soft widths the gates converged to (floats; per kept head for q/k and v).
+        expected_ratio: expected MACs at those widths / dense MACs.
+    """
+
+    indicators: tuple[BlockScores, ...]
+    initial: tuple[BlockScores, ...]
+    weights: tuple[BlockScores, ...] | None
+    widths: tuple[BlockWidths, ...]
+    expected_ratio: float
+
+    @property
+    def scores(self) -> tuple[BlockScores, ...]:
+        """The final ranking: similarity weight × indicator (the indicator alone without weights)."""
+        if self.weights is None:
+            return self.indicators
+        return tuple(BlockScores(qk=w.qk * s.qk, v=w.v * s.v, mlp=w.mlp * s.mlp) for w, s in zip(self.weights, self.indicators))
 
 
 def batch_indices(pool_size: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
@@ -123,8 +178,8 @@ def acp_search(
     state_path: Path | None = None,
     on_step: Callable[[int], None] | None = None,
     heads: KeptHeads | None = None,
-) -> tuple[BlockScores, ...]:
-    """Search the indicators and return the final ranking scores (weight × indicator) per block.
+) -> AcpResult:
+    """Search the indicators; the result holds the ranking (weight × indicator) and the soft widths.
 
     Args:
         model: the dense model; it is not modified.
@@ -139,10 +194,7 @@ def acp_search(
             prunes channels of those heads only.
     """
     with on_device(runtime, model):
-        indicators, weights = _search_loop(model, geometry, images, config, classifier, runtime, state_path, on_step, heads)
-    if weights is None:
-        return indicators
-    return tuple(BlockScores(qk=w.qk * s.qk, v=w.v * s.v, mlp=w.mlp * s.mlp) for w, s in zip(weights, indicators))
+        return _search_loop(model, geometry, images, config, classifier, runtime, state_path, on_step, heads)
 
 
 def _search_loop(
@@ -155,15 +207,17 @@ def _search_loop(
     state_path: Path | None,
     on_step: Callable[[int], None] | None,
     heads: KeptHeads | None = None,
-) -> tuple[tuple[BlockScores, ...], tuple[BlockScores, ...] | None]:
-    """The indicator training on ``runtime.device``; returns the indicators and similarity weights, on the CPU."""
+) -> AcpResult:
+    """The indicator training on ``runtime.device``; the result is on the CPU."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     pool = images.to(runtime.device)
     weights, logits = _initial_scores(model, geometry, pool, config, heads)
-    gates = ChannelGates(geometry, init=logits, heads=heads).to(runtime.device)
-    optimiser = torch.optim.Adam(gates.parameters(), lr=config.lr)
+    gates = ChannelGates(geometry, init=logits, heads=heads, shared=config.indicator == "shared").to(runtime.device)
+    initial = gates.scores()
+    optimiser = SharedScaleAdam(gates.parameters(), lr=config.lr) if config.optimiser == "shared-scale" else \
+        torch.optim.Adam(gates.parameters(), lr=config.lr)
     start = 0
     if state_path is not None and state_path.is_file():
         state = torch.load(state_path, map_location=runtime.device, weights_only=True)
@@ -194,7 +248,8 @@ def _search_loop(
             advance(f"kd {kd.item():.4f}  E[MACs] {ratio.item():.3f}")
             if on_step is not None:
                 on_step(done)
-    indicators = gates.scores()
     if weights is not None:
         weights = tuple(BlockScores(qk=w.qk.cpu(), v=w.v.cpu(), mlp=w.mlp.cpu()) for w in weights)
-    return indicators, weights
+    with torch.no_grad():
+        ratio = float(gates.expected_macs() / dense)
+    return AcpResult(indicators=gates.scores(), initial=initial, weights=weights, widths=gates.soft_widths(), expected_ratio=ratio)

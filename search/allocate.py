@@ -14,6 +14,10 @@ When heads were chosen first (head pruning, ``--method dsp`` and ``dsp+acp``), t
 from those heads instead of all of them: a block keeps ``heads[i]`` at dense widths, only their
 channels are scored and cut, and a block that keeps no head has no q/k or v group left. A head-only
 plan that already fits the budget is returned with every kept head whole.
+
+A search that converged to widths of its own (acp's soft widths) can set them instead of the greedy
+pass: ``round_widths`` rounds each to the alignment and then corrects the total to the exact budget,
+changing first the groups whose rounding moved them furthest from their target.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import torch
 from search.attention import get_kind
 from search.core.errors import BudgetError, PlanError
 from search.importance import BlockScores
-from search.macs import BlockWidths, ModelGeometry, model_macs, unit_macs
+from search.macs import BlockWidths, ModelGeometry, block_macs, model_macs, unit_macs
 from search.plan import BlockPlan, KeptHeads, Plan
 
 GROUPS = ("qk", "v", "mlp")
@@ -100,6 +104,18 @@ def min_widths(geometry: ModelGeometry, align: int, heads: KeptHeads | None = No
     )
 
 
+def _check_floor(geometry: ModelGeometry, config: SolverConfig, heads: KeptHeads | None, target: float, dense: int) -> None:
+    """BudgetError (naming the fix) when even the smallest aligned model is above ``target``."""
+    floor = model_macs(geometry, min_widths(geometry, config.align, heads))
+    if floor > target:
+        kept = "" if heads is None else f" and the {sum(map(len, heads))} heads chosen"
+        raise BudgetError(
+            f"budget {config.budget:g} is unreachable: the smallest model with widths aligned to "
+            f"{config.align}{kept} keeps {floor / dense:.3f} of the MACs; raise --budget or lower --align"
+            + ("" if heads is None else " (or keep fewer heads)")
+        )
+
+
 def solve_widths(
     geometry: ModelGeometry, scores: tuple[BlockScores, ...], config: SolverConfig, heads: KeptHeads | None = None
 ) -> tuple[BlockWidths, ...]:
@@ -109,14 +125,7 @@ def solve_widths(
     """
     dense = model_macs(geometry)
     target = config.budget * dense
-    floor = model_macs(geometry, min_widths(geometry, config.align, heads))
-    if floor > target:
-        kept = "" if heads is None else f" and the {sum(map(len, heads))} heads chosen"
-        raise BudgetError(
-            f"budget {config.budget:g} is unreachable: the smallest model with widths aligned to "
-            f"{config.align}{kept} keeps {floor / dense:.3f} of the MACs; raise --budget or lower --align"
-            + ("" if heads is None else " (or keep fewer heads)")
-        )
+    _check_floor(geometry, config, heads, target, dense)
     kept_rows = [list(range(g.attention.num_heads)) if heads is None else list(heads[i]) for i, g in enumerate(geometry.blocks)]
     costs = [
         {g: _removal_costs(getattr(s, g) if g == "mlp" else getattr(s, g)[rows], config.per_head_indices, config.normalise)
@@ -147,6 +156,64 @@ def solve_widths(
     return tuple(widths)
 
 
+def _step_up(width: int, full: int, align: int) -> int | None:
+    if width >= full:
+        return None
+    return min(full, (width // align + 1) * align)
+
+
+def _nearest(target: float, full: int, floor: int, align: int) -> int:
+    """The allowed width (a multiple of ``align`` from ``floor`` up, or ``full``) nearest ``target``."""
+    allowed = sorted({*range(floor, full + 1, align), full}) if floor < full else [full]
+    return min(allowed, key=lambda w: (abs(w - target), -w))
+
+
+def round_widths(
+    geometry: ModelGeometry, targets: tuple[BlockWidths, ...], config: SolverConfig, heads: KeptHeads | None = None
+) -> tuple[BlockWidths, ...]:
+    """Aligned widths nearest the (fractional) ``targets``, with MACs ≤ budget × dense.
+
+    Each q/k, v and MLP width is first rounded to the nearest allowed width (multiples of ``align``,
+    or the start width). Then, while over budget, one step is taken off the group whose width lies
+    furthest above its target, relative to its start width; and while a step fits, one is added to
+    the group lying furthest below it, so the plan uses the budget as the greedy solver does.
+    Raises BudgetError when the budget is unreachable at this alignment.
+    """
+    dense = model_macs(geometry)
+    target = config.budget * dense
+    _check_floor(geometry, config, heads, target, dense)
+    full = start_widths(geometry, heads)
+    floor = min_widths(geometry, config.align, heads)
+    widths = [
+        replace(f, **{g: _nearest(float(getattr(t, g)), getattr(f, g), getattr(lo, g), config.align) for g in GROUPS if getattr(f, g)})
+        for f, lo, t in zip(full, floor, targets)
+    ]
+
+    def gap(i: int, g: str) -> float:
+        return (float(getattr(targets[i], g)) - getattr(widths[i], g)) / getattr(full[i], g)
+
+    macs = model_macs(geometry, tuple(widths))
+    while macs > target:
+        moves = [(i, g, nxt) for i, w in enumerate(widths) for g in GROUPS
+                 if getattr(full[i], g) and (nxt := _next_width(getattr(w, g), config.align)) is not None
+                 and nxt >= getattr(floor[i], g)]
+        i, g, nxt = min(moves, key=lambda m: gap(m[0], m[1]))
+        widths[i] = replace(widths[i], **{g: nxt})
+        macs = model_macs(geometry, tuple(widths))
+    while True:
+        moves = []
+        for i, w in enumerate(widths):
+            for g in GROUPS:
+                up = _step_up(getattr(w, g), getattr(full[i], g), config.align)
+                if up is not None and macs - block_macs(geometry, i, w) + block_macs(geometry, i, replace(w, **{g: up})) <= target:
+                    moves.append((i, g, up))
+        if not moves:
+            return tuple(widths)
+        i, g, up = max(moves, key=lambda m: gap(m[0], m[1]))
+        widths[i] = replace(widths[i], **{g: up})
+        macs = model_macs(geometry, tuple(widths))
+
+
 def _top(scores: torch.Tensor, k: int) -> tuple[int, ...]:
     return tuple(sorted(torch.topk(scores.double(), k, sorted=False).indices.tolist()))
 
@@ -174,10 +241,13 @@ def make_plan(
     img_size: int,
     method: str,
     heads: KeptHeads | None = None,
+    targets: tuple[BlockWidths, ...] | None = None,
 ) -> Plan:
     """Solve widths under the budget and pick the indices to keep: the search's final Plan.
 
     ``heads``: the heads each block keeps, when a head-pruning method chose them (all when None).
+    ``targets``: widths a search converged to; they are rounded under the budget (``round_widths``)
+    instead of being re-derived from the scores (``solve_widths``).
     """
     shared = sorted({g.kind for g in geometry.blocks if get_kind(g.kind).shared_v_indices})
     if config.per_head_indices and shared:
@@ -185,7 +255,7 @@ def make_plan(
             f"--per-head-indices cannot prune {', '.join(shared)} attention: a part shared by its heads (the DWC) "
             "reads the v channels, so every head must keep the same ones; drop --per-head-indices"
         )
-    widths = solve_widths(geometry, scores, config, heads)
+    widths = solve_widths(geometry, scores, config, heads) if targets is None else round_widths(geometry, targets, config, heads)
     kept = (None,) * len(widths) if heads is None else heads
     blocks = tuple(select_indices(s, w, config.per_head_indices, h) for s, w, h in zip(scores, widths, kept))
     plan = Plan(

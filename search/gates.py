@@ -1,4 +1,11 @@
-"""Pruning indicators: a learnable soft gate per (head, channel) for q/k and v, and per MLP unit.
+"""Pruning indicators: learnable soft gates for the q/k and v channels of every head, and per MLP unit.
+
+Two forms of the attention indicators (``AcpConfig.indicator``):
+- ``shared``: one logit per channel index, shared by every head of the block. The soft model the
+  search trains then has the structure of the cut it ends in: surgery removes the same channel
+  indices from every head, and so does a closing gate here.
+- ``free``: one logit per (head, channel). The search may close a channel in one head only, and
+  equal removal is imposed afterwards, when the solver sums the scores over heads.
 
 Parametrisation (our choice): gate = sigmoid(logit). A sigmoid keeps every
 gate in (0, 1), so the expected kept width of a group is simply the sum of its gates, and the
@@ -44,12 +51,14 @@ class ChannelGates(nn.Module):
         init: optional per-block initial logits; defaults to ``init_logit`` everywhere.
         init_logit: the constant starting logit when ``init`` is None.
         heads: the heads each block keeps (all when None); the gates of the others are held at 0.
+        shared: one q/k and one v logit per channel index, shared by every head (the ``shared``
+            indicator); per-head initial logits are averaged over the kept heads.
     """
 
     def __init__(self, geometry: ModelGeometry, init: tuple[BlockScores, ...] | None = None, init_logit: float = 3.0,
-                 heads: KeptHeads | None = None) -> None:
+                 heads: KeptHeads | None = None, shared: bool = False) -> None:
         super().__init__()
-        self.geometry = geometry
+        self.geometry, self.shared = geometry, shared
         qk, v, mlp = [], [], []
         self.kept_heads = tuple(g.attention.num_heads if heads is None else len(heads[i]) for i, g in enumerate(geometry.blocks))
         for i, g in enumerate(geometry.blocks):
@@ -60,13 +69,16 @@ class ChannelGates(nn.Module):
                 kept[list(heads[i])] = 1.0
             self.register_buffer(f"kept_{i}", kept, persistent=False)
             if init is None:
-                qk.append(torch.full((a.num_heads, a.qk_dim), init_logit))
-                v.append(torch.full((a.num_heads, a.v_dim), init_logit))
+                q0, v0 = torch.full((a.num_heads, a.qk_dim), init_logit), torch.full((a.num_heads, a.v_dim), init_logit)
                 mlp.append(torch.full((g.mlp_hidden,), init_logit))
             else:
-                qk.append(init[i].qk.float().clone())
-                v.append(init[i].v.float().clone())
+                q0, v0 = init[i].qk.float().clone(), init[i].v.float().clone()
                 mlp.append(init[i].mlp.float().clone())
+            if shared:
+                rows = kept.bool() if kept.any() else torch.ones(a.num_heads, dtype=torch.bool)
+                q0, v0 = q0[rows].mean(0), v0[rows].mean(0)
+            qk.append(q0)
+            v.append(v0)
         self.qk = nn.ParameterList(nn.Parameter(t) for t in qk)
         self.v = nn.ParameterList(nn.Parameter(t) for t in v)
         self.mlp = nn.ParameterList(nn.Parameter(t) for t in mlp)
@@ -77,13 +89,20 @@ class ChannelGates(nn.Module):
 
     def values(self, block: int) -> BlockScores:
         """The gates of one block, in (0, 1); exactly 0 in every head removed before the search."""
-        kept = self.head_mask(block)[:, None]
+        kept = self.head_mask(block)[:, None]  # (heads, 1): a shared (channels,) gate broadcasts over the heads
         return BlockScores(qk=torch.sigmoid(self.qk[block]) * kept, v=torch.sigmoid(self.v[block]) * kept,
                            mlp=torch.sigmoid(self.mlp[block]))
 
     def gating(self, model: nn.Module) -> ContextManager[nn.Module]:
         """``gated(model, self)``: the gates act within the context."""
         return gated(model, self)
+
+    def _widths(self, block: int) -> BlockWidths:
+        """Soft widths of one block as float64 tensors: per kept head for q/k and v, in units for the MLP."""
+        s, heads = self.values(block), self.kept_heads[block]
+        per_head = max(heads, 1)  # no head kept: the qk and v sums are 0, and so are the attention MACs
+        return BlockWidths(heads=heads, qk=s.qk.double().sum() / per_head, v=s.v.double().sum() / per_head,
+                           mlp=s.mlp.double().sum())
 
     def expected_macs(self) -> torch.Tensor:
         """Differentiable MACs at the soft widths, batch 1.
@@ -94,12 +113,16 @@ class ChannelGates(nn.Module):
         """
         total = torch.tensor(float(self.geometry.fixed_macs), dtype=torch.float64, device=self.qk[0].device)
         for i in range(len(self.geometry.blocks)):
-            s, heads = self.values(i), self.kept_heads[i]
-            per_head = max(heads, 1)  # no head kept: the qk and v sums are 0, and so are the attention MACs
-            widths = BlockWidths(heads=heads, qk=s.qk.double().sum() / per_head, v=s.v.double().sum() / per_head,
-                                 mlp=s.mlp.double().sum())
-            total = total + block_macs(self.geometry, i, widths)
+            total = total + block_macs(self.geometry, i, self._widths(i))
         return total
+
+    def soft_widths(self) -> tuple[BlockWidths, ...]:
+        """The widths the search converged to, per block (floats; the solver rounds them under the budget)."""
+        with torch.no_grad():
+            return tuple(
+                BlockWidths(heads=w.heads, qk=float(w.qk), v=float(w.v), mlp=float(w.mlp))
+                for w in map(self._widths, range(len(self.geometry.blocks)))
+            )
 
     def scores(self) -> tuple[BlockScores, ...]:
         """Detached gate values per block, the indicator part of the final ranking."""

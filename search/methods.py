@@ -1,8 +1,9 @@
 """Selection methods: named ways of choosing what to keep, all ending in the same Plan.
 
 A method may first choose whole heads (``heads``: a head-pruning method, see ``search.heads``) and
-then score channels (``score``: one ``BlockScores`` per block); ``search.allocate.make_plan`` turns
-any method's scores into a Plan under the budget, on the kept heads only when heads were chosen.
+then score channels (``score``: a ``ChannelChoice``, one ``BlockScores`` per block and, for a
+search, the widths it converged to); ``search.allocate.make_plan`` turns any method's choice into a
+Plan under the budget, on the kept heads only when heads were chosen.
 A method without ``score`` keeps its heads whole (``search.allocate.head_plan``).
 
 - ``acp``, ``magnitude``, ``random``: channels of every head.
@@ -24,7 +25,7 @@ from search.core.runtime import Runtime
 from search.dsp import DspConfig, dsp_search
 from search.heads import HeadTarget, head_magnitude_scores, top_heads
 from search.importance import BlockScores, magnitude_scores, random_scores
-from search.macs import ModelGeometry
+from search.macs import BlockWidths, ModelGeometry
 from search.plan import KeptHeads
 
 HEAD_SHARE = 0.5
@@ -65,6 +66,20 @@ class SearchInputs:
 
 
 @dataclass(frozen=True)
+class ChannelChoice:
+    """What a channel-scoring method found.
+
+    Attributes:
+        scores: importance per block (higher is kept).
+        widths: the soft widths a search converged to (None for a method that only scores); the
+            plan takes them when widths come from the search (``--widths search``).
+    """
+
+    scores: tuple[BlockScores, ...]
+    widths: tuple[BlockWidths, ...] | None = None
+
+
+@dataclass(frozen=True)
 class Method:
     """A selection method.
 
@@ -74,7 +89,7 @@ class Method:
         heads: chooses the heads to keep first; None for a method that keeps every head.
     """
 
-    score: Callable[[SearchInputs], tuple[BlockScores, ...]] | None
+    score: Callable[[SearchInputs], ChannelChoice] | None
     normalise: bool
     heads: Callable[[SearchInputs], KeptHeads] | None = None
 
@@ -97,18 +112,23 @@ def _magnitude_heads(i: SearchInputs) -> KeptHeads:
     return top_heads(head_magnitude_scores(i.model), i.heads, i.geometry)
 
 
-def _acp(i: SearchInputs) -> tuple[BlockScores, ...]:
-    return acp_search(i.model, i.geometry, i.images, i.acp, i.classifier, i.runtime, i.state_path, heads=i.kept)
+def _acp(i: SearchInputs) -> ChannelChoice:
+    found = acp_search(i.model, i.geometry, i.images, i.acp, i.classifier, i.runtime, i.state_path, heads=i.kept)
+    return ChannelChoice(found.scores, found.widths)
 
 
 METHODS: dict[str, Method] = {
     "acp": Method(_acp, normalise=False),
-    "magnitude": Method(lambda i: magnitude_scores(i.model), normalise=True),
-    "random": Method(lambda i: random_scores(i.geometry, i.acp.seed), normalise=True),
+    "magnitude": Method(lambda i: ChannelChoice(magnitude_scores(i.model)), normalise=True),
+    "random": Method(lambda i: ChannelChoice(random_scores(i.geometry, i.acp.seed)), normalise=True),
     "dsp": Method(None, normalise=False, heads=_dsp_heads),
     "dsp+acp": Method(_acp, normalise=False, heads=_dsp_heads),
     "head-magnitude": Method(None, normalise=False, heads=_magnitude_heads),
 }
+
+
+SEARCHES_CHANNELS = ("acp", "dsp+acp")
+"""The methods that run the acp channel search, the ones its settings (--indicator, --widths, ...) apply to."""
 
 
 def method_names() -> list[str]:

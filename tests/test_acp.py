@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from search.acp import acp_search
+from search.acp import acp_search, batch_indices
 from search.activations import capture
 from search.allocate import SolverConfig, make_plan
 from search.attention_init import attention_differences, init_logits
@@ -121,8 +122,8 @@ def test_closed_gates_equal_removed_channels():
 def test_search_is_deterministic_and_meets_the_budget():
     model, images = case()
     geometry = describe(model)
-    first = acp_search(model, geometry, images, CONFIG, classifier=True, runtime=CPU)
-    second = acp_search(model, geometry, images, CONFIG, classifier=True, runtime=CPU)
+    first = acp_search(model, geometry, images, CONFIG, classifier=True, runtime=CPU).scores
+    second = acp_search(model, geometry, images, CONFIG, classifier=True, runtime=CPU).scores
     for a, b in zip(first, second):
         assert torch.equal(a.qk, b.qk) and torch.equal(a.v, b.v) and torch.equal(a.mlp, b.mlp)
     plan = _plan(geometry, first)
@@ -133,7 +134,7 @@ def test_killed_search_loses_at_most_one_checkpoint_interval(tmp_path):
     model, images = case()
     geometry = describe(model)
     state = tmp_path / "search.pt"
-    reference = acp_search(model, geometry, images, CONFIG, classifier=True, runtime=CPU)
+    reference = acp_search(model, geometry, images, CONFIG, classifier=True, runtime=CPU).scores
 
     def die_at_7(step: int) -> None:
         if step == 7:
@@ -144,7 +145,7 @@ def test_killed_search_loses_at_most_one_checkpoint_interval(tmp_path):
     saved_step = torch.load(state, weights_only=True)["step"]
     assert 7 - saved_step < CONFIG.checkpoint_every and saved_step == 6
     steps_run = []
-    resumed = acp_search(model, geometry, images, CONFIG, classifier=True, runtime=CPU, state_path=state, on_step=steps_run.append)
+    resumed = acp_search(model, geometry, images, CONFIG, classifier=True, runtime=CPU, state_path=state, on_step=steps_run.append).scores
     assert steps_run == [7, 8]
     for a, b in zip(reference, resumed):
         for group in ("qk", "v", "mlp"):
@@ -158,10 +159,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_find_the_single_process_plan(tmp_path):
+def test_two_gloo_processes_find_the_single_process_plan_each_on_its_own_shard(tmp_path):
+    """Same plan as one process, and each rank trained on its half of every global batch only.
+
+    The plan alone cannot show the sharding: ranks that each used the whole batch would average
+    identical gradients and find the same plan. So the worker records the images each rank trained on.
+    """
     model, images = case()
     geometry = describe(model)
-    single = _plan(geometry, acp_search(model, geometry, images, CONFIG, classifier=True, runtime=CPU))
+    single = _plan(geometry, acp_search(model, geometry, images, CONFIG, classifier=True, runtime=CPU).scores)
     out = tmp_path / "ddp_plan.json"
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
@@ -170,3 +176,9 @@ def test_two_gloo_processes_find_the_single_process_plan(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert Plan.load(out) == single
+    seen = [json.loads(out.with_suffix(f".rank{r}.json").read_text()) for r in (0, 1)]
+    for rank, batches in enumerate(seen):
+        assert len(batches) == CONFIG.steps
+        for step, got in enumerate(batches):
+            expected = batch_indices(len(images), CONFIG.batch_size, CONFIG.seed, step)[rank::2].tolist()
+            assert got == expected, f"rank {rank} trained on {got} at step {step}, not its shard {expected}"

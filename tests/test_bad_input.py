@@ -26,9 +26,13 @@ def offline(monkeypatch):
         (["--seed", "-1"], ["--seed", "-1", "from 0"]),
         (["--device", "cuda:abc"], ["--device", "cuda:N", "'cuda:abc'"]),
         (["--device", "gpu"], ["--device", "'gpu'"]),
+        (["--indicator", "per-head"], ["--indicator", "'per-head'", "free, shared"]),
+        (["--widths", "learned"], ["--widths", "'learned'", "greedy, search"]),
+        (["--gate-optimiser", "sgd"], ["gate optimiser", "'sgd'", "adam, shared-scale"]),
+        (["--method", "magnitude", "--widths", "search"], ["--widths", "--method acp or dsp+acp", "not --method magnitude"]),
     ],
 )
-def test_bad_seed_and_device_fail_before_any_work(tmp_path, args, needles):
+def test_bad_seed_device_and_acp_options_fail_before_any_work(tmp_path, args, needles):
     out = tmp_path / "m.onnx"
     assert_clean_failure(invoke("test_vit", "--random-init", *args, "-o", out, *FAST), out, *needles)
 

@@ -49,7 +49,7 @@ def test_acp_then_recovery_run_on_the_device_and_return_cpu_results(device):
     images = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     geometry = describe(model)
     rt = Runtime(torch.device(device))
-    scores = acp_search(model, geometry, images, AcpConfig(budget=0.6, steps=3, batch_size=8, calib_images=4), False, rt)
+    scores = acp_search(model, geometry, images, AcpConfig(budget=0.6, steps=3, batch_size=8, calib_images=4), False, rt).scores
     assert _all_cpu(scores) and _devices_of(model) == {"cpu"}
     plan = make_plan(geometry, scores, SolverConfig(0.6, align=4, normalise=False), model="tiny", img_size=32, method="acp")
     pruned = apply_plan(model, plan)

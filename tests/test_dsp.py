@@ -213,7 +213,7 @@ def test_dsp_plus_acp_meets_the_budget_on_the_kept_heads_only():
                           heads=HeadTarget(k, "global"), dsp=DspConfig(steps=3, batch_size=8))
     method = METHODS["dsp+acp"]
     kept = method.heads(inputs)
-    scores = method.score(dataclasses.replace(inputs, kept=kept))
+    scores = method.score(dataclasses.replace(inputs, kept=kept)).scores
     plan = make_plan(geometry, scores, SolverConfig(budget, align=4, normalise=False), model="t", img_size=32,
                      method="dsp+acp", heads=kept)
     assert plan.pruned_macs <= budget * plan.dense_macs

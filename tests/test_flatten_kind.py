@@ -167,7 +167,7 @@ def test_acp_search_runs_through_the_linear_kind_and_meets_the_budget():
     geometry = describe(model)
     images = torch.randn(16, 3, 32, 32)
     scores = acp_search(model, geometry, images, AcpConfig(budget=0.6, steps=3, batch_size=8, calib_images=4), True,
-                        Runtime(torch.device("cpu")))
+                        Runtime(torch.device("cpu"))).scores
     plan = make_plan(geometry, scores, SolverConfig(0.6, align=4, normalise=False), model="t", img_size=32, method="acp")
     assert plan.pruned_macs <= 0.6 * plan.dense_macs
     pruned = apply_plan(model, plan)

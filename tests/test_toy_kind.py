@@ -306,7 +306,7 @@ def test_acp_search_and_reweights_run_through_the_toy_kind() -> None:
     geometry = describe(model)
     images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     scores = acp_search(model, geometry, images, AcpConfig(budget=0.6, steps=3, batch_size=8, calib_images=4), True,
-                        Runtime(torch.device("cpu")))
+                        Runtime(torch.device("cpu"))).scores
     plan = make_plan(geometry, scores, SolverConfig(0.6, align=4, normalise=False), model="toy", img_size=32, method="acp")
     pruned = add_reweights(apply_plan(model, plan))
     with torch.no_grad():

@@ -97,7 +97,7 @@ def throughput(model: nn.Module, plan: Plan, pool: torch.Tensor, held_out, rt: R
     geometry = describe(model)
     steps = TIMED_STEPS + WARMUP_STEPS
     acp = AcpConfig(budget=plan.budget, steps=steps)
-    search = _step_times(lambda on_step: acp_search(model, geometry, pool, acp, False, rt, on_step=on_step))
+    search = _step_times(lambda on_step: acp_search(model, geometry, pool, acp, False, rt, on_step=on_step).scores)
     recovery_cfg = RecoveryConfig(steps=steps, eval_every=10**9)
     pruned = apply_plan(model, plan)
     add_reweights(pruned)

@@ -36,6 +36,9 @@ class RunConfig:
         per_head_indices: choose indices per head (same count) instead of shared indices.
         similarity: acp: similarity-based weights in the ranking.
         attn_init: acp: attention-difference initialisation of the indicators.
+        indicator: acp: ``shared`` or ``free`` attention indicators; None for AcpConfig's default.
+        widths: acp: ``search`` or ``greedy`` plan widths; None for AcpConfig's default.
+        gate_optimiser: acp: ``shared-scale`` or ``adam`` for the indicators; None for AcpConfig's default.
         reweight: train reweight modules during recovery (folded before export).
         search_steps: acp indicator-training steps.
         finetune_steps: recovery steps; None means 50 for real weights and 0 for random ones.
@@ -78,6 +81,9 @@ class RunConfig:
     per_head_indices: bool = False
     similarity: bool = True
     attn_init: bool = True
+    indicator: str | None = None
+    widths: str | None = None
+    gate_optimiser: str | None = None
     reweight: bool = True
     search_steps: int = AcpConfig.steps
     finetune_steps: int | None = None
@@ -131,6 +137,13 @@ class RunConfig:
     def share(self) -> float:
         """dsp+acp's head share: the one given, else the default."""
         return HEAD_SHARE if self.head_share is None else self.head_share
+
+    def acp_config(self) -> AcpConfig:
+        """The acp search settings of this run (OptionError for an unknown --indicator or --widths)."""
+        d = AcpConfig(budget=self.budget)
+        return AcpConfig(budget=self.budget, steps=self.search_steps, similarity=self.similarity, attn_init=self.attn_init,
+                         indicator=self.indicator or d.indicator, widths=self.widths or d.widths,
+                         optimiser=self.gate_optimiser or d.optimiser, seed=self.seed)
 
     def dsp_config(self) -> DspConfig:
         """The DSP search settings of this run (its length is --search-steps, like acp's)."""

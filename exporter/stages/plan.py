@@ -14,13 +14,12 @@ import torch
 from exporter.stages.cache import cached_file, is_fresh, key_of
 from exporter.stages.config import RunConfig
 from exporter.stages.images import Images
-from search.acp import AcpConfig
 from search.allocate import SolverConfig, head_plan, make_plan
 from search.core.atomic import atomic_path
 from search.core.runtime import Runtime
 from search.heads import HeadTarget, check_total, heads_for_budget
 from search.macs import ModelGeometry
-from search.methods import METHODS, SearchInputs, head_budget
+from search.methods import METHODS, SEARCHES_CHANNELS, SearchInputs, head_budget
 from search.models import LoadedModel
 from search.plan import Plan
 
@@ -51,9 +50,7 @@ def head_target(cfg: RunConfig, geometry: ModelGeometry) -> HeadTarget | None:
 
 def search(cfg: RunConfig, loaded: LoadedModel, images: Images, rt: Runtime, state_path: Path) -> Plan:
     geometry = loaded.geometry
-    acp = AcpConfig(
-        budget=cfg.budget, steps=cfg.search_steps, similarity=cfg.similarity, attn_init=cfg.attn_init, seed=cfg.seed
-    )
+    acp = cfg.acp_config()
     method = METHODS[cfg.method]
     inputs = SearchInputs(loaded.model, geometry, images.pool, loaded.is_classifier, acp, rt, state_path,
                           heads=head_target(cfg, geometry), dsp=cfg.dsp_config())
@@ -63,9 +60,10 @@ def search(cfg: RunConfig, loaded: LoadedModel, images: Images, rt: Runtime, sta
     if method.score is None:
         assert inputs.kept is not None, "a method without channel scores keeps heads"
         return head_plan(geometry, inputs.kept, cfg.budget, align=cfg.align, **naming)
-    scores = method.score(inputs)
+    choice = method.score(inputs)
     solver = SolverConfig(cfg.budget, cfg.align, cfg.per_head_indices, normalise=method.normalise)
-    return make_plan(geometry, scores, solver, heads=inputs.kept, **naming)
+    targets = choice.widths if acp.widths == "search" else None
+    return make_plan(geometry, choice.scores, solver, heads=inputs.kept, targets=targets, **naming)
 
 
 def write_plan(plan: Plan, path: Path) -> None:
@@ -85,7 +83,7 @@ def plan_stage(cfg: RunConfig, loaded: LoadedModel, images: Images, rt: Runtime,
     key = key_of(
         **weights_key, method=cfg.method, budget=cfg.budget, align=cfg.align, per_head=cfg.per_head_indices,
         seed=cfg.seed, data=str(cfg.data), images=[cfg.search_images, cfg.heldout_images],
-        acp=[cfg.search_steps, cfg.similarity, cfg.attn_init] if cfg.method in ("acp", "dsp+acp") else None,
+        acp=repr(cfg.acp_config()) if cfg.method in SEARCHES_CHANNELS else None,
         heads=[cfg.heads, cfg.scope, cfg.share] if METHODS[cfg.method].prunes_heads else None,
         dsp=repr(cfg.dsp_config()) if cfg.method.startswith("dsp") else None,
     )
