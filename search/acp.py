@@ -4,7 +4,7 @@
    the attention-difference initial logits (``search.similarity``, ``search.attention_init``).
 2. Train the indicators (``search.gates``) with the dense weights frozen: the gated model is
    distilled from the dense one while a differentiable expected-MACs term pushes the soft widths
-   down to the budget, so the widths of every block are chosen by the search itself. A
+   down to the budget; the soft width of every group is where its gates settle. A
    polarisation term g(1-g), ramped up over the run, drives each gate to 0 or 1: without it the
    soft widths meet the budget by sliding every gate down together, and the hard cut at the end
    is a different model from the one the search optimised.

@@ -146,3 +146,14 @@ def test_widths_from_the_search_cut_dense_targets_down_to_the_budget():
     got = round_widths(geometry, geometry.dense_widths(), config)
     assert 0.45 * model_macs(geometry) < model_macs(geometry, got) <= 0.5 * model_macs(geometry)
     assert all(getattr(w, g) % 4 == 0 for w in got for g in ("qk", "v", "mlp"))
+
+
+def test_widths_from_the_search_keep_to_the_heads_chosen_first():
+    geometry = describe(tiny_vit(num_heads=HEADS, embed_dim=DIM, depth=3))
+    heads = ((0, 1), (), (0, 1, 2, 3))
+    config = SolverConfig(0.45, align=4)
+    got = round_widths(geometry, geometry.dense_widths(), config, heads)
+    assert [w.heads for w in got] == [2, 0, 4] and got[1].qk == got[1].v == 0
+    assert model_macs(geometry, got) <= 0.45 * model_macs(geometry)
+    plan = make_plan(geometry, random_scores(geometry, 0), config, model="t", img_size=32, method="dsp+acp", heads=heads, targets=got)
+    assert plan.widths() == got
