@@ -112,7 +112,19 @@ HeadValues = Callable[[], torch.Tensor]
 
 
 class AttentionKind(ABC):
-    """One kind of attention, as search and surgery see it. Subclasses register an instance."""
+    """One kind of attention, as search and surgery see it. Subclasses register an instance.
+
+    Contracts the generic code relies on, beyond each method's own:
+    - ``kind_of`` tries the registered kinds in registration order (the package imports its kind
+      modules alphabetically) and takes the first whose ``matches`` is true, so ``matches`` must be
+      false for every other kind's modules.
+    - ``macs`` is also called with fractional widths, as float tensors: the search prices its soft
+      widths (the sums of its gates) with it, differentiably. Write it as plain arithmetic on
+      ``qk`` and ``v``; no ``int()``, rounding or branching on their values.
+    - The sliced module (``slice``) has a ``reweight`` attribute, identity until recovery puts a
+      per-(head, v channel) scale there, applied right before ``reweight_target``; folding
+      multiplies that layer's input columns by it.
+    """
 
     name: str
     shared_v_indices: bool = False
