@@ -14,6 +14,7 @@ import torch
 from timm.models.vision_transformer import Attention
 
 from search import flatten_dinov2 as fd
+from search import flatten_distill as fdist
 from search.core.errors import UnknownModelError, WeightsError
 from search.flatten_attention import FocusedLinearAttention
 from search.models import load_model
@@ -63,9 +64,9 @@ def test_training_reduces_the_blockwise_loss_and_touches_only_new_parameters() -
     student = fd.convert_to_flatten(dense, "LLS")
     frozen = {k: v.clone() for k, v in student.state_dict().items() if k not in fd.new_parameter_names(student)}
     train, held = torch.randn(32, 3, 32, 32), torch.randn(16, 3, 32, 32)
-    config = fd.DistillConfig(steps=12, batch_size=8, lr=3e-2, show_progress=False)
+    config = fdist.DistillConfig(steps=12, batch_size=8, lr=3e-2, show_progress=False)
 
-    result = fd.train_new_parameters(dense, student, train, held, config)
+    result = fdist.train_new_parameters(dense, student, train, held, config)
 
     assert [b.block for b in result.blocks] == [0, 1]
     for b in result.blocks:
@@ -79,7 +80,7 @@ def test_training_reduces_the_blockwise_loss_and_touches_only_new_parameters() -
         assert torch.equal(value, value.half().float())
 
     again = fd.convert_to_flatten(dense, "LLS")
-    repeat = fd.train_new_parameters(dense, again, train, held, config)
+    repeat = fdist.train_new_parameters(dense, again, train, held, config)
     assert all(torch.equal(result.state[k], repeat.state[k]) for k in result.state), "not deterministic"
 
 
