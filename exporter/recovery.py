@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from exporter.reweight import HeadReweight, UnitScale
-from search.acp import batch_indices
+from search.gate_loop import batch_indices
 from search.core.atomic import atomic_path
 from search.distill import DistillStudent, distill_loss, distill_targets, distill_step_loss
 from search.knn import knn_top1

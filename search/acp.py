@@ -21,9 +21,10 @@ With heads chosen first (``--method dsp+acp``), the search runs on the kept head
 activations are captured with the removed heads masked out, the removed heads' gates stay at 0, and
 the expected MACs count the kept heads (``search.gates``).
 
-The loop checkpoints its state every ``checkpoint_every`` steps, and a re-run with the same inputs
-resumes from the last checkpoint. Batches are drawn from a generator seeded by (seed, step), so a
-resumed run follows the same trajectory as an uninterrupted one.
+The loop (``search.gate_loop``, shared with DSP) checkpoints its state every ``checkpoint_every``
+steps, and a re-run with the same inputs resumes from the last checkpoint. Batches are drawn from
+a generator seeded by (seed, step), so a resumed run follows the same trajectory as an
+uninterrupted one.
 """
 from __future__ import annotations
 
@@ -33,19 +34,17 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from search.activations import capture
-from search.core.atomic import atomic_path
 from search.attention_init import init_logits
-from search.distill import DistillStudent, distill_step_loss
+from search.distill import distill_step_loss
+from search.gate_loop import LoopConfig, train_gates
 from search.gate_optim import SharedScaleAdam
 from search.gates import ChannelGates, head_gated
 from search.importance import BlockScores
 from search.core.errors import OptionError
 from search.macs import BlockWidths, ModelGeometry, model_macs
 from search.plan import KeptHeads
-from search.core.progress import progress_bar
 from search.core.runtime import Runtime, on_device
 from search.similarity import similarity_weights
 
@@ -128,12 +127,6 @@ class AcpResult:
         return tuple(BlockScores(qk=w.qk * s.qk, v=w.v * s.v, mlp=w.mlp * s.mlp) for w, s in zip(self.weights, self.indicators))
 
 
-def batch_indices(pool_size: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
-    """The global batch of ``step``: the same on every rank and in every resumed run."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return torch.randint(pool_size, (batch_size,), generator=gen)
-
-
 def done_fraction(step: int, steps: int) -> float:
     return (step + 1) / steps
 
@@ -209,45 +202,23 @@ def _search_loop(
     heads: KeptHeads | None = None,
 ) -> AcpResult:
     """The indicator training on ``runtime.device``; the result is on the CPU."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     pool = images.to(runtime.device)
     weights, logits = _initial_scores(model, geometry, pool, config, heads)
     gates = ChannelGates(geometry, init=logits, heads=heads, shared=config.indicator == "shared").to(runtime.device)
     initial = gates.scores()
     optimiser = SharedScaleAdam(gates.parameters(), lr=config.lr) if config.optimiser == "shared-scale" else \
         torch.optim.Adam(gates.parameters(), lr=config.lr)
-    start = 0
-    if state_path is not None and state_path.is_file():
-        state = torch.load(state_path, map_location=runtime.device, weights_only=True)
-        gates.load_state_dict(state["gates"])
-        optimiser.load_state_dict(state["optimiser"])
-        start = int(state["step"])
-    student: nn.Module = DistillStudent(model, classifier, gates)
-    if runtime.distributed:
-        student = DistributedDataParallel(student)
     dense = float(model_macs(geometry))
-    with progress_bar("acp search", total=config.steps, completed=start, enabled=runtime.is_main) as advance:
-        for step in range(start, config.steps):
-            idx = runtime.shard(batch_indices(len(pool), config.batch_size, config.seed, step))
-            batch = pool[idx]
-            kd = distill_step_loss(model, student, batch, classifier, runtime)
-            ratio = gates.expected_macs() / dense
-            ramp = config.polarize * done_fraction(step, config.steps)
-            loss = kd + config.budget_weight * torch.relu(ratio - config.budget) + ramp * polarisation(gates)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            done = step + 1
-            if state_path is not None and runtime.is_main and (done % config.checkpoint_every == 0 or done == config.steps):
-                with atomic_path(state_path) as tmp:
-                    torch.save({"step": done, "gates": gates.state_dict(), "optimiser": optimiser.state_dict()}, tmp)
-            if runtime.distributed:
-                torch.distributed.barrier()
-            advance(f"kd {kd.item():.4f}  E[MACs] {ratio.item():.3f}")
-            if on_step is not None:
-                on_step(done)
+
+    def step_loss(step: int, batch: torch.Tensor, student: nn.Module) -> tuple[torch.Tensor, str]:
+        kd = distill_step_loss(model, student, batch, classifier, runtime)
+        ratio = gates.expected_macs() / dense
+        ramp = config.polarize * done_fraction(step, config.steps)
+        loss = kd + config.budget_weight * torch.relu(ratio - config.budget) + ramp * polarisation(gates)
+        return loss, f"kd {kd.item():.4f}  E[MACs] {ratio.item():.3f}"
+
+    loop = LoopConfig("acp search", config.steps, config.batch_size, config.seed, config.checkpoint_every)
+    train_gates(model, gates, optimiser, pool, loop, classifier, runtime, step_loss, state_path, on_step)
     if weights is not None:
         weights = tuple(BlockScores(qk=w.qk.cpu(), v=w.v.cpu(), mlp=w.mlp.cpu()) for w in weights)
     with torch.no_grad():

@@ -38,14 +38,11 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from search.acp import batch_indices
-from search.core.atomic import atomic_path
 from search.core.errors import OptionError
-from search.core.progress import progress_bar
 from search.core.runtime import Runtime, on_device
-from search.distill import DistillStudent, distill_step_loss
+from search.distill import distill_step_loss
+from search.gate_loop import LoopConfig, train_gates
 from search.gates import head_gated
 from search.heads import HeadTarget, layer_counts, top_heads, total_heads
 from search.macs import ModelGeometry
@@ -274,39 +271,16 @@ def _search_loop(
     on_step: Callable[[int], None] | None,
 ) -> tuple[torch.Tensor, ...]:
     """The logit training on ``runtime.device``; returns the logits per block, on the CPU."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    pool = images.to(runtime.device)
     logits = HeadLogits(geometry, target, config.straight_through).to(runtime.device)
     optimiser = torch.optim.Adam(logits.parameters(), lr=config.lr)
-    start = 0
-    if state_path is not None and state_path.is_file():
-        state = torch.load(state_path, map_location=runtime.device, weights_only=True)
-        logits.load_state_dict(state["logits"])
-        optimiser.load_state_dict(state["optimiser"])
-        start = int(state["step"])
-    student: nn.Module = DistillStudent(model, classifier, logits)
-    if runtime.distributed:
-        student = DistributedDataParallel(student)
     n = total_heads(geometry)
-    with progress_bar("dsp search", total=config.steps, completed=start, enabled=runtime.is_main) as advance:
-        for step in range(start, config.steps):
-            idx = runtime.shard(batch_indices(len(pool), config.batch_size, config.seed, step))
-            batch = pool[idx]
-            t = config.temperature(step)
-            logits.prepare(t, gumbel_noise(n, config.seed, step))
-            kd = distill_step_loss(model, student, batch, classifier, runtime)
-            optimiser.zero_grad(set_to_none=True)
-            kd.backward()
-            optimiser.step()
-            done = step + 1
-            if state_path is not None and runtime.is_main and (done % config.checkpoint_every == 0 or done == config.steps):
-                with atomic_path(state_path) as tmp:
-                    torch.save({"step": done, "logits": logits.state_dict(), "optimiser": optimiser.state_dict()}, tmp)
-            if runtime.distributed:
-                torch.distributed.barrier()
-            advance(f"kd {kd.item():.4f}  T {t:.3g}")
-            if on_step is not None:
-                on_step(done)
+
+    def step_loss(step: int, batch: torch.Tensor, student: nn.Module) -> tuple[torch.Tensor, str]:
+        t = config.temperature(step)
+        logits.prepare(t, gumbel_noise(n, config.seed, step))
+        kd = distill_step_loss(model, student, batch, classifier, runtime)
+        return kd, f"kd {kd.item():.4f}  T {t:.3g}"
+
+    loop = LoopConfig("dsp search", config.steps, config.batch_size, config.seed, config.checkpoint_every)
+    train_gates(model, logits, optimiser, images.to(runtime.device), loop, classifier, runtime, step_loss, state_path, on_step)
     return logits.scores()

@@ -23,7 +23,6 @@ import json
 import shutil
 import statistics
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -35,7 +34,8 @@ from exporter.pipeline import RunConfig, load_images, run
 from exporter.recovery import RecoveryConfig, recover
 from exporter.reweight import add_reweights
 from exporter.surgery import apply_plan
-from search.acp import AcpConfig, acp_search, batch_indices
+from search.acp import AcpConfig, acp_search
+from search.gate_loop import batch_indices
 from search.core.atomic import atomic_path
 from search.distill import DistillStudent, distill_step_loss
 from search.core.errors import UserError
