@@ -202,6 +202,7 @@ def _search_loop(
     heads: KeptHeads | None = None,
 ) -> AcpResult:
     """The indicator training on ``runtime.device``; the result is on the CPU."""
+    model.eval()  # before the calibration capture, as in the loop
     pool = images.to(runtime.device)
     weights, logits = _initial_scores(model, geometry, pool, config, heads)
     gates = ChannelGates(geometry, init=logits, heads=heads, shared=config.indicator == "shared").to(runtime.device)
