@@ -322,6 +322,7 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
 
     budgets = sorted({e["budget"] for e in summary if e["budget"] != 1.0}, reverse=True)
     dense = next((e for e in summary if e["name"] == "dense"), None)
+    retrained = next((e for e in summary if e["name"] == DENSE_FINAL), None)
     fig, axes = plt.subplots(1, max(1, len(budgets)), figsize=(6 * max(1, len(budgets)), 4.5), squeeze=False)
     for ax, budget in zip(axes[0], budgets):
         rows = [e for e in summary if e["budget"] == budget and "after" in e]
@@ -332,6 +333,8 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
             ax.barh([j + 0.4 * i for j in range(len(rows))], means, height=0.4, xerr=sds, color=colour, label=f"{phase} recovery")
         if dense is not None:
             ax.axvline(100 * dense["after"][0], color="k", linestyle="--", label="dense")
+        if retrained is not None:
+            ax.axvline(100 * retrained["after"][0], color="#b5482e", linestyle=":", label="dense through the same recovery")
         ax.set_yticks([j + 0.2 for j in range(len(rows))], names, fontsize=8)
         ax.invert_yaxis()
         lo = min(100 * e["before"][0] for e in rows if "before" in e) if any("before" in e for e in rows) else 50
