@@ -6,12 +6,13 @@ is measured twice: the exported ONNX file before recovery and after it. Metric: 
 protocol) on the whole Fashion-MNIST test split (10,000 images, so one row's binomial noise is at
 most ±0.5 points), against a bank of 2,000 training images, features from ONNX Runtime.
 
-Rows, each at budgets 0.5 and 0.63 and for seeds 0, 1, 2 (the seed draws the 456 search and held-out
-images, the batches, and random scores):
-- ``acp``: the defaults; then one row per part of the method with that part switched: the other
-  indicator form, the other width source, the other gate optimiser, no similarity weights, no
-  attention-difference init, no reweights (a recovery part: its before-recovery figure is acp's);
-- the baselines ``magnitude``, ``random`` and Torch-Pruning at matched MACs, recovered alike;
+Rows, for seeds 0, 1, 2 (the seed draws the 456 search and held-out images, the batches, and random
+scores):
+- ``acp`` with its defaults, and the baselines ``magnitude``, ``random`` and Torch-Pruning at matched
+  MACs, recovered alike, at budgets 0.63 and 0.5;
+- at 0.63, one acp row per part of the method with that part switched: the other indicator form,
+  the other width source, the other gate optimiser, no similarity weights, no attention-difference
+  init, no reweights (a recovery part: its before-recovery figure is acp's);
 - ``dense`` and the dense model through the same recovery from a perturbed start (weights ×
   (1 + 0.2·noise)), which asks whether recovery alone lifts k-NN above the dense model: both the
   state recovery keeps (best held-out agreement with the teacher) and its final state.
@@ -70,14 +71,19 @@ class BenchConfig:
     perturb: float = 0.2
 
 
+SWITCH_BUDGETS = (0.63,)
+"""Where the acp rows with one part switched run: the budget the CLI defaults to (time allows one)."""
+
+
 @dataclass(frozen=True)
 class Variant:
-    """One row: a method and the RunConfig fields that differ from the defaults."""
+    """One row: a method, the RunConfig fields that differ from the defaults, and the budgets it runs at."""
 
     name: str
     method: str
     overrides: dict[str, Any] = field(default_factory=dict)
     recovery_only: bool = False
+    budgets: tuple[float, ...] = (0.63, 0.5)
 
 
 def _other(choices: Sequence[str], default: str) -> str:
@@ -88,14 +94,15 @@ def variants() -> list[Variant]:
     """acp with its defaults, acp with one part switched per row, then the baselines."""
     d = AcpConfig(budget=1.0)
     indicator, widths, optimiser = _other(INDICATORS, d.indicator), _other(WIDTHS, d.widths), _other(OPTIMISERS, d.optimiser)
+    switch = dict(budgets=SWITCH_BUDGETS)
     return [
         Variant("acp", "acp"),
-        Variant(f"acp, {indicator} indicator", "acp", {"indicator": indicator}),
-        Variant(f"acp, {widths} widths", "acp", {"widths": widths}),
-        Variant(f"acp, {optimiser} gate optimiser", "acp", {"gate_optimiser": optimiser}),
-        Variant("acp, no similarity", "acp", {"similarity": False}),
-        Variant("acp, no attention init", "acp", {"attn_init": False}),
-        Variant("acp, no reweight", "acp", {"reweight": False}, recovery_only=True),
+        Variant(f"acp, {indicator} indicator", "acp", {"indicator": indicator}, **switch),
+        Variant(f"acp, {widths} widths", "acp", {"widths": widths}, **switch),
+        Variant(f"acp, {optimiser} gate optimiser", "acp", {"gate_optimiser": optimiser}, **switch),
+        Variant("acp, no similarity", "acp", {"similarity": False}, **switch),
+        Variant("acp, no attention init", "acp", {"attn_init": False}, **switch),
+        Variant("acp, no reweight", "acp", {"reweight": False}, recovery_only=True, **switch),
         Variant("magnitude", "magnitude"),
         Variant("random", "random"),
         Variant("Torch-Pruning", "torch-pruning"),
@@ -205,7 +212,7 @@ class Bench:
 def run_bench(cfg: BenchConfig, budgets: Sequence[float], seeds: Sequence[int], only: Sequence[str] | None, console: Console) -> Bench:
     bench = Bench(cfg, console)
     chosen = [v for v in variants() if not only or any(_matches(o, v.name) for o in only)]
-    todo = [(v, b, s) for b in budgets for s in seeds for v in chosen if bench.key(v.name, b, s) not in bench.rows]
+    todo = [(v, b, s) for b in budgets for s in seeds for v in chosen if b in v.budgets and bench.key(v.name, b, s) not in bench.rows]
     dense_todo = [s for s in seeds if bench.key(DENSE_FINAL, 1.0, s) not in bench.rows] if not only or "dense" in only else []
     with progress_bar("ablation bench", total=len(todo) + len(dense_todo)) as advance:
         for s in dense_todo:
@@ -297,16 +304,17 @@ def markdown(summary: list[dict[str, Any]], cfg: BenchConfig, meta: dict[str, An
         f"×(1 + {cfg.perturb:g}·noise) so distillation has something to do, final state): recovery itself, not pruning, is what "
         "lifts every recovered row above the plain dense model, so this is the comparison that says what pruning costs",
         f"- acp defaults: {meta['defaults']}",
-        f"- cut to fit about 2 hours on 2 CPU cores: {cfg.img_size} px inputs instead of 224, a {10 * cfg.bank_per_class}-image bank",
+        f"- cut to fit about 2 hours on 2 CPU cores: {cfg.img_size} px inputs instead of 224, a {10 * cfg.bank_per_class}-image bank, "
+        f"the switched-part rows at {', '.join(map(str, SWITCH_BUDGETS))} only",
         f"- machine: {meta['machine'].get('cpu_model')}, {meta['machine'].get('cpu_count')} CPUs; created {meta['created']}",
         "- reproduce: `python -m exporter.bench.ablation`",
         "",
-        "| row | budget | MAC ratio | before recovery | vs acp | after recovery | vs acp | verdict (after) | after, vs dense | after, vs dense through recovery |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| row | budget | seeds | MAC ratio | before recovery | vs acp | after recovery | vs acp | verdict (after) | after, vs dense | after, vs dense through recovery |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for e in summary:
         lines.append(
-            f"| {e['name']} | {e['budget']:g} | {e['mac_ratio']:.3f} | {_pm(e.get('before'))} | {_pm(e.get('before_vs_acp'), sign=True)} | "
+            f"| {e['name']} | {e['budget']:g} | {len(e['seeds'])} | {e['mac_ratio']:.3f} | {_pm(e.get('before'))} | {_pm(e.get('before_vs_acp'), sign=True)} | "
             f"{_pm(e.get('after'))} | {_pm(e.get('after_vs_acp'), sign=True)} | {verdict(e, 'after')} | {_pm(e.get('after_vs_dense'), sign=True)} | "
             f"{_pm(e.get('after_vs_retrained'), sign=True)} |"
         )
