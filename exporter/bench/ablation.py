@@ -309,12 +309,13 @@ def markdown(summary: list[dict[str, Any]], cfg: BenchConfig, meta: dict[str, An
         f"- machine: {meta['machine'].get('cpu_model')}, {meta['machine'].get('cpu_count')} CPUs; created {meta['created']}",
         "- reproduce: `python -m exporter.bench.ablation`",
         "",
-        "| row | budget | seeds | MAC ratio | before recovery | vs acp | after recovery | vs acp | verdict (after) | after, vs dense | after, vs dense through recovery |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| row | budget | seeds | MAC ratio | before recovery | vs acp | verdict | after recovery | vs acp | verdict | after, vs dense | after, vs dense through recovery |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---|---:|---:|",
     ]
     for e in summary:
         lines.append(
             f"| {e['name']} | {e['budget']:g} | {len(e['seeds'])} | {e['mac_ratio']:.3f} | {_pm(e.get('before'))} | {_pm(e.get('before_vs_acp'), sign=True)} | "
+            f"{verdict(e, 'before')} | "
             f"{_pm(e.get('after'))} | {_pm(e.get('after_vs_acp'), sign=True)} | {verdict(e, 'after')} | {_pm(e.get('after_vs_dense'), sign=True)} | "
             f"{_pm(e.get('after_vs_retrained'), sign=True)} |"
         )
