@@ -58,7 +58,7 @@ class ChannelGates(nn.Module):
     def __init__(self, geometry: ModelGeometry, init: tuple[BlockScores, ...] | None = None, init_logit: float = 3.0,
                  heads: KeptHeads | None = None, shared: bool = False) -> None:
         super().__init__()
-        self.geometry, self.shared = geometry, shared
+        self.geometry = geometry
         qk, v, mlp = [], [], []
         self.kept_heads = tuple(g.attention.num_heads if heads is None else len(heads[i]) for i, g in enumerate(geometry.blocks))
         for i, g in enumerate(geometry.blocks):

@@ -42,8 +42,8 @@ def test_the_head_pruning_rows_make_valid_runs():
     assert by_name["dsp @ 50% of heads"].budget == 1.0
 
 
-def test_only_matches_a_substring_or_an_exact_name():
-    from exporter.bench.quality import _matches
+def test_onlymatches_row_a_substring_or_an_exact_name():
+    from exporter.bench.quality import matches_row
 
-    assert _matches("FLatten", "acp @ 0.63, FLatten") and _matches("=acp @ 0.63", "acp @ 0.63")
-    assert not _matches("=acp @ 0.63", "acp @ 0.63, FLatten")
+    assert matches_row("FLatten", "acp @ 0.63, FLatten") and matches_row("=acp @ 0.63", "acp @ 0.63")
+    assert not matches_row("=acp @ 0.63", "acp @ 0.63, FLatten")

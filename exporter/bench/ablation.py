@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import torch
 from rich.console import Console
 
-from exporter.bench.quality import knn_of, torch_pruning_row
+from exporter.bench.quality import knn_of, matches_row, torch_pruning_row
 from exporter.latency import machine_info
 from exporter.onnx_export import export_onnx
 from exporter.pipeline import RunConfig, load_images, run
@@ -211,7 +211,7 @@ class Bench:
 
 def run_bench(cfg: BenchConfig, budgets: Sequence[float], seeds: Sequence[int], only: Sequence[str] | None, console: Console) -> Bench:
     bench = Bench(cfg, console)
-    chosen = [v for v in variants() if not only or any(_matches(o, v.name) for o in only)]
+    chosen = [v for v in variants() if not only or any(matches_row(o, v.name) for o in only)]
     todo = [(v, b, s) for b in budgets for s in seeds for v in chosen if b in v.budgets and bench.key(v.name, b, s) not in bench.rows]
     dense_todo = [s for s in seeds if bench.key(DENSE_FINAL, 1.0, s) not in bench.rows] if not only or "dense" in only else []
     with progress_bar("ablation bench", total=len(todo) + len(dense_todo)) as advance:
@@ -228,11 +228,6 @@ def run_bench(cfg: BenchConfig, budgets: Sequence[float], seeds: Sequence[int], 
             console.print(f"[bold]{v.name} @ {b:g}, seed {s}[/]: before {row['before']}, after {row['after']:.4f}")
             advance(f"{v.name} @ {b:g}, seed {s}")
     return bench
-
-
-def _matches(pattern: str, name: str) -> bool:
-    """``--only``: a substring of the row name, or the whole name after a leading '='."""
-    return name == pattern[1:] if pattern.startswith("=") else pattern in name
 
 
 def _stats(values: list[float]) -> tuple[float, float]:

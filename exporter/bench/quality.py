@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = len(os.sched_getaffinity(0))
     CACHE.mkdir(parents=True, exist_ok=True)
 
-    selected = [r for r in rows(args.quick) if args.only is None or any(_matches(o, r.name) for o in args.only)]
+    selected = [r for r in rows(args.quick) if args.only is None or any(matches_row(o, r.name) for o in args.only)]
     results: list[dict[str, Any]] = []
     base = RunConfig("dinov2_s", 1.0, CACHE / "dense.onnx", method="magnitude", data=train_dir, img_size=cfg.img_size, finetune_steps=0,
                      latency_runs=0, search_steps=cfg.search_steps, seed=cfg.seed)
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _matches(pattern: str, name: str) -> bool:
+def matches_row(pattern: str, name: str) -> bool:
     """``--only`` matching: a substring of the row name, or the whole name when it starts with '='."""
     return name == pattern[1:] if pattern.startswith("=") else pattern in name
 
