@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from exporter.stages.effort import EFFORTS
 from search.core.errors import BudgetError, UserError
 from search.acp import AcpConfig
 from search.dsp import DspConfig
@@ -41,6 +42,12 @@ def _check_method(name: Optional[str]) -> Optional[str]:
     return name
 
 
+def _check_effort(name: str) -> str:
+    if name not in EFFORTS:
+        raise typer.BadParameter(f"unknown effort '{name}'; choose one of {', '.join(EFFORTS)}")
+    return name
+
+
 @app.command()
 def prune_export(
     model: str = typer.Argument(..., help="Model: dinov2_s, deit_t, deit_s, deit_b, or a timm ViT name."),
@@ -60,8 +67,15 @@ def prune_export(
     data: Optional[Path] = typer.Option(None, help="ImageFolder for search, recovery and parity (default: built-in photographs for real weights)."),
     plan: Optional[Path] = typer.Option(None, help="Replay this plan.json instead of searching."),
     per_head_indices: bool = typer.Option(False, "--per-head-indices", help="Choose indices per head (same count)."),
-    search_steps: int = typer.Option(40, min=1, help="Search steps of acp and of dsp (each stage of dsp+acp)."),
-    finetune_steps: Optional[int] = typer.Option(None, min=0, help="Recovery steps (default: 50 for real weights, 0 for random ones)."),
+    effort: str = typer.Option(
+        "default", help=f"Work spent on search and recovery, sized for the device: {', '.join(EFFORTS)}. The numbers "
+        "below override it one by one.", callback=_check_effort, rich_help_panel="Search"),
+    search_steps: Optional[int] = typer.Option(
+        None, min=1, help="Search steps of acp and of dsp (each stage of dsp+acp) (default: from --effort).", rich_help_panel="Search"),
+    finetune_steps: Optional[int] = typer.Option(
+        None, min=0, help="Recovery steps (default: from --effort for real weights, 0 for random ones).", rich_help_panel="Recovery"),
+    batch_size: Optional[int] = typer.Option(
+        None, min=1, help="Global batch of every search and recovery step (default: from --effort).", rich_help_panel="Search"),
     no_similarity: bool = typer.Option(False, "--no-similarity", help="acp ablation: no similarity-based weights."),
     no_attn_init: bool = typer.Option(False, "--no-attn-init", help="acp ablation: constant indicator init."),
     no_reweight: bool = typer.Option(False, "--no-reweight", help="Ablation: no reweight modules in recovery."),
@@ -74,8 +88,12 @@ def prune_export(
     gate_optimiser: Optional[str] = typer.Option(
         None, help=f"acp: shared-scale (steps in proportion to the gradients) or adam (per-indicator scale). "
         f"Default {AcpConfig.optimiser}."),
-    search_images: int = typer.Option(256, min=1, help="Images from --data for search and recovery."),
-    heldout_images: int = typer.Option(200, min=2, help="Further images from --data held out for model selection."),
+    search_images: Optional[int] = typer.Option(
+        None, min=1, help="Images for search and recovery (from --data, or built-in crops) (default: from --effort).",
+        rich_help_panel="Search"),
+    heldout_images: Optional[int] = typer.Option(
+        None, min=2, help="Further images held out for model selection, parity and fidelity (default: from --effort).",
+        rich_help_panel="Search"),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N for search and recovery."),
     seed: int = typer.Option(0, help="Seed for random weights, random scores and sampling (0 to 2**32-1)."),
     calib_images: int = typer.Option(16, min=1, help="Held-out images for the parity check."),
@@ -119,7 +137,7 @@ def prune_export(
             checkpoint=checkpoint, random_init=random_init, img_size=img_size, data=data, plan=plan,
             per_head_indices=per_head_indices, similarity=not no_similarity, attn_init=not no_attn_init,
             indicator=indicator, widths=widths, gate_optimiser=gate_optimiser,
-            reweight=not no_reweight, search_steps=search_steps, finetune_steps=finetune_steps,
+            reweight=not no_reweight, effort=effort, search_steps=search_steps, finetune_steps=finetune_steps, batch_size=batch_size,
             search_images=search_images, heldout_images=heldout_images, device=device, seed=seed,
             calib_images=calib_images, target=target, precision=precision, quantize=quantize,
             quantize_mode=quantize_mode, latency_runs=latency_runs, threads=threads, pattern=pattern,

@@ -16,12 +16,13 @@ from typing import Any
 import onnx
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from exporter.checks import check_run_inputs
 from exporter.latency import machine_info
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_onnx_macs, count_ops
-from exporter.recovery import knn_accuracy
+from exporter.held_out import describe_quality, held_out_quality
 from exporter.report import block_rows, write_outputs
 from exporter.runtimes import require_runtimes
 from exporter.runtimes.stages import latency_per_runtime, parity_per_runtime, runtimes_report
@@ -29,7 +30,8 @@ from exporter.stages.artifact import build_artifact, describe_parity
 from exporter.stages.cache import Stages, cached_file, key_of, weights_key
 from exporter.stages.config import PRECISIONS, QUANTIZE, TARGETS, RunConfig, resolve_defaults
 from exporter.stages.images import Images, load_images
-from exporter.stages.plan import head_target, plan_stage
+from exporter.stages.effort import Effort
+from exporter.stages.plan import head_target, plan_stage, removes_nothing
 from exporter.stages.recovery import recovery_stage
 from search.core.atomic import ensure_writable_dir
 from search.core.errors import OutputPathError, UserError
@@ -42,6 +44,21 @@ __all__ = ["Images", "RunConfig", "load_images", "resolve_defaults", "run"]
 
 SEARCHED = ("acp", "dsp", "dsp+acp")
 """The methods that run a search of --search-steps steps."""
+
+IDENTITY_IMAGES = 32
+"""Pool and held-out images a run that removes nothing draws: static int8 calibration reads the pool, parity
+and fidelity the held-out ones (a dense fp32 file is the dense model, so a few suffice to show it)."""
+
+
+def run_effort(given: RunConfig, resolved: RunConfig, rt: Runtime, identity: bool) -> Effort:
+    """The effort a run spends, as the terminal and the report give it: the level of the options as
+    given, with the recovery the weights allow (``resolved``)."""
+    effort = given.effort_for(rt.device.type)
+    if identity:
+        return replace(effort, search_steps=0, finetune_steps=0, reason="budget 1 removes nothing: no search, no recovery")
+    if resolved.finetune_steps != effort.finetune_steps:
+        return replace(effort, finetune_steps=resolved.finetune_steps, reason=effort.reason + "; random weights: no recovery")
+    return effort
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -98,20 +115,30 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
         notes.append(f"{loaded.timm_name} @ {loaded.img_size}px, weights {loaded.weights}")
     if loaded.random_weights:
         console.print("[bold red]RANDOM WEIGHTS[/]: no checkpoint or pretrained weights; accuracy figures mean nothing")
-    cfg = resolve_defaults(cfg, loaded.random_weights)
+    given, cfg = cfg, resolve_defaults(cfg, loaded.random_weights, rt.device.type)
     model = loaded.model
     geometry = loaded.geometry
     input_size = tuple(loaded.data_config["input_size"])
+    identity = removes_nothing(cfg, geometry)
+    effort = run_effort(given, cfg, rt, identity)
+    if identity:
+        cfg = replace(cfg, finetune_steps=0, search_images=min(cfg.search_images, IDENTITY_IMAGES),
+                      heldout_images=min(cfg.heldout_images, IDENTITY_IMAGES))
+        console.print("[dim]budget 1 removes nothing: no search and no recovery; the dense model is exported and "
+                      "checked through the same path[/]")
+    else:
+        console.print(f"[dim]{escape(effort.describe())}[/]")
     acp = cfg.acp_config()
-    console.print(
-        f"[dim]method {cfg.method}, budget {cfg.budget:g}, align {cfg.align}, "
-        + (f"search steps {cfg.search_steps}, " if cfg.method in SEARCHED else "")
-        + (f"indicator {acp.indicator} ({acp.optimiser}), widths from the {'search' if acp.widths == 'search' else 'greedy solver'}, "
-           if cfg.method in SEARCHES_CHANNELS else "")
-        + f"recovery steps {cfg.finetune_steps}, device {rt.device}"
-        + (", images: built-in photographs (no --data)" if cfg.data is None and not loaded.random_weights else "")
-        + (f", {rt.world_size} ranks" if rt.distributed else "") + "[/]"
-    )
+    if not identity:
+        console.print(
+            f"[dim]method {cfg.method}, budget {cfg.budget:g}, align {cfg.align}, "
+            + (f"search steps {cfg.search_steps}, " if cfg.method in SEARCHED else "")
+            + (f"indicator {acp.indicator} ({acp.optimiser}), widths from the {'search' if acp.widths == 'search' else 'greedy solver'}, "
+               if cfg.method in SEARCHES_CHANNELS else "")
+            + f"recovery steps {cfg.finetune_steps}, device {rt.device}"
+            + (", images: built-in photographs (no --data)" if cfg.data is None and not loaded.random_weights else "")
+            + (f", {rt.world_size} ranks" if rt.distributed else "") + "[/]"
+        )
 
     target = head_target(cfg, geometry) if cfg.plan is None else None  # a bad K or budget fails here, before the images
     if target is not None:
@@ -126,7 +153,7 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
     with stage("plan") as notes:
         plan = plan_stage(cfg, loaded, images, rt, wkey, notes)
         notes.append(f"MAC ratio {plan.mac_ratio:.4f}")
-    if cfg.plan is not None:
+    if cfg.plan is not None or identity:
         cfg = replace(cfg, method=plan.method)
 
     with stage("surgery and recovery") as notes:
@@ -140,7 +167,10 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
         dense_path, dense_reused = cached_file(
             work, "dense.onnx", key_of(**wkey, opset=cfg.opset), lambda p: export_onnx(model, p, input_size, cfg.opset)
         )
-        pruned_path, pruned_reused = cached_file(work, "pruned.onnx", pruned_key, lambda p: export_onnx(pruned, p, input_size, cfg.opset))
+        if plan.removes_nothing:  # the pruned model is the dense one: one graph serves as both
+            pruned_path, pruned_reused = dense_path, True
+        else:
+            pruned_path, pruned_reused = cached_file(work, "pruned.onnx", pruned_key, lambda p: export_onnx(pruned, p, input_size, cfg.opset))
         notes.append(f"dense {'reused' if dense_reused else 'exported'}, pruned {'reused' if pruned_reused else 'exported'}")
 
     with stage("count MACs in the graphs") as notes:
@@ -156,17 +186,10 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
                                                        random_weights=loaded.random_weights)
         notes.append(describe_parity(artifact_parity))
 
-    accuracy = None
-    if images.held_out.labels is not None and not loaded.is_classifier:
-        with stage("held-out k-NN accuracy") as notes:
-            cpu = Runtime(torch.device("cpu"))
-            accuracy = {
-                "metric": "k-NN top-1 (k=20, T=0.07), half the held-out images as bank, half as queries",
-                "held_out_images": len(images.held_out.images),
-                "dense": knn_accuracy(model, images.held_out, cpu),
-                "pruned": knn_accuracy(pruned, images.held_out, cpu),
-            }
-            notes.append(f"dense {accuracy['dense']:.4f}, pruned {accuracy['pruned']:.4f}")
+    with stage("fidelity to dense") as notes:
+        kept = held_out_quality(model, artifact_path, images, loaded.is_classifier, threads)
+        notes.append(describe_quality(kept))
+    fidelity, accuracy = kept["fidelity"], kept["accuracy"]
 
     latencies: dict[str, list[dict[str, Any]]] = {}
     if cfg.latency_runs > 0:
@@ -198,8 +221,10 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
             **({"dsp": asdict(cfg.dsp_config()) | {"cooldown": cfg.dsp_config().cooldown_steps}}
                if target is not None and cfg.method.startswith("dsp") else {}),
         },
+        "effort": effort.to_dict(),
         "recovery": recovery,
         "images": images.label,
+        "fidelity": fidelity,
         "accuracy": accuracy,
         "macs": {
             "dense": plan.dense_macs, "pruned": plan.pruned_macs, "ratio": plan.mac_ratio,

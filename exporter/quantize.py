@@ -29,6 +29,7 @@ from exporter.onnx_export import save_checked
 from search.core.errors import ExportError, ParityError
 from exporter.rewrites.graph import GraphView, topological_sort
 from exporter.rewrites.unflatten_gemm import unflatten_gemm
+from exporter.fidelity import sample_cosines
 from exporter.validate import make_session, require_finite
 from search.core.atomic import ensure_writable_dir
 
@@ -164,14 +165,6 @@ def convert_fp16(src: Path, dst: Path) -> Path:
     return save_checked(model, dst)
 
 
-def _cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
-    """Cosine between each sample's flattened outputs (0 where either is all zeros)."""
-    ref = reference.reshape(len(reference), -1).astype(np.float64)
-    cand = candidate.reshape(len(candidate), -1).astype(np.float64)
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
-    return np.sum(ref * cand, axis=1) / np.where(norms > 0, norms, np.inf)
-
-
 def _run_onnx(path: Path, inputs: np.ndarray, batch: int) -> np.ndarray:
     session = make_session(path, threads=1)
     name = session.get_inputs()[0].name
@@ -231,7 +224,7 @@ def approx_parity(
     got = _run_onnx(Path(onnx_path), x, batch_size)
     if got.shape != ref.shape:
         raise ParityError(f"output shape {got.shape} differs from the reference's {ref.shape}")
-    cos = _cosines(ref, got)
+    cos = sample_cosines(ref, got)
     top1 = None
     if classifier:
         top1 = float(np.mean(ref.reshape(len(ref), -1).argmax(1) == got.reshape(len(got), -1).argmax(1)))

@@ -22,11 +22,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from exporter.fidelity import relation_agreement
 from exporter.reweight import HeadReweight, UnitScale
 from search.gate_loop import batch_indices
 from search.core.atomic import atomic_path
-from search.distill import DistillStudent, distill_loss, distill_targets, distill_step_loss
-from search.knn import knn_top1
+from search.distill import DistillStudent, distill_loss, distill_targets, distill_step_loss, teacher_targets
 from search.core.progress import progress_bar
 from search.core.runtime import Runtime, on_device
 
@@ -85,25 +85,6 @@ def _features(model: nn.Module, images: torch.Tensor, runtime: Runtime, classifi
             out = model(chunk.to(runtime.device))
             outs.append(out.float().cpu())
     return torch.cat(outs)
-
-
-def relation_agreement(student: torch.Tensor, teacher: torch.Tensor) -> float:
-    """Pearson correlation of the off-diagonal cosine similarities of two feature sets."""
-    def sims(x: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.normalize(x.flatten(1).double(), dim=1)
-        s = x @ x.T
-        return s[torch.triu_indices(len(s), len(s), offset=1).unbind()]
-
-    a, b = sims(student), sims(teacher)
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-30))
-
-
-def knn_accuracy(model: nn.Module, held_out: HeldOut, runtime: Runtime) -> float:
-    """k-NN top-1 (DINO protocol) on held-out features: half the images as bank, half as queries."""
-    feats = _features(model, held_out.images, runtime, classifier=False)
-    half = len(feats) // 2
-    return knn_top1(feats[:half], held_out.labels[:half], feats[half:], held_out.labels[half:])
 
 
 class Evaluator:
@@ -201,15 +182,16 @@ def _recover(
         optimiser.load_state_dict(state["optimiser"])
         start, best_step, best_value = int(state["step"]), int(state["best_step"]), float(state["best_value"])
         best_state, history = state["best_model"], [tuple(h) for h in state["history"]]
+    images = images.to(runtime.device)
+    targets = teacher_targets(teacher, images, classifier, runtime) if start < config.steps else None
     trained: nn.Module = DistillStudent(student, classifier)
     if runtime.distributed:
         trained = DistributedDataParallel(trained)
     with progress_bar("recovery", total=config.steps, completed=start, enabled=runtime.is_main) as advance:
         for step in range(start, config.steps):
             student.train()
-            idx = runtime.shard(batch_indices(len(images), config.batch_size, config.seed + 7919, step))
-            batch = images[idx].to(runtime.device)
-            loss = distill_step_loss(teacher, trained, batch, classifier, runtime)
+            idx = runtime.shard(batch_indices(len(images), config.batch_size, config.seed + 7919, step)).to(images.device)
+            loss = distill_step_loss(teacher, trained, images[idx], classifier, runtime, None if targets is None else targets[idx])
             for group in optimiser.param_groups:
                 group["lr"] = group["peak_lr"] * lr_factor(step, config)
             optimiser.zero_grad(set_to_none=True)

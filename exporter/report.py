@@ -67,6 +67,32 @@ def _device(label: str, provider: str) -> str:
     return provider if label == "ONNX Runtime" else f"{label} {provider}"
 
 
+FIDELITY_NAMES = {
+    "feature_cosine": "feature cosine to dense", "knn_agreement": "k-NN neighbours shared with dense",
+    "relation_agreement": "relation agreement", "knn_label_agreement": "k-NN class agreement",
+    "top1_agreement": "top-1 agreement with dense", "mean_kl": "KL from dense (nats)",
+}
+
+
+def kept_lines(report: dict[str, Any]) -> list[str]:
+    """What the file kept, first: fidelity to the dense model, then accuracy where the images are labelled."""
+    lines = []
+    fid = report.get("fidelity")
+    if fid:
+        figures = ", ".join(f"{FIDELITY_NAMES[k]} {fid[k]:.4f}" for k in FIDELITY_NAMES if k in fid)
+        lines.append(f"- **fidelity** ({fid.get('inputs', str(fid['images']) + ' held-out images')}): {figures}")
+    acc = report.get("accuracy")
+    if acc:
+        lines.append(f"- **accuracy** ({acc['metric']}, {acc['held_out_images']} held-out images): dense {100 * acc['dense']:.1f}%, "
+                     f"pruned {100 * acc['pruned']:.1f}% ({100 * (acc['pruned'] - acc['dense']):+.1f} points)")
+    effort = report.get("effort")
+    if effort:
+        lines.append(f"- effort {effort['name']} on {effort['device']}: {effort['search_steps']} search steps, "
+                     f"{effort['finetune_steps']} recovery steps, {effort['search_images']} images, batch {effort['batch_size']} "
+                     f"({effort['reason']})")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     """A short human-readable summary of the report."""
     m, macs, params = report["model"], report["macs"], report["params"]
@@ -74,6 +100,7 @@ def markdown(report: dict[str, Any]) -> str:
     if m["random_weights"]:
         lines += [f"> **{RANDOM_WEIGHTS_WARNING}**", ""]
     kept, dense_heads = heads_kept(report["blocks"])
+    lines += kept_lines(report)
     lines += [
         f"- weights: {m['weights']}",
         f"- method: {report['plan']['method']}, align {report['plan']['align']}",
@@ -230,6 +257,13 @@ def summary_table(report: dict[str, Any]) -> Table:
     table.add_column("dense", justify="right")
     table.add_column("pruned", justify="right")
     table.add_column("ratio", justify="right")
+    fid, acc = report.get("fidelity") or {}, report.get("accuracy")
+    for key in FIDELITY_NAMES:
+        if key in fid:
+            table.add_row(FIDELITY_NAMES[key], "", f"{fid[key]:.4f}", "")
+    if acc:
+        table.add_row("k-NN accuracy (%)", f"{100 * acc['dense']:.1f}", f"{100 * acc['pruned']:.1f}",
+                      f"{100 * (acc['pruned'] - acc['dense']):+.1f} pts")
     macs, params = report["macs"], report["params"]
     table.add_row("GMACs", f"{macs['dense'] / 1e9:.3f}", f"{macs['pruned'] / 1e9:.3f}", f"{macs['ratio']:.3f}")
     table.add_row("params (M)", f"{params['dense'] / 1e6:.2f}", f"{params['pruned'] / 1e6:.2f}", f"{params['ratio']:.3f}")

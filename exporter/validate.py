@@ -23,6 +23,7 @@ from search.core.errors import (
     OutputValuesMismatch,
     ParityError,
 )
+from exporter.fidelity import sample_cosines
 from exporter.runtimes import get_runtime
 from exporter.runtimes.ort import CPU, available_providers, make_session
 
@@ -43,18 +44,6 @@ class ParityResult:
     num_samples: int
     passed: bool
     runtime: str = "ort"
-
-
-def _cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
-    """Cosine between each sample's flattened outputs; 1 when both are zero."""
-    ref = reference.reshape(len(reference), -1).astype(np.float64)
-    cand = candidate.reshape(len(candidate), -1).astype(np.float64)
-    ref_norm = np.linalg.norm(ref, axis=1)
-    cand_norm = np.linalg.norm(cand, axis=1)
-    norms = ref_norm * cand_norm
-    cos = np.sum(ref * cand, axis=1) / np.where(norms > 0, norms, 1.0)
-    both_zero = (ref_norm == 0) & (cand_norm == 0)
-    return np.where(both_zero, 1.0, np.where(norms > 0, cos, 0.0))
 
 
 def _torch_output(model: nn.Module, batch: torch.Tensor) -> np.ndarray:
@@ -131,7 +120,7 @@ def check_parity(
                 abs_sum += float(diff.sum())
                 count += diff.size
                 ref_max = max(ref_max, float(np.abs(ref).max(initial=0.0)))
-                min_cos = min(min_cos, float(_cosines(ref, got).min()))
+                min_cos = min(min_cos, float(sample_cosines(ref, got).min()))
                 if classifier:
                     ref_top = ref.reshape(len(ref), -1).argmax(axis=1)
                     got_top = got.reshape(len(got), -1).argmax(axis=1)

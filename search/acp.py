@@ -211,8 +211,8 @@ def _search_loop(
         torch.optim.Adam(gates.parameters(), lr=config.lr)
     dense = float(model_macs(geometry))
 
-    def step_loss(step: int, batch: torch.Tensor, student: nn.Module) -> tuple[torch.Tensor, str]:
-        kd = distill_step_loss(model, student, batch, classifier, runtime)
+    def step_loss(step: int, batch: torch.Tensor, student: nn.Module, target: torch.Tensor | None) -> tuple[torch.Tensor, str]:
+        kd = distill_step_loss(model, student, batch, classifier, runtime, target)
         ratio = gates.expected_macs() / dense
         ramp = config.polarize * done_fraction(step, config.steps)
         loss = kd + config.budget_weight * torch.relu(ratio - config.budget) + ramp * polarisation(gates)

@@ -56,15 +56,60 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, classifier: bool)
     return per_block.mean() + cls
 
 
-def distill_step_loss(teacher: nn.Module, student: nn.Module, batch: torch.Tensor, classifier: bool, runtime: Runtime) -> torch.Tensor:
+def distill_step_loss(teacher: nn.Module, student: nn.Module, batch: torch.Tensor, classifier: bool, runtime: Runtime,
+                      target: torch.Tensor | None = None) -> torch.Tensor:
     """One training step's distillation loss: the frozen teacher's targets (no gradient), then the student's loss.
 
     Both run under the runtime's autocast; every distillation loop (acp, DSP, recovery) goes through here.
+    ``target`` is the teacher's output for ``batch`` when it was computed beforehand (:func:`teacher_targets`).
     """
-    with torch.no_grad(), runtime.autocast():
-        target = distill_targets(teacher, batch, classifier)
+    if target is None:
+        with torch.no_grad(), runtime.autocast():
+            target = distill_targets(teacher, batch, classifier)
     with runtime.autocast():
         return distill_loss(student(batch), target, classifier)
+
+
+TARGET_MEMORY_SHARE = 0.25
+"""Largest share of the device's free memory the stored teacher targets may take."""
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device``: the GPU's free memory, or the host's available memory (0 when unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def teacher_targets(teacher: nn.Module, pool: torch.Tensor, classifier: bool, runtime: Runtime,
+                    chunk: int = 32, budget_bytes: int | None = None) -> torch.Tensor | None:
+    """The frozen teacher's distillation targets for every pool image, computed once; None if they do not fit.
+
+    A loop that draws its batches from a fixed pool sees each image many times (1000 steps of 64 from
+    2048 images is 31 passes), and the teacher's forward is a third of a recovery step: computing it
+    once per image and indexing the result makes every later step that much cheaper, with the same
+    targets (the same forward, under the same autocast). The targets stay on the pool's device; they
+    are kept only when they take at most ``budget_bytes`` (default: a quarter of the free memory).
+    """
+    teacher.eval()
+    with torch.no_grad(), runtime.autocast():
+        first = distill_targets(teacher, pool[:1], classifier)
+    need = first[0].numel() * first.element_size() * len(pool)
+    limit = int(TARGET_MEMORY_SHARE * free_memory(pool.device)) if budget_bytes is None else budget_bytes
+    if need > limit:
+        return None
+    out = torch.empty((len(pool), *first.shape[1:]), dtype=first.dtype, device=pool.device)
+    with torch.no_grad(), runtime.autocast():
+        for start in range(0, len(pool), chunk):
+            out[start : start + chunk] = distill_targets(teacher, pool[start : start + chunk], classifier)
+    return out
 
 
 class DistillStudent(nn.Module):

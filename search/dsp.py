@@ -275,10 +275,10 @@ def _search_loop(
     optimiser = torch.optim.Adam(logits.parameters(), lr=config.lr)
     n = total_heads(geometry)
 
-    def step_loss(step: int, batch: torch.Tensor, student: nn.Module) -> tuple[torch.Tensor, str]:
+    def step_loss(step: int, batch: torch.Tensor, student: nn.Module, target: torch.Tensor | None) -> tuple[torch.Tensor, str]:
         t = config.temperature(step)
         logits.prepare(t, gumbel_noise(n, config.seed, step))
-        kd = distill_step_loss(model, student, batch, classifier, runtime)
+        kd = distill_step_loss(model, student, batch, classifier, runtime, target)
         return kd, f"kd {kd.item():.4f}  T {t:.3g}"
 
     loop = LoopConfig("dsp search", config.steps, config.batch_size, config.seed, config.checkpoint_every)

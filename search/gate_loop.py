@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from search.core.atomic import atomic_path
 from search.core.progress import progress_bar
 from search.core.runtime import Runtime
-from search.distill import DistillStudent
+from search.distill import DistillStudent, teacher_targets
 
 
 def batch_indices(pool_size: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
@@ -50,8 +50,9 @@ class LoopConfig:
     checkpoint_every: int
 
 
-StepLoss = Callable[[int, torch.Tensor, nn.Module], tuple[torch.Tensor, str]]
-"""(step, this rank's batch, the student) → (loss to minimise, what the progress bar shows)."""
+StepLoss = Callable[[int, torch.Tensor, nn.Module, torch.Tensor | None], tuple[torch.Tensor, str]]
+"""(step, this rank's batch, the student, the teacher's targets for the batch or None) → (loss to minimise,
+what the progress bar shows)."""
 
 
 def train_gates(
@@ -79,6 +80,9 @@ def train_gates(
         step_loss: the loss of one step (the search's distillation loss and its own terms).
         state_path: where to checkpoint and resume; None disables both.
         on_step: called after every finished step (progress reporting, tests).
+
+    The frozen model is the teacher; its targets for the whole pool are computed once when they fit
+    in memory (``search.distill.teacher_targets``) and handed to ``step_loss`` with each batch.
     """
     model.eval()
     for p in model.parameters():
@@ -89,13 +93,14 @@ def train_gates(
         gates.load_state_dict(state["gates"])
         optimiser.load_state_dict(state["optimiser"])
         start = int(state["step"])
+    targets = teacher_targets(model, pool, classifier, runtime) if start < loop.steps else None
     student: nn.Module = DistillStudent(model, classifier, gates)
     if runtime.distributed:
         student = DistributedDataParallel(student)
     with progress_bar(loop.name, total=loop.steps, completed=start, enabled=runtime.is_main) as advance:
         for step in range(start, loop.steps):
-            batch = pool[runtime.shard(batch_indices(len(pool), loop.batch_size, loop.seed, step))]
-            loss, label = step_loss(step, batch, student)
+            idx = runtime.shard(batch_indices(len(pool), loop.batch_size, loop.seed, step)).to(pool.device)
+            loss, label = step_loss(step, pool[idx], student, None if targets is None else targets[idx])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

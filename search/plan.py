@@ -112,6 +112,11 @@ class Plan:
     def mac_ratio(self) -> float:
         return self.pruned_macs / self.dense_macs
 
+    @property
+    def removes_nothing(self) -> bool:
+        """True when the plan keeps every head, channel and unit (any removal costs MACs)."""
+        return self.pruned_macs >= self.dense_macs
+
     def widths(self) -> tuple[BlockWidths, ...]:
         return tuple(b.widths for b in self.blocks)
 

@@ -8,6 +8,7 @@ import timm
 import torch
 
 from exporter.stages.config import RunConfig, resolve_defaults
+from exporter.stages.effort import resolve_effort
 from search.builtin_images import PHOTOS, builtin_images, load_photos
 from tests.test_cli import FAST, invoke
 
@@ -44,7 +45,7 @@ def test_pool_is_fixed_by_the_seed():
 def test_defaults_follow_the_weights_not_the_data(tmp_path):
     cfg = RunConfig("m", 0.63, tmp_path / "m.onnx")
     real, random = resolve_defaults(cfg, random_weights=False), resolve_defaults(cfg, random_weights=True)
-    assert (real.method, real.finetune_steps) == ("acp", 50)
+    assert (real.method, real.finetune_steps) == ("acp", resolve_effort("default", "cpu").finetune_steps)
     assert (random.method, random.finetune_steps) == ("magnitude", 0)
     chosen = resolve_defaults(RunConfig("m", 0.63, tmp_path / "m.onnx", method="random", finetune_steps=3), False)
     assert (chosen.method, chosen.finetune_steps) == ("random", 3)

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from exporter.cli import app
 from exporter.onnx_macs import count_onnx_macs
+from exporter.stages.effort import resolve_effort
 
 FAST = ["--latency-runs", "2", "--calib-images", "4"]
 
@@ -91,7 +92,7 @@ def test_budget_one_exports_the_dense_model(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["macs"]["ratio"] == 1.0 and report["macs"]["onnx_pruned"] == report["macs"]["onnx_dense"]
-    assert report["plan"]["method"] == "magnitude"  # the default without --data
+    assert report["plan"]["method"] == "dense"  # budget 1 removes nothing: no search, whatever the method
 
 
 def test_checkpoint_and_data_are_used(tmp_path):
@@ -106,7 +107,8 @@ def test_checkpoint_and_data_are_used(tmp_path):
     assert report["model"]["weights"].startswith("checkpoint:") and report["model"]["random_weights"] is False
     assert "3 search + 3 held-out images from" in report["parity"]["inputs"]
     assert report["recovery"]["steps"] == 2 and len(report["recovery"]["history"]) == 2
-    assert report["plan"]["method"] == "acp" and report["search"]["steps"] == 40  # the default with --data
+    assert report["plan"]["method"] == "acp"  # the default with --data
+    assert report["search"]["steps"] == resolve_effort("default", "cpu").search_steps
 
 
 def test_failed_parity_writes_nothing_and_keeps_the_plan(tmp_path):

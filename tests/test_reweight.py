@@ -44,7 +44,7 @@ def test_trained_reweights_fold_exactly(tiny_model):
 
 
 def test_relation_agreement_is_one_for_the_same_geometry_and_low_for_noise():
-    from exporter.recovery import relation_agreement
+    from exporter.fidelity import relation_agreement
 
     torch.manual_seed(0)
     feats = torch.randn(40, 16)

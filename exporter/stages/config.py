@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from exporter.recovery import RecoveryConfig
 from exporter.runtimes import DEFAULT_RUNTIMES
+from exporter.stages.effort import Effort, resolve_effort
 from search.acp import AcpConfig
 from search.dsp import DspConfig
 from search.methods import HEAD_SHARE
@@ -40,10 +40,14 @@ class RunConfig:
         widths: acp: ``search`` or ``greedy`` plan widths; None for AcpConfig's default.
         gate_optimiser: acp: ``shared-scale`` or ``adam`` for the indicators; None for AcpConfig's default.
         reweight: train reweight modules during recovery (folded before export).
-        search_steps: acp indicator-training steps.
-        finetune_steps: recovery steps; None means 50 for real weights and 0 for random ones.
-        search_images: images drawn from --data for search and recovery.
-        heldout_images: further images, held out, to pick the best recovery state and check parity.
+        effort: ``fast``, ``default`` or ``best`` (``exporter.stages.effort``): sets the four numbers
+            below that are None, sized for the device the run trains on.
+        search_steps: search steps (acp, DSP); None for the effort's.
+        finetune_steps: recovery steps; None for the effort's with real weights, 0 with random ones.
+        search_images: images drawn for search and recovery; None for the effort's.
+        heldout_images: further images, held out, to pick the best recovery state and to check parity
+            and fidelity; None for the effort's.
+        batch_size: global batch of every search and recovery step; None for the effort's.
         device: auto, cpu or cuda for search and recovery.
         seed: seeds random weights, sampling and the search.
         calib_images: images used for parity.
@@ -85,10 +89,12 @@ class RunConfig:
     widths: str | None = None
     gate_optimiser: str | None = None
     reweight: bool = True
-    search_steps: int = AcpConfig.steps
+    effort: str = "default"
+    search_steps: int | None = None
     finetune_steps: int | None = None
-    search_images: int = 256
-    heldout_images: int = 200
+    search_images: int | None = None
+    heldout_images: int | None = None
+    batch_size: int | None = None
     device: str = "auto"
     seed: int = 0
     calib_images: int = 16
@@ -141,7 +147,8 @@ class RunConfig:
     def acp_config(self) -> AcpConfig:
         """The acp search settings of this run (OptionError for an unknown --indicator or --widths)."""
         d = AcpConfig(budget=self.budget)
-        return AcpConfig(budget=self.budget, steps=self.search_steps, similarity=self.similarity, attn_init=self.attn_init,
+        return AcpConfig(budget=self.budget, steps=self.search_steps or d.steps, batch_size=self.batch_size or d.batch_size,
+                         similarity=self.similarity, attn_init=self.attn_init,
                          indicator=self.indicator or d.indicator, widths=self.widths or d.widths,
                          optimiser=self.gate_optimiser or d.optimiser, seed=self.seed)
 
@@ -149,18 +156,28 @@ class RunConfig:
         """The DSP search settings of this run (its length is --search-steps, like acp's)."""
         d = DspConfig()
         return DspConfig(
-            steps=self.search_steps, lr=d.lr if self.dsp_lr is None else self.dsp_lr,
+            steps=self.search_steps or d.steps, batch_size=self.batch_size or d.batch_size,
+            lr=d.lr if self.dsp_lr is None else self.dsp_lr,
             t0=d.t0 if self.dsp_t0 is None else self.dsp_t0, tf=d.tf if self.dsp_tf is None else self.dsp_tf,
             cooldown=self.dsp_cooldown, straight_through=self.dsp_straight_through, seed=self.seed,
         )
 
-    def recovery_steps(self, random_weights: bool) -> int:
-        """Recovery steps: the ones asked for, else the default for real weights and none for random ones."""
+    def effort_for(self, device_type: str) -> Effort:
+        """The effort of this run on ``device_type``, with the numbers given explicitly in place of the level's."""
+        return resolve_effort(self.effort, device_type, search_steps=self.search_steps, finetune_steps=self.finetune_steps,
+                              search_images=self.search_images, heldout_images=self.heldout_images,
+                              batch_size=self.batch_size)
+
+    def recovery_steps(self, random_weights: bool, device_type: str = "cpu") -> int:
+        """Recovery steps: the ones asked for, else the effort's for real weights and none for random ones."""
         if self.finetune_steps is not None:
             return self.finetune_steps
-        return 0 if random_weights else RecoveryConfig.steps
+        return 0 if random_weights else self.effort_for(device_type).finetune_steps
 
 
-def resolve_defaults(cfg: RunConfig, random_weights: bool) -> RunConfig:
-    """``cfg`` with the method and the recovery steps the weights call for filled in."""
-    return replace(cfg, method=cfg.selection_method(random_weights), finetune_steps=cfg.recovery_steps(random_weights))
+def resolve_defaults(cfg: RunConfig, random_weights: bool, device_type: str = "cpu") -> RunConfig:
+    """``cfg`` with the method, the effort's numbers and the recovery steps the weights call for filled in."""
+    effort = cfg.effort_for(device_type)
+    return replace(cfg, method=cfg.selection_method(random_weights), search_steps=effort.search_steps,
+                   finetune_steps=cfg.recovery_steps(random_weights, device_type), search_images=effort.search_images,
+                   heldout_images=effort.heldout_images, batch_size=effort.batch_size)

@@ -17,7 +17,7 @@ from exporter.stages.images import Images
 from search.allocate import SolverConfig, head_plan, make_plan
 from search.core.atomic import atomic_path
 from search.core.runtime import Runtime
-from search.heads import HeadTarget, check_total, heads_for_budget
+from search.heads import HeadTarget, check_total, heads_for_budget, total_heads
 from search.macs import ModelGeometry
 from search.methods import METHODS, SEARCHES_CHANNELS, SearchInputs, head_budget
 from search.models import LoadedModel
@@ -46,6 +46,17 @@ def head_target(cfg: RunConfig, geometry: ModelGeometry) -> HeadTarget | None:
     source = f"budget {cfg.budget:g}" if budget == cfg.budget else \
         f"head budget {budget:.4g} = 1 - {cfg.share:g} x (1 - budget {cfg.budget:g})"
     return HeadTarget(heads_for_budget(geometry, budget, cfg.scope), cfg.scope, source)
+
+
+def removes_nothing(cfg: RunConfig, geometry: ModelGeometry) -> bool:
+    """True when the run is an export of the dense model: budget 1, no --plan, and every head kept.
+
+    Such a run has nothing to search for and nothing to recover, so it does neither.
+    """
+    if cfg.plan is not None or cfg.budget < 1.0:
+        return False
+    target = head_target(cfg, geometry)
+    return target is None or target.total == total_heads(geometry)
 
 
 def search(cfg: RunConfig, loaded: LoadedModel, images: Images, rt: Runtime, state_path: Path) -> Plan:
@@ -79,6 +90,9 @@ def plan_stage(cfg: RunConfig, loaded: LoadedModel, images: Images, rt: Runtime,
         plan.check(geometry, loaded.timm_name)
         notes.append(f"replayed {cfg.plan}")
         return plan
+    if removes_nothing(cfg, geometry):
+        notes.append("budget 1 removes nothing: no search")
+        return Plan.dense(loaded.timm_name, loaded.img_size, geometry)
     work = cfg.work_dir
     key = key_of(
         **weights_key, method=cfg.method, budget=cfg.budget, align=cfg.align, per_head=cfg.per_head_indices,

@@ -21,15 +21,25 @@ from search.models import LoadedModel
 from search.plan import Plan
 
 
+def recovery_config(cfg: RunConfig) -> RecoveryConfig:
+    """The recovery settings of a resolved run: its steps and batch; held-out checks and checkpoints about
+    ten times a run (at least every 20 steps), so a long run does not spend its time writing checkpoints."""
+    every = max(RecoveryConfig.checkpoint_every, cfg.finetune_steps // 10)
+    return RecoveryConfig(steps=cfg.finetune_steps, batch_size=cfg.batch_size, seed=cfg.seed, eval_every=every, checkpoint_every=every)
+
+
 def recovery_stage(
     cfg: RunConfig, loaded: LoadedModel, plan: Plan, images: Images, rt: Runtime, weights_key: dict, notes: list[str]
 ) -> tuple[torch.nn.Module, dict[str, Any] | None]:
     pruned = apply_plan(loaded.model, plan, loaded.geometry)
+    if plan.removes_nothing:
+        notes.append("the plan removes nothing: no recovery")
+        return pruned, None
     if cfg.finetune_steps == 0:
         notes.append("no recovery (--finetune-steps 0)")
         return pruned, None
     work = cfg.work_dir
-    recovery = RecoveryConfig(steps=cfg.finetune_steps, seed=cfg.seed)
+    recovery = recovery_config(cfg)
     key = key_of(**weights_key, plan=plan.to_json(), recovery=asdict(recovery), reweight=cfg.reweight, data=str(cfg.data),
                images=[cfg.search_images, cfg.heldout_images])
     path = work / "recovered.pt"
