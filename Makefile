@@ -57,6 +57,7 @@ bench: install system
 gpu-check: $(if $(NO_INSTALL),,install)
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_builtin_images.py tests/test_acp.py tests/test_recovery.py tests/test_flatten_kind.py
 	$(PY) -m exporter.bench.gpu_check $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),)
+	$(PY) -m exporter.bench.effort --only "=default, built-in @ 0.63" --only "=fast, built-in @ 0.63"
 
 clean:
 	rm -rf $(CACHE) artifacts/demo/*.work

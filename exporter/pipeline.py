@@ -146,7 +146,7 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
                       + (f"; {cfg.dsp_config().describe()}" if cfg.method.startswith("dsp") else "") + "[/]")
 
     with stage("images") as notes:
-        images = load_images(cfg, loaded)
+        images = load_images(cfg, loaded, rt.device)
         notes.append(images.label)
 
     wkey = weights_key(cfg, loaded)

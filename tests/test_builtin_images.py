@@ -73,3 +73,11 @@ def test_run_without_data_uses_builtin_photographs_only_for_real_weights(tmp_pat
         assert "random normal inputs" in report["images"]
         assert report["plan"]["method"] == "magnitude" and report["recovery"] is None
     assert "search and recovery images" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (make gpu-check runs it)")
+def test_the_pool_drawn_on_the_gpu_is_the_cpu_pool():
+    cpu = builtin_images(6, CONFIG, seed=3)
+    gpu = builtin_images(6, CONFIG, seed=3, device="cuda")
+    assert gpu.device.type == "cpu" and gpu.shape == cpu.shape
+    assert (gpu - cpu).abs().mean() < 0.05  # the same crops; resampling differs in the last bits

@@ -30,7 +30,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from exporter.pipeline import RunConfig, load_images, run
+from exporter.pipeline import RunConfig, load_images, resolve_defaults, run
 from exporter.recovery import RecoveryConfig, recover
 from exporter.reweight import add_reweights
 from exporter.surgery import apply_plan
@@ -92,13 +92,13 @@ def _dense_train_times(model: nn.Module, pool: torch.Tensor, batch_size: int, rt
         teacher.cpu()
 
 
-def throughput(model: nn.Module, plan: Plan, pool: torch.Tensor, held_out, rt: Runtime) -> dict[str, Any]:
-    """Images/s of an acp search step, a recovery step and a dense training step, measured in one run."""
+def throughput(model: nn.Module, plan: Plan, pool: torch.Tensor, held_out, rt: Runtime, batch_size: int) -> dict[str, Any]:
+    """Images/s of an acp search step, a recovery step and a dense training step at one batch size, in one run."""
     geometry = describe(model)
     steps = TIMED_STEPS + WARMUP_STEPS
-    acp = AcpConfig(budget=plan.budget, steps=steps)
+    acp = AcpConfig(budget=plan.budget, steps=steps, batch_size=batch_size)
     search = _step_times(lambda on_step: acp_search(model, geometry, pool, acp, False, rt, on_step=on_step).scores)
-    recovery_cfg = RecoveryConfig(steps=steps, eval_every=10**9)
+    recovery_cfg = RecoveryConfig(steps=steps, batch_size=batch_size, eval_every=10**9)
     pruned = apply_plan(model, plan)
     add_reweights(pruned)
     recovery = _step_times(lambda on_step: recover(pruned, model, pool, held_out, recovery_cfg, False, rt, on_step=on_step))
@@ -197,6 +197,11 @@ def markdown(report: dict[str, Any]) -> str:
         "## The default command on CUDA", "",
         f"`{run_['command']}`: {run_['seconds']:.0f} s in all; MAC ratio {run_['mac_ratio']:.4f}; parity max |Δ| "
         f"{run_['parity_max_abs_diff']:.2e}; images: {run_['images']}", "",
+        f"- effort: {run_['effort']['name']} on {run_['effort']['device']}: {run_['effort']['search_steps']} search steps, "
+        f"{run_['effort']['finetune_steps']} recovery steps, {run_['effort']['search_images']} images, batch {run_['effort']['batch_size']}",
+        "- fidelity to dense on the held-out images: " + ", ".join(f"{k} {v:.4f}" for k, v in run_["fidelity"].items()
+                                                                    if isinstance(v, float)),
+        "- k-NN on Fashion-MNIST test against dense: `artifacts/bench/effort.md`, rows on cuda (`make gpu-check` runs them)", "",
         "| stage | seconds |", "|---|---:|",
         *[f"| {k} | {v:.1f} |" for k, v in run_["stage_seconds"].items()], "",
         "## Training throughput (same model, batch and bf16 autocast; one run)", "",
@@ -248,7 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     loaded = load_model("dinov2_s", args.checkpoint)
     plan = Plan.load(cfg.work_dir / "plan.json")
-    images = load_images(cfg, loaded)
+    resolved = resolve_defaults(cfg, random_weights=False, device_type="cuda")
+    images = load_images(resolved, loaded)
     rt = Runtime(torch.device("cuda"))
     input_size = tuple(loaded.data_config["input_size"])
     gpu = {
@@ -259,8 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model": f"dinov2_s at {loaded.img_size} px, plan of the default run (MAC ratio {plan.mac_ratio:.4f})",
         "default_run": {"command": command, "seconds": seconds, "stage_seconds": report["stage_seconds"],
                         "mac_ratio": report["macs"]["ratio"], "parity_max_abs_diff": report["parity"]["max_abs_diff"],
-                        "images": report["images"], "recovery": report["recovery"]},
-        "throughput": throughput(loaded.model, plan, images.pool, images.held_out, rt),
+                        "images": report["images"], "recovery": report["recovery"], "effort": report["effort"],
+                        "fidelity": report["fidelity"]},
+        "throughput": throughput(loaded.model, plan, images.pool, images.held_out, rt, resolved.batch_size),
         "torch_latency": torch_latency(loaded.model, apply_plan(loaded.model, plan), input_size),
         "ort_cuda": ort_cuda_latency(cfg.work_dir / "dense.onnx", cfg.work_dir / "pruned.onnx", input_size),
     }

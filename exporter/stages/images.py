@@ -24,13 +24,15 @@ class Images:
     label: str
 
 
-def load_images(cfg: RunConfig, loaded: LoadedModel) -> Images:
+def load_images(cfg: RunConfig, loaded: LoadedModel, device: torch.device | str = "cpu") -> Images:
     """The run's images, by what is there to learn from.
 
     - --data: class-balanced images from the ImageFolder (fixed seed), held-out ones labelled;
     - no --data, real weights: augmented crops of the built-in photographs, so the search and the
       recovery still distil the dense model on natural images (``search.builtin_images``);
     - no --data, random weights: fixed-seed Gaussian inputs, enough for parity and nothing more.
+
+    The built-in crops are drawn on ``device`` (the training device) and returned on the CPU.
     """
     held_needed = min_held_out(loaded.is_classifier, cfg.recovery_steps(loaded.random_weights))
     if cfg.data is None and not loaded.random_weights:
@@ -38,7 +40,7 @@ def load_images(cfg: RunConfig, loaded: LoadedModel) -> Images:
             raise OptionError(f"--heldout-images {cfg.heldout_images} is too few for recovery's held-out metric; "
                               f"use --heldout-images {held_needed} or more")
         total = cfg.search_images + cfg.heldout_images
-        images = builtin_images(total, loaded.data_config, cfg.seed)
+        images = builtin_images(total, loaded.data_config, cfg.seed, device)
         held = cfg.heldout_images
         return Images(images[held:], HeldOut(images[:held], None), describe_builtin(total))
     if cfg.data is None:
