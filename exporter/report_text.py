@@ -98,7 +98,8 @@ def fidelity_line(fidelity: dict[str, Any]) -> str:
 
 def accuracy_line(accuracy: dict[str, Any]) -> str:
     delta = 100 * (accuracy["pruned"] - accuracy["dense"])
-    return (f"- accuracy, {accuracy.get('metric', 'held-out')} on {accuracy.get('held_out_images', '?')} labelled held-out images: "
+    metric = f" ({accuracy['metric']})" if accuracy.get("metric") else ""
+    return (f"- accuracy on {accuracy.get('held_out_images', '?')} labelled held-out images{metric}: "
             f"dense {accuracy['dense']:.4f}, pruned **{accuracy['pruned']:.4f}** ({delta:+.1f} points)")
 
 

@@ -78,3 +78,12 @@ def test_the_warning_reaches_the_terminal_and_the_report(tmp_path):
 
 def test_human_bytes():
     assert [human_bytes(n) for n in (512, 2_700_000, 397_000_000, 1_500_000_000)] == ["512 B", "2.7 MB", "397 MB", "1.5 GB"]
+
+
+def test_the_committed_sample_report_holds_no_machine_path():
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[1] / "artifacts" / "sample"
+    for path in sample.glob("*.[jm][sd]*"):  # the .json and the .md
+        text = path.read_text()
+        assert not [p for p in ("/work/", "/home/", "/root/", "/tmp/", "/Users/") if p in text], path
