@@ -109,8 +109,8 @@ def _fail(err: Console, exc: UserError) -> typer.Exit:
 def prune_export(
     model: str = typer.Argument(..., help=MODELS_HELP, rich_help_panel=MODEL_PANEL, show_default=False),
     checkpoint: Optional[Path] = typer.Option(
-        None, help="State dict to load: .pth or .pt (a dict of tensors, or one under 'model' or 'state_dict') or "
-        ".safetensors, with the timm model's parameter names.", rich_help_panel=MODEL_PANEL),
+        None, help="State dict to load: .pth or .pt (a dict of tensors, or one under 'model_ema', 'state_dict' or "
+        "'model') or .safetensors, with the timm model's parameter names.", rich_help_panel=MODEL_PANEL),
     random_init: bool = typer.Option(False, "--random-init", help="Allow random weights when no others are found "
                                      "(latency only: accuracy means nothing).", rich_help_panel=MODEL_PANEL),
     img_size: Optional[int] = typer.Option(None, min=16, help="Input resolution in pixels, square (default: the model's); "
