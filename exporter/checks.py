@@ -188,3 +188,27 @@ def check_image_count(root: Path, found: int, search_images: int, heldout_images
             f"--search-images {search_images} and --heldout-images {heldout_images} draw {drawn} images, "
             f"but at least {need} are needed (half are held out: {why}); raise --search-images"
         )
+
+
+def unused_pixels_warning(model: object, img_size: int) -> str | None:
+    """A warning when ``img_size`` is not a multiple of the model's patch size, None when it is.
+
+    A model built for exactly that size (timm's ``strict_img_size``) runs, but the patch embedding's
+    stride drops the last rows and columns: those pixels never reach it. A model that pads to whole
+    patches (``dynamic_img_pad``) sees every pixel. Any other model refuses the input at its first
+    forward, so that is an OptionError here, before the search rather than at export.
+    """
+    embed = getattr(model, "patch_embed", None)
+    patch = getattr(embed, "patch_size", None)
+    if patch is None or getattr(embed, "dynamic_img_pad", False):
+        return None
+    patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+    unused = img_size % patch
+    if unused == 0:
+        return None
+    lower, upper = img_size - unused, img_size - unused + patch
+    if not getattr(embed, "strict_img_size", True):
+        raise OptionError(f"--img-size {img_size} is not a multiple of the model's {patch} px patch, which it refuses; "
+                          f"use {lower} or {upper}")
+    return (f"--img-size {img_size} is not a multiple of the {patch} px patch: the last {unused} pixel rows and columns "
+            f"are never seen; use {lower} or {upper}")

@@ -1,28 +1,81 @@
-"""``prune-export MODEL --budget B -o OUT.onnx``: the command line.
+"""``prune-export MODEL --budget B -o OUT.onnx``: the command line; ``prune-export info FILE.onnx`` reads a file back.
 
-Bad input ends in one line on stderr and a non-zero exit, never a traceback. Progress goes to
-stderr and the summary table to stdout.
+Bad input ends in one line on stderr and exit code 2, never a traceback: a value the command line
+itself refuses (an unknown option, a number out of range) as well as a ``UserError`` from the run.
+Progress goes to stderr and the summary table to stdout.
+
+Nothing here imports torch (or a module that does) at module level: ``--help`` and the checks of
+fixed values, the budget, the device's form and the runtimes answer before torch is imported. The
+choices and defaults the help shows come from torch-free modules (``search.choices``,
+``exporter.options``). Set ``PRUNE_EXPORT_DEBUG=1`` to see the traceback of an internal error.
 """
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand
 
-from exporter.stages.effort import EFFORTS
+from exporter.options import (
+    BUDGET_PANEL, DEFAULT_ALIGN, DEFAULT_BUDGET, EFFORTS, EXPORT_PANEL, HEADS_PANEL, MODEL_PANEL, OUTPUT_PANEL, PRECISIONS, QUANTIZE,
+    QUANTIZE_MODES, RECOVERY_PANEL, RUNTIME_NAMES, SEARCH_PANEL, TARGETS,
+)
+from search.choices import (
+    DEFAULT_INDICATOR, DEFAULT_OPTIMISER, DEFAULT_WIDTHS, DEVICE_FORMS, DSP_LR, DSP_T0, DSP_TF, HEAD_SCOPES, HEAD_SHARE,
+    INDICATORS, METHOD_NAMES, OPTIMISERS, WIDTHS, check_choice, check_device_form,
+)
 from search.core.errors import BudgetError, UserError
-from search.acp import AcpConfig
-from search.dsp import DspConfig
-from search.methods import HEAD_SHARE, method_names
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 DEBUG_ENV = "PRUNE_EXPORT_DEBUG"
-DEFAULT_BUDGET = 0.63
-DEFAULT_ALIGN = 8
+MODELS_HELP = (
+    "The model: dinov2_s (DINOv2 ViT-S/14, real weights bundled), flatten_dinov2_s (its first six blocks with focused "
+    "linear attention, trained parameters bundled), the aliases deit_t, deit_s and deit_b, flatten_deit_t, "
+    "flatten_deit_s and flatten_deit_b (no public weights: --random-init or --checkpoint), or any timm ViT name, "
+    "e.g. vit_small_patch16_224."
+)
+
+
+# Typer vendors its own click (typer._click) in recent versions; its exceptions are reached through the public
+# typer.BadParameter, so this works with a vendored click and a separate one alike.
+ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _one_of(choices: Sequence[str]) -> str:
+    return "one of " + ", ".join(choices)
+
+
+class OneLineErrors(TyperCommand):
+    """A typer command whose usage errors (unknown option, bad number, missing argument) print one line, exit 2.
+
+    Click's own form is four lines (usage, a hint, a blank, the error); the tool's contract is one
+    line on stderr that names the fix, whatever refused the input.
+    """
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            code = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
+        except ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            where = ctx.command_path if ctx is not None else (prog_name or "prune-export")
+            Console(stderr=True, soft_wrap=True).print(
+                f"[bold red]error:[/] {escape(exc.format_message().rstrip('.'))}; see {escape(where)} --help", highlight=False)
+            code = exc.exit_code
+        except typer.Abort:
+            Console(stderr=True).print("[bold red]aborted[/]")
+            code = 1
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
+info_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
 
 
 def parse_budget(text: str) -> float:
@@ -36,100 +89,137 @@ def parse_budget(text: str) -> float:
     return value
 
 
-def _check_method(name: Optional[str]) -> Optional[str]:
-    if name is not None and name not in method_names():
-        raise typer.BadParameter(f"unknown method '{name}'; choose one of {', '.join(method_names())}")
-    return name
+def check_fixed_values(values: dict[str, Optional[str]], device: str) -> None:
+    """Refuse a value outside an option's choices, or a malformed --device, before torch is imported."""
+    choices = {"--method": METHOD_NAMES, "--indicator": INDICATORS, "--widths": WIDTHS, "--gate-optimiser": OPTIMISERS,
+               "--heads-scope": HEAD_SCOPES, "--target": TARGETS, "--precision": PRECISIONS, "--quantize": QUANTIZE,
+               "--quantize-mode": QUANTIZE_MODES, "--effort": EFFORTS}
+    for flag, value in values.items():
+        check_choice(flag, value, choices[flag])
+    check_device_form(device)
 
 
-def _check_effort(name: str) -> str:
-    if name not in EFFORTS:
-        raise typer.BadParameter(f"unknown effort '{name}'; choose one of {', '.join(EFFORTS)}")
-    return name
+def _fail(err: Console, exc: UserError) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)  # "[openvino]" is no markup tag
+    return typer.Exit(exc.exit_code)
 
 
-@app.command()
+@app.command(cls=OneLineErrors, epilog=f"prune-export info FILE.onnx prints what a written file says about itself. "
+             f"{DEBUG_ENV}=1 shows the traceback of an internal error.")
 def prune_export(
-    model: str = typer.Argument(..., help="Model: dinov2_s, deit_t, deit_s, deit_b, or a timm ViT name."),
-    output: Path = typer.Option(..., "-o", "--output", help="ONNX file to write; the report goes next to it."),
-    budget: Optional[str] = typer.Option(
-        None, "--budget", "-b", help=f"Fraction of dense MACs to keep, in (0, 1] (default {DEFAULT_BUDGET}; a --plan fixes it)."
-    ),
-    method: Optional[str] = typer.Option(
-        None, help="Selection method: acp, magnitude or random (channels); dsp or head-magnitude (whole heads); dsp+acp "
-        "(heads, then channels). Default: acp for real weights, magnitude for random ones.",
-        callback=_check_method,
-    ),
-    align: Optional[int] = typer.Option(None, min=1, help=f"Kept widths are multiples of this (default {DEFAULT_ALIGN}; a --plan fixes it)."),
-    checkpoint: Optional[Path] = typer.Option(None, help="State dict (.pth/.pt/.safetensors) to load."),
-    random_init: bool = typer.Option(False, "--random-init", help="Allow random weights (latency only)."),
-    img_size: Optional[int] = typer.Option(None, min=16, help="Input resolution (default: the model's)."),
-    data: Optional[Path] = typer.Option(None, help="ImageFolder for search, recovery and parity (default: built-in photographs for real weights)."),
-    plan: Optional[Path] = typer.Option(None, help="Replay this plan.json instead of searching."),
-    per_head_indices: bool = typer.Option(False, "--per-head-indices", help="Choose indices per head (same count)."),
-    effort: str = typer.Option(
-        "default", help=f"Work spent on search and recovery, sized for the device: {', '.join(EFFORTS)}. The numbers "
-        "below override it one by one.", callback=_check_effort, rich_help_panel="Search"),
-    search_steps: Optional[int] = typer.Option(
-        None, min=1, help="Search steps of acp and of dsp (each stage of dsp+acp) (default: from --effort).", rich_help_panel="Search"),
-    finetune_steps: Optional[int] = typer.Option(
-        None, min=0, help="Recovery steps (default: from --effort for real weights, 0 for random ones).", rich_help_panel="Recovery"),
-    batch_size: Optional[int] = typer.Option(
-        None, min=1, help="Global batch of every search and recovery step (default: from --effort).", rich_help_panel="Search"),
-    no_similarity: bool = typer.Option(False, "--no-similarity", help="acp ablation: no similarity-based weights."),
-    no_attn_init: bool = typer.Option(False, "--no-attn-init", help="acp ablation: constant indicator init."),
-    no_reweight: bool = typer.Option(False, "--no-reweight", help="Ablation: no reweight modules in recovery."),
-    indicator: Optional[str] = typer.Option(
-        None, help=f"acp: shared (one indicator per channel index, the same in every head) or free (one per head and "
-        f"channel; equal removal imposed at the cut). Default {AcpConfig.indicator}."),
-    widths: Optional[str] = typer.Option(
-        None, help=f"acp: search (the widths the search converged to, rounded under the budget) or greedy (re-derived "
-        f"from the ranking). Default {AcpConfig.widths}."),
-    gate_optimiser: Optional[str] = typer.Option(
-        None, help=f"acp: shared-scale (steps in proportion to the gradients) or adam (per-indicator scale). "
-        f"Default {AcpConfig.optimiser}."),
-    search_images: Optional[int] = typer.Option(
-        None, min=1, help="Images for search and recovery (from --data, or built-in crops) (default: from --effort).",
-        rich_help_panel="Search"),
-    heldout_images: Optional[int] = typer.Option(
-        None, min=2, help="Further images held out for model selection, parity and fidelity (default: from --effort).",
-        rich_help_panel="Search"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N for search and recovery."),
-    seed: int = typer.Option(0, help="Seed for random weights, random scores and sampling (0 to 2**32-1)."),
-    calib_images: int = typer.Option(16, min=1, help="Held-out images for the parity check."),
-    target: str = typer.Option("portable", help="portable (standard ONNX ops) or ort (ONNX Runtime-optimised graph)."),
-    precision: str = typer.Option("fp32", help="fp32, or fp16 for GPU artifacts."),
-    quantize: str = typer.Option("none", help="none or int8."),
-    quantize_mode: str = typer.Option("dynamic", help="int8: dynamic, or static calibrated on --data."),
-    latency_runs: int = typer.Option(20, min=0, help="Interleaved runs per model for latency (0 skips)."),
-    threads: Optional[int] = typer.Option(None, min=1, help="Inference threads in each runtime (default: all cores)."),
+    model: str = typer.Argument(..., help=MODELS_HELP, rich_help_panel=MODEL_PANEL, show_default=False),
+    checkpoint: Optional[Path] = typer.Option(
+        None, help="State dict to load: .pth or .pt (a dict of tensors, or one under 'model_ema', 'state_dict' or "
+        "'model') or .safetensors, with the timm model's parameter names.", rich_help_panel=MODEL_PANEL),
+    random_init: bool = typer.Option(False, "--random-init", help="Allow random weights when no others are found "
+                                     "(latency only: accuracy means nothing).", rich_help_panel=MODEL_PANEL),
+    img_size: Optional[int] = typer.Option(None, min=16, help="Input resolution in pixels, square (default: the model's); "
+                                           "best a multiple of the patch size.", rich_help_panel=MODEL_PANEL),
     pattern: Optional[str] = typer.Option(
-        None, help="FLatten models: L (focused linear) or S (softmax) attention per block, e.g. LLLLLLSSSSSS."),
-    runtimes: str = typer.Option("ort", help="Runtimes for parity and latency, comma-separated: ort, openvino."),
+        None, help="FLatten models: L (focused linear) or S (softmax) attention per block, e.g. LLLLLLSSSSSS.",
+        rich_help_panel=MODEL_PANEL),
+    budget: Optional[str] = typer.Option(
+        None, "--budget", "-b", help=f"Fraction of dense MACs to keep, in (0, 1] (default {DEFAULT_BUDGET}; a --plan fixes it).",
+        rich_help_panel=BUDGET_PANEL, show_default=False),
+    method: Optional[str] = typer.Option(
+        None, metavar="METHOD", help=f"Selection method, {_one_of(METHOD_NAMES)}: acp, magnitude or random choose channels; "
+        "dsp or head-magnitude whole heads; dsp+acp heads, then channels. Default: acp for real weights, magnitude for "
+        "random ones.", rich_help_panel=BUDGET_PANEL),
+    align: Optional[int] = typer.Option(None, min=1, help=f"Kept widths are multiples of this (default {DEFAULT_ALIGN}; "
+                                        "a --plan fixes it).", rich_help_panel=BUDGET_PANEL),
+    plan: Optional[Path] = typer.Option(None, help="Replay this plan.json instead of searching.", rich_help_panel=BUDGET_PANEL),
+    per_head_indices: bool = typer.Option(False, "--per-head-indices", help="Choose the indices per head (the same count "
+                                          "in each) instead of the same indices in every head.", rich_help_panel=BUDGET_PANEL),
+    data: Optional[Path] = typer.Option(None, help="ImageFolder (one sub-folder per class) for search, recovery, parity and "
+                                        "calibration (default: built-in photographs for real weights).", rich_help_panel=SEARCH_PANEL),
+    effort: str = typer.Option("default", metavar="|".join(EFFORTS), help=f"Work spent on search and recovery, "
+                               f"{_one_of(EFFORTS)}, sized for the device the run trains on (a GPU gets larger batches and "
+                               "longer runs). The four numbers below override it one by one.", rich_help_panel=SEARCH_PANEL),
+    search_steps: Optional[int] = typer.Option(None, min=1, help="Search steps of acp and of dsp (each stage of dsp+acp) "
+                                               "(default: from --effort).", rich_help_panel=SEARCH_PANEL),
+    search_images: Optional[int] = typer.Option(None, min=1, help="Images for search and recovery, from --data or built-in "
+                                                "crops (default: from --effort).", rich_help_panel=SEARCH_PANEL),
+    heldout_images: Optional[int] = typer.Option(None, min=2, help="Further images held out for model selection, parity "
+                                                 "and fidelity (default: from --effort).", rich_help_panel=SEARCH_PANEL),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Global batch of every search and recovery step (default: "
+                                             "from --effort).", rich_help_panel=SEARCH_PANEL),
+    indicator: Optional[str] = typer.Option(
+        None, metavar="|".join(INDICATORS), help=f"acp, {_one_of(INDICATORS)}: shared is one indicator per channel index, the "
+        f"same in every head; free is one per head and channel, equal removal imposed at the cut. Default {DEFAULT_INDICATOR}.",
+        rich_help_panel=SEARCH_PANEL),
+    widths: Optional[str] = typer.Option(
+        None, metavar="|".join(WIDTHS), help=f"acp, {_one_of(WIDTHS)}: search takes the widths the search converged to, "
+        f"rounded under the budget; greedy re-derives them from the ranking. Default {DEFAULT_WIDTHS}.", rich_help_panel=SEARCH_PANEL),
+    gate_optimiser: Optional[str] = typer.Option(
+        None, metavar="|".join(OPTIMISERS), help=f"acp, {_one_of(OPTIMISERS)}: shared-scale steps in proportion to the "
+        f"gradients; adam scales per indicator. Default {DEFAULT_OPTIMISER}.", rich_help_panel=SEARCH_PANEL),
+    no_similarity: bool = typer.Option(False, "--no-similarity", help="acp ablation: no similarity-based weights.",
+                                       rich_help_panel=SEARCH_PANEL),
+    no_attn_init: bool = typer.Option(False, "--no-attn-init", help="acp ablation: constant indicator init.",
+                                      rich_help_panel=SEARCH_PANEL),
+    device: str = typer.Option("auto", metavar="|".join(DEVICE_FORMS), help=f"Where search and recovery run, "
+                               f"{_one_of(DEVICE_FORMS)} (N a GPU index); auto takes CUDA when there is a GPU.",
+                               rich_help_panel=SEARCH_PANEL),
+    seed: int = typer.Option(0, help="Seed for random weights, random scores and sampling (0 to 2**32-1).",
+                             rich_help_panel=SEARCH_PANEL),
+    finetune_steps: Optional[int] = typer.Option(None, min=0, help="Recovery steps (default: from --effort for real "
+                                                 "weights, 0 for random ones).", rich_help_panel=RECOVERY_PANEL),
+    no_reweight: bool = typer.Option(False, "--no-reweight", help="Ablation: no reweight modules in recovery.",
+                                     rich_help_panel=RECOVERY_PANEL),
     heads: Optional[int] = typer.Option(
-        None, min=0, help="Head pruning: heads kept in the whole model. Left out: the most heads whose head-only model "
-        "fits --budget. Given to dsp or head-magnitude: the MACs follow from it, so leave --budget out."),
+        None, min=0, help="Heads kept in the whole model. Left out: the most heads whose head-only model fits --budget. "
+        "Given to dsp or head-magnitude: the MACs follow from it, so leave --budget out.", rich_help_panel=HEADS_PANEL),
     heads_scope: Optional[str] = typer.Option(
-        None, help="Head pruning: layer (each block keeps its share of the heads; the default) or global (the best anywhere)."),
+        None, metavar="|".join(HEAD_SCOPES), help=f"{_one_of(HEAD_SCOPES)}: layer (the default) keeps each block's share "
+        "of the heads; global the best heads anywhere.", rich_help_panel=HEADS_PANEL),
     head_share: Optional[float] = typer.Option(
-        None, help=f"dsp+acp without --heads: fraction of the MAC cut taken by removing heads (default {HEAD_SHARE})."),
-    dsp_t0: Optional[float] = typer.Option(None, help=f"DSP: starting temperature (default {DspConfig.t0:g})."),
-    dsp_tf: Optional[float] = typer.Option(None, help=f"DSP: final temperature (default {DspConfig.tf:g})."),
+        None, help=f"dsp+acp without --heads: fraction of the MAC cut taken by removing heads (default {HEAD_SHARE}).",
+        rich_help_panel=HEADS_PANEL),
+    dsp_t0: Optional[float] = typer.Option(None, help=f"DSP: starting temperature (default {DSP_T0:g}).", rich_help_panel=HEADS_PANEL),
+    dsp_tf: Optional[float] = typer.Option(None, help=f"DSP: final temperature (default {DSP_TF:g}).", rich_help_panel=HEADS_PANEL),
     dsp_cooldown: Optional[int] = typer.Option(
-        None, help="DSP: steps of the log-linear descent from --dsp-t0 to --dsp-tf (default 3/4 of --search-steps)."),
-    dsp_lr: Optional[float] = typer.Option(None, help=f"DSP: Adam learning rate of the head logits (default {DspConfig.lr:g})."),
+        None, help="DSP: steps of the log-linear descent from --dsp-t0 to --dsp-tf (default 3/4 of --search-steps).",
+        rich_help_panel=HEADS_PANEL),
+    dsp_lr: Optional[float] = typer.Option(None, help=f"DSP: Adam learning rate of the head logits (default {DSP_LR:g}).",
+                                           rich_help_panel=HEADS_PANEL),
     dsp_straight_through: bool = typer.Option(
-        False, "--dsp-straight-through", help="DSP: hard top-k forward, soft gradient backward."),
+        False, "--dsp-straight-through", help="DSP: hard top-k forward, soft gradient backward.", rich_help_panel=HEADS_PANEL),
+    target: str = typer.Option("portable", metavar="|".join(TARGETS), help=f"{_one_of(TARGETS)}: portable is standard ONNX "
+                               "ops; ort is ONNX Runtime's optimised graph.", rich_help_panel=EXPORT_PANEL),
+    precision: str = typer.Option("fp32", metavar="|".join(PRECISIONS), help=f"{_one_of(PRECISIONS)} (fp16 for GPU "
+                                  "artifacts; inputs and outputs stay fp32).", rich_help_panel=EXPORT_PANEL),
+    quantize: str = typer.Option("none", metavar="|".join(QUANTIZE), help=f"{_one_of(QUANTIZE)}: int8 quantizes the weight "
+                                 "MatMuls.", rich_help_panel=EXPORT_PANEL),
+    quantize_mode: str = typer.Option("dynamic", metavar="|".join(QUANTIZE_MODES), help=f"int8, {_one_of(QUANTIZE_MODES)}: "
+                                      "static is calibrated on the search images.", rich_help_panel=EXPORT_PANEL),
+    runtimes: str = typer.Option("ort", metavar="ort[,openvino]", help=f"Runtimes for parity and latency, comma-separated, "
+                                 f"each {_one_of(RUNTIME_NAMES)}.", rich_help_panel=EXPORT_PANEL),
+    calib_images: int = typer.Option(16, min=1, help="Held-out images for the parity check.", rich_help_panel=EXPORT_PANEL),
+    latency_runs: int = typer.Option(20, min=0, help="Interleaved runs per model for latency (0 skips).",
+                                     rich_help_panel=EXPORT_PANEL),
+    threads: Optional[int] = typer.Option(None, min=1, help="Inference threads in each runtime (default: all cores).",
+                                          rich_help_panel=EXPORT_PANEL),
+    output: Path = typer.Option(..., "-o", "--output", help="ONNX file to write; its report (.json, .md, .png) goes next "
+                                "to it.", rich_help_panel=OUTPUT_PANEL, show_default=False),
+    keep_work: bool = typer.Option(False, "--keep-work", help="Keep OUT.work/ (the stages: search state, plan, recovery, "
+                                   "graphs) after a successful run, to re-run with other export options without searching "
+                                   "again. A failed or interrupted run always keeps it, to resume.", rich_help_panel=OUTPUT_PANEL),
 ) -> None:
-    """Prune a vision transformer under a MAC budget and write a validated ONNX file."""
+    """Prune a vision transformer under a MAC budget and write a validated, self-describing ONNX file."""
     err = Console(stderr=True, soft_wrap=True)
     try:
+        explicit_budget = None if budget is None else parse_budget(budget)
+        check_fixed_values({"--method": method, "--indicator": indicator, "--widths": widths, "--gate-optimiser": gate_optimiser,
+                            "--heads-scope": heads_scope, "--target": target, "--precision": precision,
+                            "--quantize": quantize, "--quantize-mode": quantize_mode, "--effort": effort}, device)
+        from exporter.runtimes import parse_runtimes
+
+        runtime_names = parse_runtimes(runtimes)
+        # Everything above answers before torch is imported; the run's own modules import it.
         from exporter.checks import default_budget, replay_settings
         from exporter.pipeline import RunConfig, run
         from exporter.report import print_summary
-        from exporter.runtimes import parse_runtimes
 
-        explicit_budget = None if budget is None else parse_budget(budget)
         budget_default = default_budget(method, heads, DEFAULT_BUDGET)
         budget_value, align_value = replay_settings(plan, explicit_budget, align, method, (budget_default, DEFAULT_ALIGN))
         cfg = RunConfig(
@@ -141,15 +231,15 @@ def prune_export(
             search_images=search_images, heldout_images=heldout_images, device=device, seed=seed,
             calib_images=calib_images, target=target, precision=precision, quantize=quantize,
             quantize_mode=quantize_mode, latency_runs=latency_runs, threads=threads, pattern=pattern,
-            runtimes=parse_runtimes(runtimes), heads=heads, heads_scope=heads_scope, head_share=head_share,
+            runtimes=runtime_names, heads=heads, heads_scope=heads_scope, head_share=head_share,
             dsp_t0=dsp_t0, dsp_tf=dsp_tf, dsp_cooldown=dsp_cooldown, dsp_lr=dsp_lr, dsp_straight_through=dsp_straight_through,
+            keep_work=keep_work,
         )
         report = run(cfg, err)
         if report is not None:
             print_summary(report, Console())
     except UserError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)  # "[openvino]" is no markup tag
-        raise typer.Exit(exc.exit_code) from None
+        raise _fail(err, exc) from None
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]: finished stages are kept in the .work directory next to -o; re-run to resume")
         raise typer.Exit(130) from None
@@ -160,6 +250,31 @@ def prune_export(
         raise typer.Exit(1) from None
 
 
+@info_app.command(cls=OneLineErrors)
+def info(
+    path: Path = typer.Argument(..., help="An ONNX file written by prune-export.", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print the decoded metadata as one JSON object."),
+) -> None:
+    """Print what an ONNX file says about itself: producer, summary, inputs and outputs, and its metadata."""
+    import json
+
+    from exporter.metadata import info_lines, read_metadata
+    from search.core.errors import OptionError
+
+    err = Console(stderr=True, soft_wrap=True)
+    if not path.is_file():
+        raise _fail(err, OptionError(f"{path} does not exist or is not a file; give an ONNX file written by prune-export"))
+    try:
+        lines = [json.dumps(read_metadata(path), indent=2)] if as_json else info_lines(path)
+    except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file
+        raise _fail(err, OptionError(f"{path} cannot be read as ONNX ({type(exc).__name__}); give an ONNX file")) from None
+    for line in lines:
+        print(line)
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: ``prune-export info FILE`` reads a file, anything else runs the pruner."""
+    if sys.argv[1:2] == ["info"]:
+        info_app(args=sys.argv[2:], prog_name="prune-export info")
+    else:
+        app()

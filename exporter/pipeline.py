@@ -8,24 +8,22 @@ last, whole, and only after it passed parity. Each stage is a module of ``export
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import onnx
 import torch
 from rich.console import Console
 from rich.markup import escape
 
-from exporter.checks import check_run_inputs
-from exporter.latency import machine_info
+from exporter.checks import check_run_inputs, unused_pixels_warning
 from exporter.onnx_export import export_onnx
-from exporter.onnx_macs import count_onnx_macs, count_ops
 from exporter.held_out import describe_quality, held_out_quality
-from exporter.report import block_rows, write_outputs
+from exporter.onnx_macs import count_onnx_macs
+from exporter.report import write_outputs
 from exporter.runtimes import require_runtimes
-from exporter.runtimes.stages import latency_per_runtime, parity_per_runtime, runtimes_report
+from exporter.runtimes.stages import latency_per_runtime, parity_per_runtime
 from exporter.stages.artifact import build_artifact, describe_parity
 from exporter.stages.cache import Stages, cached_file, key_of, weights_key
 from exporter.stages.config import PRECISIONS, QUANTIZE, TARGETS, RunConfig, resolve_defaults
@@ -33,17 +31,15 @@ from exporter.stages.images import Images, load_images
 from exporter.stages.effort import Effort
 from exporter.stages.plan import head_target, plan_stage, removes_nothing
 from exporter.stages.recovery import recovery_stage
+from exporter.stages.workdir import release_work_dir
+from exporter.summary import SEARCHED, RunResults, build_report
 from search.core.atomic import ensure_writable_dir
 from search.core.errors import OutputPathError, UserError
 from search.core.runtime import Runtime, runtime
-from search.heads import total_heads
 from search.methods import METHODS, SEARCHES_CHANNELS
 from search.models import load_model
 
 __all__ = ["Images", "RunConfig", "load_images", "resolve_defaults", "run"]
-
-SEARCHED = ("acp", "dsp", "dsp+acp")
-"""The methods that run a search of --search-steps steps."""
 
 IDENTITY_IMAGES = 32
 """Pool and held-out images a run that removes nothing draws: static int8 calibration reads the pool, parity
@@ -61,9 +57,6 @@ def run_effort(given: RunConfig, resolved: RunConfig, rt: Runtime, identity: boo
     return effort
 
 
-def _params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
 
 def _default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -76,7 +69,8 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any] | None
     validates and writes, and the other ranks return None.
 
     Raises UserError subclasses for bad input or a failed check; nothing is written to
-    ``cfg.output`` then, and the finished stages stay in the work directory.
+    ``cfg.output`` then, and the finished stages stay in the work directory. After a successful
+    run the work directory is removed unless ``cfg.keep_work`` (its size is printed either way).
     """
     console = console or Console(stderr=True)
     out = Path(cfg.output)
@@ -98,14 +92,18 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any] | None
     work.mkdir(exist_ok=True)
     try:
         with runtime(cfg.device) as rt:
-            return _run(cfg, console if rt.is_main else Console(stderr=True, quiet=True), rt)
+            report = _run(cfg, console if rt.is_main else Console(stderr=True, quiet=True), rt)
     except BaseException:
         if created and not any(work.iterdir()):
             work.rmdir()
         raise
+    if report is not None:
+        release_work_dir(work, cfg.keep_work, console)
+    return report
 
 
 def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None:
+    started = time.perf_counter()
     stage = Stages(console)
     out, work = Path(cfg.output), cfg.work_dir
     torch.manual_seed(cfg.seed)
@@ -115,6 +113,9 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
         notes.append(f"{loaded.timm_name} @ {loaded.img_size}px, weights {loaded.weights}")
     if loaded.random_weights:
         console.print("[bold red]RANDOM WEIGHTS[/]: no checkpoint or pretrained weights; accuracy figures mean nothing")
+    warnings = [w for w in (unused_pixels_warning(loaded.model, loaded.img_size),) if w]
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     given, cfg = cfg, resolve_defaults(cfg, loaded.random_weights, rt.device.type)
     model = loaded.model
     geometry = loaded.geometry
@@ -178,7 +179,7 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
         notes.append(f"graph ratio {onnx_pruned / onnx_dense:.4f}")
 
     parities = parity_per_runtime(stage, cfg.runtimes, pruned_path, pruned, parity_images, loaded.is_classifier)
-    parity = parities[cfg.runtimes[0]]
+    parity = parities[cfg.runtimes[0]]  # the first runtime's: the report's top-level "parity"
 
     threads = cfg.threads or _default_threads()
     with stage(f"artifact: {cfg.target}, {cfg.precision}" + ("" if cfg.quantize == "none" else f", {cfg.quantize} {cfg.quantize_mode}")) as notes:
@@ -195,59 +196,12 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
     if cfg.latency_runs > 0:
         latencies = latency_per_runtime(stage, cfg.runtimes, {"dense": dense_path, "pruned": artifact_path},
                                         cfg.latency_batches, threads, cfg.latency_runs, input_size, cfg.seed)
-    latency = latencies.get(cfg.runtimes[0], [])
 
-    graph = onnx.load(str(artifact_path), load_external_data=False)
-    parity_notes = {"inputs": images.label, "reference": "PyTorch pruned model", "graph": "portable fp32"}
-    report: dict[str, Any] = {
-        "tool": "prune-export",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {
-            "name": loaded.name, "timm_name": loaded.timm_name, "weights": loaded.weights,
-            "random_weights": loaded.random_weights, "img_size": loaded.img_size, "classifier": loaded.is_classifier,
-        },
-        "plan": {
-            "method": plan.method, "budget": plan.budget, "align": plan.align,
-            "per_head_indices": not all(b.shared_indices for b in plan.blocks),
-            "path": str(cfg.plan or work / "plan.json"),
-        },
-        "search": {
-            "method": cfg.method, "device": str(rt.device), "ranks": rt.world_size,
-            **({"steps": cfg.search_steps} if cfg.method in SEARCHED else {}),
-            **({"similarity": cfg.similarity, "attn_init": cfg.attn_init, "indicator": acp.indicator, "widths": acp.widths,
-                "gate_optimiser": acp.optimiser} if cfg.method in SEARCHES_CHANNELS else {}),
-            **({"heads": {"kept": target.total, "of": total_heads(geometry), "scope": target.scope, "source": target.source}}
-               if target is not None else {}),
-            **({"dsp": asdict(cfg.dsp_config()) | {"cooldown": cfg.dsp_config().cooldown_steps}}
-               if target is not None and cfg.method.startswith("dsp") else {}),
-        },
-        "effort": effort.to_dict(),
-        "recovery": recovery,
-        "images": images.label,
-        "fidelity": fidelity,
-        "accuracy": accuracy,
-        "macs": {
-            "dense": plan.dense_macs, "pruned": plan.pruned_macs, "ratio": plan.mac_ratio,
-            "onnx_dense": onnx_dense, "onnx_pruned": onnx_pruned, "onnx_ratio": onnx_pruned / onnx_dense,
-        },
-        "params": {"dense": _params(model), "pruned": _params(pruned), "ratio": _params(pruned) / _params(model)},
-        "blocks": block_rows(plan, geometry),
-        "parity": {**asdict(parity), **parity_notes},
-        "runtimes": runtimes_report(parities, latencies, parity_notes),
-        "artifact": {"target": cfg.target, "precision": cfg.precision, "quantize": cfg.quantize,
-                     "quantize_mode": cfg.quantize_mode if cfg.quantize != "none" else None, "parity": artifact_parity},
-        "latency": latency,
-        "machine": {**machine_info(cfg.runtimes), "threads": threads},
-        "preprocessing": {k: loaded.data_config[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct") if k in loaded.data_config},
-        "onnx": {
-            "path": str(out),
-            "opset": max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
-            "input": "input", "output": "output", "dynamic_batch": True,
-            "ops": count_ops(artifact_path),
-        },
-        "stage_seconds": stage.times,
-    }
-    if loaded.random_weights:
-        report["warning"] = "random weights: accuracy figures mean nothing"
+    report = build_report(RunResults(
+        cfg=cfg, loaded=loaded, pruned=pruned, plan=plan, acp=acp, target=target, runtime=rt, images=images,
+        recovery=recovery, accuracy=accuracy, fidelity=fidelity, effort=effort.to_dict(), graph_macs=(onnx_dense, onnx_pruned), parities=parities,
+        artifact=artifact_path, artifact_parity=artifact_parity, latencies=latencies, threads=threads,
+        stage_seconds=stage.times, wall_seconds=time.perf_counter() - started, warnings=tuple(warnings),
+    ))
     write_outputs(report, artifact_path, out)
     return report

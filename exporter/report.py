@@ -1,26 +1,28 @@
-"""The run report: JSON for machines, Markdown and a PNG for people, a rich table for the terminal.
+"""The run report's files: JSON for machines, Markdown and a PNG for people, and the ONNX stamped with its metadata.
 
 The JSON sits next to the ONNX file (``model.onnx`` → ``model.json``) and carries what a server
 needs besides the graph (preprocessing) and what a reviewer needs to trust it (weights source,
 MACs counted two ways, parity figures, latency with the machine it was measured on). Parity and
 latency are given per runtime under "runtimes"; the top-level "parity" and "latency" are the first
-selected runtime's (ONNX Runtime unless ``--runtimes`` says otherwise).
+selected runtime's (ONNX Runtime unless ``--runtimes`` says otherwise). The report dict is built by
+``exporter.summary``; the Markdown and the terminal table are rendered by ``exporter.report_text``;
+the ONNX file's metadata comes from the same dict (``exporter.metadata``).
 """
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
-
+from exporter.metadata import write_stamped
+from exporter.report_text import (  # noqa: F401  (re-exported: the report's renderers are imported from here)
+    RANDOM_WEIGHTS_WARNING, heads_kept, markdown, print_summary, run_title, runtime_sections, summary_table,
+)
 from search.core.atomic import atomic_path, atomic_paths
-from search.macs import ModelGeometry
-from search.plan import Plan
 
-RANDOM_WEIGHTS_WARNING = "RANDOM WEIGHTS: this model was not trained; its accuracy figures mean nothing"
+if TYPE_CHECKING:
+    from search.macs import ModelGeometry
+    from search.plan import Plan
 
 
 def report_paths(onnx_path: Path) -> dict[str, Path]:
@@ -49,128 +51,6 @@ def block_rows(plan: Plan, geometry: ModelGeometry) -> list[dict[str, Any]]:
 def write_json(report: dict[str, Any], path: Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-
-
-def _fmt_ratio(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
-
-
-def runtime_sections(report: dict[str, Any]) -> list[tuple[str, dict[str, Any] | None, list[dict[str, Any]]]]:
-    """(label, parity, latency entries) per runtime; reports without "runtimes" were ONNX Runtime only."""
-    runtimes = report.get("runtimes")
-    if not runtimes:
-        return [("ONNX Runtime", report.get("parity"), report.get("latency", []))]
-    return [(r["label"], r.get("parity"), r.get("latency", [])) for r in runtimes.values()]
-
-
-def _device(label: str, provider: str) -> str:
-    return provider if label == "ONNX Runtime" else f"{label} {provider}"
-
-
-FIDELITY_NAMES = {
-    "feature_cosine": "feature cosine to dense", "knn_agreement": "k-NN neighbours shared with dense",
-    "relation_agreement": "relation agreement", "knn_label_agreement": "k-NN class agreement",
-    "top1_agreement": "top-1 agreement with dense", "mean_kl": "KL from dense (nats)",
-}
-
-
-def kept_lines(report: dict[str, Any]) -> list[str]:
-    """What the file kept, first: fidelity to the dense model, then accuracy where the images are labelled."""
-    lines = []
-    fid = report.get("fidelity")
-    if fid:
-        figures = ", ".join(f"{FIDELITY_NAMES[k]} {fid[k]:.4f}" for k in FIDELITY_NAMES if k in fid)
-        lines.append(f"- **fidelity** ({fid.get('inputs', str(fid['images']) + ' held-out images')}): {figures}")
-    acc = report.get("accuracy")
-    if acc:
-        lines.append(f"- **accuracy** ({acc['metric']}, {acc['held_out_images']} held-out images): dense {100 * acc['dense']:.1f}%, "
-                     f"pruned {100 * acc['pruned']:.1f}% ({100 * (acc['pruned'] - acc['dense']):+.1f} points)")
-    effort = report.get("effort")
-    if effort:
-        lines.append(f"- effort {effort['name']} on {effort['device']}: {effort['search_steps']} search steps, "
-                     f"{effort['finetune_steps']} recovery steps, {effort['search_images']} images, batch {effort['batch_size']} "
-                     f"({effort['reason']})")
-    return lines
-
-
-def markdown(report: dict[str, Any]) -> str:
-    """A short human-readable summary of the report."""
-    m, macs, params = report["model"], report["macs"], report["params"]
-    lines = [f"# prune-export: {run_title(report)}", ""]
-    if m["random_weights"]:
-        lines += [f"> **{RANDOM_WEIGHTS_WARNING}**", ""]
-    kept, dense_heads = heads_kept(report["blocks"])
-    lines += kept_lines(report)
-    lines += [
-        f"- weights: {m['weights']}",
-        f"- method: {report['plan']['method']}, align {report['plan']['align']}",
-        *([f"- heads kept: {kept} of {dense_heads}" + _head_source(report)] if kept < dense_heads else []),
-        f"- search and recovery images: {report.get('images', 'n/a')}",
-        f"- MACs: {macs['pruned'] / 1e9:.3f} G of {macs['dense'] / 1e9:.3f} G (ratio {macs['ratio']:.4f}; "
-        f"ONNX graph count {_fmt_ratio(macs.get('onnx_ratio'))})",
-        f"- params: {params['pruned'] / 1e6:.2f} M of {params['dense'] / 1e6:.2f} M",
-    ]
-    sections = runtime_sections(report)
-    for label, parity, _ in sections:
-        if parity:
-            lines.append(
-                f"- parity ({label} vs PyTorch, {parity['num_samples']} inputs: {parity['inputs']}): "
-                f"max |Δ| {parity['max_abs_diff']:.2e}, min cosine {parity['min_cosine']:.6f}"
-                + ("" if parity.get("top1_agreement") is None else f", top-1 agreement {parity['top1_agreement']:.3f}")
-            )
-    artifact_line = _artifact_parity_line(report.get("artifact"))
-    if artifact_line:
-        lines.append(artifact_line)
-    for label, _, entries in sections:
-        for entry in entries:
-            lines.append(
-                f"- latency {_device(label, entry['provider'])} batch {entry['batch']}, {entry['threads']} threads, "
-                f"median of {entry['runs']} interleaved runs: pruned {entry['median_ms']['pruned']:.2f} ms, "
-                f"dense {entry['median_ms']['dense']:.2f} ms, ratio **{entry['ratio']:.3f}**"
-            )
-    machine = report.get("machine")
-    if machine:
-        versions = f"onnxruntime {machine.get('onnxruntime')}" + (
-            f", openvino {machine['openvino']}" if machine.get("openvino") else ""
-        )
-        lines.append(f"- machine: {machine.get('cpu_model', '?')}, {machine.get('cpu_count')} CPUs, {versions}")
-    lines += ["", "| block | heads | qk/head | v/head | mlp |", "|---:|---:|---:|---:|---:|"]
-    for b in report["blocks"]:
-        d = b["dense"]
-        lines.append(f"| {b['block']} | {b['heads']}/{d['heads']} | {b['qk']}/{d['qk']} | {b['v']}/{d['v']} | {b['mlp']}/{d['mlp']} |")
-    return "\n".join(lines) + "\n"
-
-
-def run_title(report: dict[str, Any]) -> str:
-    """The run in a few words: ``deit_t at budget 0.63``, or ``deit_t keeping 24 of 36 heads`` for --heads without a budget."""
-    kept, dense_heads = heads_kept(report["blocks"])
-    if report["plan"]["budget"] == 1.0 and kept < dense_heads:
-        return f"{report['model']['name']} keeping {kept} of {dense_heads} heads"
-    return f"{report['model']['name']} at budget {report['plan']['budget']:g}"
-
-
-def heads_kept(blocks: list[dict[str, Any]]) -> tuple[int, int]:
-    """(heads kept, heads of the dense model) over the report's blocks."""
-    return sum(b["heads"] for b in blocks), sum(b["dense"]["heads"] for b in blocks)
-
-
-def _head_source(report: dict[str, Any]) -> str:
-    heads = report.get("search", {}).get("heads")
-    return "" if not heads else f" ({heads['scope']} scope; K from {heads['source']})"
-
-
-def _artifact_parity_line(artifact: dict[str, Any] | None) -> str | None:
-    """The Markdown line for an fp16 or int8 artifact's approximate parity; None for fp32 ones."""
-    if not artifact or "mean_cosine" not in artifact.get("parity", {}):
-        return None
-    parity = artifact["parity"]
-    kind = f"int8 {artifact['quantize_mode']}" if artifact.get("quantize") == "int8" else artifact.get("precision", "?")
-    line = (f"- {kind} artifact vs PyTorch ({parity['num_samples']} inputs): mean cosine {parity['mean_cosine']:.5f} "
-            f"(required {parity['min_mean_cosine']}), min {parity['min_cosine']:.5f}")
-    if parity.get("top1_agreement") is not None:
-        line += f", top-1 agreement {parity['top1_agreement']:.3f}"
-        line += "" if parity.get("top1_judged", True) else f" (not judged: {parity['note']})"
-    return line
 
 
 def plot_widths(report: dict[str, Any], path: Path) -> None:
@@ -232,7 +112,7 @@ def write_report(report: dict[str, Any], onnx_path: Path) -> dict[str, Path]:
 
 
 def write_outputs(report: dict[str, Any], artifact: Path, onnx_path: Path) -> dict[str, Path]:
-    """Copy ``artifact`` to ``onnx_path`` and write its report files beside it: all of them, or none.
+    """Copy ``artifact`` to ``onnx_path``, stamped with its metadata, and write its report files beside it: all, or none.
 
     Every file is built under a temporary name first; only when all are complete are they renamed
     into place, the ONNX last (:func:`search.core.atomic.atomic_paths`). A failure anywhere, in the
@@ -246,48 +126,5 @@ def write_outputs(report: dict[str, Any], artifact: Path, onnx_path: Path) -> di
     with atomic_paths(list(paths.values())) as temps:
         staged = dict(zip(paths, temps))
         _write_files(report, staged)
-        shutil.copyfile(artifact, staged["onnx"])
+        write_stamped(artifact, staged["onnx"], report)
     return paths
-
-
-def summary_table(report: dict[str, Any]) -> Table:
-    """The short table printed at the end of a run."""
-    table = Table(title=f"{report['model']['name']} → {report['onnx']['path']}", show_header=True)
-    table.add_column("")
-    table.add_column("dense", justify="right")
-    table.add_column("pruned", justify="right")
-    table.add_column("ratio", justify="right")
-    fid, acc = report.get("fidelity") or {}, report.get("accuracy")
-    for key in FIDELITY_NAMES:
-        if key in fid:
-            table.add_row(FIDELITY_NAMES[key], "", f"{fid[key]:.4f}", "")
-    if acc:
-        table.add_row("k-NN accuracy (%)", f"{100 * acc['dense']:.1f}", f"{100 * acc['pruned']:.1f}",
-                      f"{100 * (acc['pruned'] - acc['dense']):+.1f} pts")
-    macs, params = report["macs"], report["params"]
-    table.add_row("GMACs", f"{macs['dense'] / 1e9:.3f}", f"{macs['pruned'] / 1e9:.3f}", f"{macs['ratio']:.3f}")
-    table.add_row("params (M)", f"{params['dense'] / 1e6:.2f}", f"{params['pruned'] / 1e6:.2f}", f"{params['ratio']:.3f}")
-    sections = runtime_sections(report)
-    for label, _, entries in sections:
-        for entry in entries:
-            table.add_row(
-                f"ms {_device(label, entry['provider'].replace('ExecutionProvider', ''))} b{entry['batch']}",
-                f"{entry['median_ms']['dense']:.2f}",
-                f"{entry['median_ms']['pruned']:.2f}",
-                f"{entry['ratio']:.3f}",
-            )
-    captions = []
-    for label, parity, _ in sections:
-        if parity:
-            agree = "" if parity.get("top1_agreement") is None else f", top-1 {parity['top1_agreement']:.3f}"
-            where = "" if len(sections) == 1 else f" ({label})"
-            captions.append(f"parity{where}: max |Δ| {parity['max_abs_diff']:.1e}, cosine {parity['min_cosine']:.6f}{agree}")
-    if captions:
-        table.caption = "\n".join(captions)
-    return table
-
-
-def print_summary(report: dict[str, Any], console: Console) -> None:
-    if report["model"]["random_weights"]:
-        console.print(f"[bold red]{RANDOM_WEIGHTS_WARNING}[/]")
-    console.print(summary_table(report))

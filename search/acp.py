@@ -42,15 +42,11 @@ from search.gate_loop import LoopConfig, train_gates
 from search.gate_optim import SharedScaleAdam
 from search.gates import ChannelGates, head_gated
 from search.importance import BlockScores
-from search.core.errors import OptionError
+from search.choices import DEFAULT_INDICATOR, DEFAULT_OPTIMISER, DEFAULT_WIDTHS, INDICATORS, OPTIMISERS, WIDTHS, check_choice
 from search.macs import BlockWidths, ModelGeometry, model_macs
 from search.plan import KeptHeads
 from search.core.runtime import Runtime, on_device
 from search.similarity import similarity_weights
-
-INDICATORS = ("free", "shared")
-WIDTHS = ("greedy", "search")
-OPTIMISERS = ("adam", "shared-scale")
 
 
 @dataclass(frozen=True)
@@ -85,20 +81,17 @@ class AcpConfig:
     polarize: float = 1.0
     similarity: bool = True
     attn_init: bool = True
-    indicator: str = "free"
-    widths: str = "greedy"
-    optimiser: str = "adam"
+    indicator: str = DEFAULT_INDICATOR
+    widths: str = DEFAULT_WIDTHS
+    optimiser: str = DEFAULT_OPTIMISER
     calib_images: int = 8
     checkpoint_every: int = 10
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.indicator not in INDICATORS:
-            raise OptionError(f"unknown --indicator {self.indicator!r}; use one of: {', '.join(INDICATORS)}")
-        if self.optimiser not in OPTIMISERS:
-            raise OptionError(f"unknown gate optimiser {self.optimiser!r}; use one of: {', '.join(OPTIMISERS)}")
-        if self.widths not in WIDTHS:
-            raise OptionError(f"unknown --widths {self.widths!r}; use one of: {', '.join(WIDTHS)}")
+        check_choice("--indicator", self.indicator, INDICATORS)
+        check_choice("--gate-optimiser", self.optimiser, OPTIMISERS)
+        check_choice("--widths", self.widths, WIDTHS)
 
 
 @dataclass(frozen=True)

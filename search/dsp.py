@@ -39,6 +39,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from search.choices import DSP_LR, DSP_T0, DSP_TF
 from search.core.errors import OptionError
 from search.core.runtime import Runtime, on_device
 from search.distill import distill_step_loss
@@ -75,9 +76,9 @@ class DspConfig:
 
     steps: int = 40
     batch_size: int = 16
-    lr: float = 0.5
-    t0: float = 10.0
-    tf: float = 0.01
+    lr: float = DSP_LR
+    t0: float = DSP_T0
+    tf: float = DSP_TF
     cooldown: int | None = None
     straight_through: bool = False
     checkpoint_every: int = 10

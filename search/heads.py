@@ -22,12 +22,13 @@ import torch
 from torch import nn
 
 from search.attention import kind_of
+from search.choices import HEAD_SCOPES
 from search.core.errors import BudgetError, OptionError
 from search.families import family_of
 from search.macs import BlockWidths, ModelGeometry, model_macs
 from search.plan import KeptHeads
 
-SCOPES = ("layer", "global")
+SCOPES = HEAD_SCOPES
 
 
 @dataclass(frozen=True)

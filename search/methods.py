@@ -21,15 +21,13 @@ import torch
 from torch import nn
 
 from search.acp import AcpConfig, acp_search
+from search.choices import HEAD_SHARE, METHOD_NAMES
 from search.core.runtime import Runtime
 from search.dsp import DspConfig, dsp_search
 from search.heads import HeadTarget, head_magnitude_scores, top_heads
 from search.importance import BlockScores, magnitude_scores, random_scores
 from search.macs import BlockWidths, ModelGeometry
 from search.plan import KeptHeads
-
-HEAD_SHARE = 0.5
-"""dsp+acp without --heads: the fraction of the MAC cut (1 − budget) that removing heads takes; acp takes the rest."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +131,9 @@ SEARCHES_CHANNELS = ("acp", "dsp+acp")
 
 def method_names() -> list[str]:
     return sorted(METHODS)
+
+
+assert set(METHODS) == set(METHOD_NAMES), "search.choices.METHOD_NAMES must list every method (the CLI checks against it)"
 
 
 def head_budget(method: str, budget: float, share: float = HEAD_SHARE) -> float:

@@ -28,7 +28,7 @@ def offline(monkeypatch):
         (["--device", "gpu"], ["--device", "'gpu'"]),
         (["--indicator", "per-head"], ["--indicator", "'per-head'", "free, shared"]),
         (["--widths", "learned"], ["--widths", "'learned'", "greedy, search"]),
-        (["--gate-optimiser", "sgd"], ["gate optimiser", "'sgd'", "adam, shared-scale"]),
+        (["--gate-optimiser", "sgd"], ["--gate-optimiser", "'sgd'", "adam, shared-scale"]),
         (["--method", "magnitude", "--widths", "search"], ["--widths", "--method acp or dsp+acp", "not --method magnitude"]),
     ],
 )
@@ -67,7 +67,7 @@ def test_random_weights_under_int8_and_fp16_are_judged_by_cosine(tmp_path):
 def plan_half(tmp_path_factory) -> Path:
     """A plan searched at budget 0.5 (magnitude, align 8) on test_vit."""
     out = tmp_path_factory.mktemp("plan") / "half.onnx"
-    assert invoke("test_vit", "--random-init", "--budget", "0.5", "-o", out, *FAST).exit_code == 0
+    assert invoke("test_vit", "--random-init", "--budget", "0.5", "-o", out, "--keep-work", *FAST).exit_code == 0
     return out.with_suffix(".work") / "plan.json"
 
 

@@ -75,8 +75,8 @@ def test_random_init_run_writes_a_valid_onnx_and_report(tmp_path):
 
 def test_rerun_resumes_the_saved_plan_and_plan_replays(tmp_path):
     out = tmp_path / "m.onnx"
-    assert invoke("test_vit", "--random-init", "-o", out, *FAST).exit_code == 0
-    again = invoke("test_vit", "--random-init", "-o", out, *FAST)
+    assert invoke("test_vit", "--random-init", "-o", out, "--keep-work", *FAST).exit_code == 0
+    again = invoke("test_vit", "--random-init", "-o", out, "--keep-work", *FAST)
     assert again.exit_code == 0 and "resumed" in again.output
     plan_path = out.with_suffix(".work") / "plan.json"
     replay_out = tmp_path / "replay.onnx"
@@ -113,7 +113,7 @@ def test_checkpoint_and_data_are_used(tmp_path):
 
 def test_failed_parity_writes_nothing_and_keeps_the_plan(tmp_path):
     out = tmp_path / "m.onnx"
-    assert invoke("test_vit", "--random-init", "-o", out, *FAST).exit_code == 0
+    assert invoke("test_vit", "--random-init", "-o", out, "--keep-work", *FAST).exit_code == 0
     for suffix in (".onnx", ".json", ".md", ".png"):
         out.with_suffix(suffix).unlink()
     cached = out.with_suffix(".work") / "pruned.onnx"
@@ -181,7 +181,7 @@ def test_missing_and_foreign_plans(tmp_path):
     out = tmp_path / "m.onnx"
     assert_clean_failure(invoke("test_vit", "--random-init", "--plan", tmp_path / "p.json", "-o", out), out, "does not exist")
     other = tmp_path / "other.onnx"
-    assert invoke("test_vit", "--random-init", "--budget", "0.5", "-o", other, *FAST).exit_code == 0
+    assert invoke("test_vit", "--random-init", "--budget", "0.5", "-o", other, "--keep-work", *FAST).exit_code == 0
     plan = json.loads((other.with_suffix(".work") / "plan.json").read_text())
     plan["model"] = "deit_tiny_patch16_224"
     foreign = tmp_path / "foreign.json"

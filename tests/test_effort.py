@@ -79,7 +79,7 @@ def test_the_run_prints_and_records_its_effort(tmp_path):
     fast = resolve_effort("fast", "cpu")
     assert effort["name"] == "fast" and effort["search_steps"] == 2 and effort["batch_size"] == fast.batch_size
     assert effort["finetune_steps"] == 0 and "random weights" in effort["reason"]
-    assert "effort fast" in out.with_suffix(".md").read_text()
+    assert "effort: fast" in out.with_suffix(".md").read_text()
 
 
 def test_budget_1_searches_nothing_and_matches_the_dense_model(tmp_path):

@@ -173,7 +173,7 @@ def test_reweights_skip_a_block_without_heads():
 def test_cli_dsp_keeps_exactly_the_heads_asked_for_and_runs_at_any_batch(tmp_path):
     out = tmp_path / "m.onnx"
     result = invoke("deit_t", "--random-init", "--method", "dsp", "--heads", "24", "--img-size", "64", "--search-steps", "2",
-                    "-o", out, *FAST)
+                    "-o", out, "--keep-work", *FAST)
     assert result.exit_code == 0, result.output
     assert "keep 24 of 36 heads" in result.output and "temperature 10 → 0.01" in result.output
     report = json.loads(out.with_suffix(".json").read_text())

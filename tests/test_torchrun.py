@@ -29,7 +29,7 @@ def test_torchrun_without_data_writes_the_model_and_resumes(tmp_path):
     # magnitude scoring has no collective: rank 0 used to write plan.json before rank 1 looked for
     # it, so rank 1 skipped the barrier, exited, and rank 0 died in gloo.
     out = tmp_path / "m.onnx"
-    args = ("test_vit", "--random-init", "-o", str(out), "--latency-runs", "1", "--calib-images", "4")
+    args = ("test_vit", "--random-init", "-o", str(out), "--latency-runs", "1", "--calib-images", "4", "--keep-work")
     first = _torchrun(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     assert json.loads(out.with_suffix(".json").read_text())["search"]["ranks"] == 2

@@ -4,15 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from exporter.options import PRECISIONS, QUANTIZE, TARGETS  # noqa: F401  (imported from here by the pipeline)
 from exporter.runtimes import DEFAULT_RUNTIMES
 from exporter.stages.effort import Effort, resolve_effort
 from search.acp import AcpConfig
 from search.dsp import DspConfig
 from search.methods import HEAD_SHARE
-
-TARGETS = ("portable", "ort")
-PRECISIONS = ("fp32", "fp16")
-QUANTIZE = ("none", "int8")
 
 
 @dataclass(frozen=True)
@@ -70,6 +67,8 @@ class RunConfig:
         head_share: dsp+acp without ``heads``: the fraction of the MAC cut taken by removing heads.
         dsp_t0, dsp_tf, dsp_cooldown, dsp_lr, dsp_straight_through: DSP search settings; None
             (False) for :class:`search.dsp.DspConfig`'s defaults.
+        keep_work: keep the work directory after a successful run. The command line removes it
+            unless --keep-work; callers of ``exporter.pipeline.run`` (the benches) keep it by default.
     """
 
     model: str
@@ -116,6 +115,7 @@ class RunConfig:
     dsp_cooldown: int | None = None
     dsp_lr: float | None = None
     dsp_straight_through: bool = False
+    keep_work: bool = True
 
     @property
     def work_dir(self) -> Path:

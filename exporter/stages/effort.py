@@ -20,8 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-EFFORTS = ("fast", "default", "best")
-"""The effort levels, from least to most work."""
+from exporter.options import EFFORTS
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -56,5 +55,5 @@ def load_images(cfg: RunConfig, loaded: LoadedModel, device: torch.device | str 
     held = max(1, min(cfg.heldout_images, len(images) // 2))
     pool = images[held:] if len(images) > held else images
     labels_held = labels[:held] if len(dataset.classes) > 1 else None
-    label = f"{len(pool)} search + {held} held-out images from {Path(cfg.data).resolve()}"
+    label = f"{len(pool)} search + {held} held-out images from {cfg.data}"  # as given: no machine path in a shared report
     return Images(pool, HeldOut(images[:held], labels_held), label)

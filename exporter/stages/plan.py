@@ -14,6 +14,7 @@ import torch
 from exporter.stages.cache import cached_file, is_fresh, key_of
 from exporter.stages.config import RunConfig
 from exporter.stages.images import Images
+from exporter.stages.workdir import resumed_note
 from search.allocate import SolverConfig, head_plan, make_plan
 from search.core.atomic import atomic_path
 from search.core.runtime import Runtime
@@ -105,10 +106,13 @@ def plan_stage(cfg: RunConfig, loaded: LoadedModel, images: Images, rt: Runtime,
     fresh = is_fresh(work, "plan.json", key)
     sync(rt)  # every rank looks before rank 0 writes: magnitude and random scoring have no collective to wait on
     if fresh:
-        notes.append(f"resumed {path}")
+        notes.append(f"resumed the saved plan {path} (delete it to search anew)")
         return Plan.load(path)
     state_path = work / f"search-{key}.pt"
+    partial = (state_path.with_name(f"{state_path.stem}-heads.pt"), state_path)  # dsp's heads stage, then the channels
+    resumed = [note for note in (resumed_note(p, cfg.search_steps) for p in partial) if note] if rt.is_main else []
     plan = search(cfg, loaded, images, rt, state_path)
+    notes.extend(resumed)
     if rt.is_main:
         cached_file(work, "plan.json", key, lambda p: write_plan(plan, p))
     sync(rt)

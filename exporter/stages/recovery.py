@@ -14,6 +14,7 @@ from exporter.stages.cache import cached_file, is_fresh, key_of
 from exporter.stages.config import RunConfig
 from exporter.stages.images import Images
 from exporter.stages.plan import sync
+from exporter.stages.workdir import resumed_note
 from exporter.surgery import apply_plan
 from search.core.atomic import atomic_path
 from search.core.runtime import Runtime
@@ -46,11 +47,15 @@ def recovery_stage(
     if is_fresh(work, "recovered.pt", key):
         saved = torch.load(path, map_location="cpu", weights_only=True)
         pruned.load_state_dict(saved["model"])
-        notes.append(f"resumed {path}")
+        notes.append(f"resumed the recovered weights {path}")
         return pruned.eval(), json.loads(saved["summary"])
     if cfg.reweight:
         add_reweights(pruned)
-    result = recover(pruned, loaded.model, images.pool, images.held_out, recovery, loaded.is_classifier, rt, work / f"recovery-{key}.pt")
+    state_path = work / f"recovery-{key}.pt"
+    resumed = resumed_note(state_path, recovery.steps) if rt.is_main else None
+    if resumed:
+        notes.append(resumed)
+    result = recover(pruned, loaded.model, images.pool, images.held_out, recovery, loaded.is_classifier, rt, state_path)
     fold_reweights(pruned)
     pruned.eval()
     summary = {**asdict(result), "steps": recovery.steps, "lr": recovery.lr, "batch_size": recovery.batch_size, "reweight": cfg.reweight}

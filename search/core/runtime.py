@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+from search.choices import DEVICE_PATTERN, check_device_form
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,6 @@ def on_device(runtime: Runtime, *modules: torch.nn.Module) -> Iterator[None]:
             module.cpu()
 
 
-_DEVICE_NAME = re.compile(r"auto|cpu|cuda(?::(\d+))?")
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` → cuda if available else cpu; a bad name or an absent GPU is an error naming the fix.
 
@@ -76,9 +74,9 @@ def resolve_device(name: str) -> torch.device:
     """
     from search.core.errors import OptionError
 
-    match = _DEVICE_NAME.fullmatch(name)
-    if match is None:
-        raise OptionError(f"--device must be auto, cpu, cuda or cuda:N (N a GPU index, e.g. cuda:0), got '{name}'")
+    check_device_form(name)
+    match = DEVICE_PATTERN.fullmatch(name)
+    assert match is not None
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
