@@ -4,6 +4,12 @@ We use the legacy TorchScript exporter (``dynamo=False``): it exports timm ViTs 
 a second at any opset from 17, while the dynamo exporter forces opset 18. The graph is then
 simplified with onnxsim (constant folding, shape-op elimination), which keeps the symbolic batch
 dimension, and checked with the ONNX checker before it is written atomically.
+
+Only the batch is symbolic: every other dim, the token count included, is static in the written
+graph. torch exports ``token.expand(batch, -1, -1)`` in a form ONNX shape inference cannot read
+through, which leaves the token count unknown in models that concatenate the class or register
+tokens after the position embedding (DeiT-III, DINOv2 with registers, FlexiViT);
+:mod:`exporter.rewrites.expand_sizes` rewrites it, and onnxsim then runs once more.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import onnxsim
 import torch
 from torch import nn
 
+from exporter.rewrites.expand_sizes import fold_expand_sizes
 from search.core.atomic import atomic_path, ensure_writable_dir
 from search.core.errors import ExportError
 
@@ -55,6 +62,16 @@ def _trace(model: nn.Module, input_size: tuple[int, int, int], opset: int) -> on
             do_constant_folding=True,
         )
     return onnx.load_from_string(buffer.getvalue())
+
+
+def _simplify(graph: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        simplified, ok = onnxsim.simplify(graph)
+    except Exception as err:
+        raise ExportError("onnxsim", err) from err
+    if not ok:
+        raise ExportError("onnxsim", "simplified graph failed onnxsim's own check")
+    return simplified
 
 
 def _batch_is_dynamic(value: onnx.ValueInfoProto) -> bool:
@@ -104,12 +121,13 @@ def export_onnx(
     finally:
         model.train(was_training)
 
+    simplified = _simplify(graph)
     try:
-        simplified, ok = onnxsim.simplify(graph)
+        expands = fold_expand_sizes(simplified)
     except Exception as err:
-        raise ExportError("onnxsim", err) from err
-    if not ok:
-        raise ExportError("onnxsim", "simplified graph failed onnxsim's own check")
+        raise ExportError("static token count", err) from err
+    if expands:
+        simplified = _simplify(simplified)  # the token count is static now: fold the shape ops it feeds
 
     if len(simplified.graph.input) != 1 or not _batch_is_dynamic(simplified.graph.input[0]):
         raise ExportError("dynamic batch", "the graph input lost its symbolic batch axis")

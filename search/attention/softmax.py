@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -120,10 +121,12 @@ class SoftmaxAttentionKind(AttentionKind):
     """softmax(q kᵀ·scale) v: timm's ``Attention`` and prune-export's ``PrunedAttention``."""
 
     name = "softmax"
-    class_names = ("Attention", "PrunedAttention")
+    supports = "timm's Attention (softmax)"
 
     def matches(self, module: nn.Module) -> bool:
-        return type(module).__name__ in self.class_names and hasattr(module, "qkv")
+        # By class, not by name: other models' attention classes are also called Attention (BEiT's
+        # adds a relative position bias and separate q/v biases) and are not this kind.
+        return isinstance(module, (Attention, PrunedAttention))
 
     def shape(self, module: nn.Module) -> AttentionShape:
         for part in ("q_norm", "k_norm", "norm"):

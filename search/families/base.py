@@ -19,6 +19,8 @@ class ModelFamily(ABC):
     """One family of vision transformers, as the pruning code sees it. Subclasses register an instance."""
 
     name: str
+    supports: str = ""
+    """What the family covers, in words, for the message that refuses a model no family matches."""
 
     @abstractmethod
     def matches(self, model: nn.Module) -> bool:
@@ -104,7 +106,5 @@ def family_of(model: nn.Module) -> ModelFamily:
         if family.matches(model):
             family.check(model)
             return family
-    raise UnknownModelError(
-        f"{type(model).__name__} is not a model family prune-export can prune (known: {', '.join(_FAMILIES)}); "
-        "use a ViT/DeiT model name"
-    )
+    supported = "; ".join(family.supports or family.name for family in _FAMILIES.values())
+    raise UnknownModelError(f"{type(model).__name__} is not a model family prune-export can prune; it supports {supported}")
