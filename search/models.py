@@ -24,6 +24,7 @@ from torch import nn
 
 from search import flatten_models
 from search.core.errors import UnknownModelError, WeightsError
+from search.families import prepare
 from search.macs import ModelGeometry, describe
 
 ALIASES: dict[str, str] = {
@@ -234,19 +235,20 @@ def _create(timm_name: str, pretrained: bool, img_size: int | None, pattern: str
 
 
 def _describe(model: nn.Module, timm_name: str) -> ModelGeometry:
-    """The model's geometry; its refusal names the model (UnknownModelError)."""
+    """Put ``model`` in its family's form (in place) and read its geometry; a refusal names the model (UnknownModelError)."""
+    prepare(model)
     try:
         return describe(model)
     except UnknownModelError as exc:
         raise UnknownModelError(f"{timm_name}: {exc}") from None
 
 
-def check_architecture(timm_name: str, img_size: int | None = None, pattern: str | None = None) -> None:
+def check_architecture(timm_name: str, img_size: int | None = None, pattern: str | None = None) -> bool:
     """Refuse a model prune-export cannot prune before any weights are read, built or fetched.
 
     The architecture is built on the meta device (shapes only, no memory, no initialisation), so a
     billion-parameter model is refused as fast as a small one. A model that cannot be built there is
-    checked once it is built for real instead.
+    checked once it is built for real instead: False is returned then, True when it was checked.
 
     Raises:
         UnknownModelError: timm cannot build it at ``img_size``, or its family, a block, its MLP or
@@ -258,8 +260,9 @@ def check_architecture(timm_name: str, img_size: int | None = None, pattern: str
     except UnknownModelError:
         raise
     except Exception:  # e.g. an op the meta device lacks; the model is checked again once built
-        return
+        return False
     _describe(skeleton, timm_name)
+    return True
 
 
 def _pretrained(timm_name: str, img_size: int | None, pattern: str | None) -> nn.Module | None:

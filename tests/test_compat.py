@@ -9,6 +9,7 @@ attention, and the refusal of a model timm cannot build at the asked size.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,13 @@ from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_onnx_macs
 from exporter.rewrites.expand_sizes import fold_expand_sizes
 from exporter.surgery import apply_plan
+from search.activations import capture
 from search.allocate import head_plan
+from search.attention_init import attention_differences
 from search.attention import kind_of
 from search.core.errors import UnknownModelError
+from search.families import prepare
+from search.families.beit import BeitAttentionlessBlock
 from search.families.vit import AttentionlessBlock
 from search.macs import describe, model_macs
 from search.models import check_architecture, load_model
@@ -135,12 +140,45 @@ def test_expand_sizes_are_folded_only_where_the_where_is_exact():
     assert "Where" in [n.op_type for n in unknown.graph.node]
 
 
+def _tiny_beit(**overrides) -> torch.nn.Module:
+    """A tiny BEiT with every weight drawn at one scale, so its score biases, q/v biases and gammas all count."""
+    torch.manual_seed(0)
+    model = timm.create_model("beit_base_patch16_224", pretrained=False, **{**compat.TINY, **overrides}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
 def test_an_attention_called_attention_is_recognised_by_class_not_by_name():
-    beit = timm.create_model("beit_base_patch16_224", pretrained=False, **compat.TINY)
+    beit = _tiny_beit()
     with pytest.raises(UnknownModelError, match=r"attention module Attention is not a kind .*timm's Attention"):
-        kind_of(beit.blocks[0].attn)
-    with pytest.raises(UnknownModelError, match="Beit is not a model family"):
-        describe(beit)
+        kind_of(beit.blocks[0].attn)  # BEiT's own attention, before its family puts it in the softmax form
+    assert [kind_of(b.attn).name for b in prepare(beit).blocks] == ["softmax", "softmax"]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"use_shared_rel_pos_bias": True}], ids=["own-bias", "shared-bias-too"])
+def test_beit_in_the_softmax_form_computes_what_beit_computes(overrides):
+    raw = _tiny_beit(**overrides)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = raw.forward_features(x)
+        prepared = prepare(copy.deepcopy(raw))
+        torch.testing.assert_close(prepared.forward_features(x), expected, atol=1e-5, rtol=1e-5)
+    assert prepared.rel_pos_bias is None and prepared.blocks[0].attn.attn_bias.shape == (4, 17, 17)
+
+
+def test_beit_head_surgery_keeps_the_kept_heads_biases_and_equals_the_heads_masked():
+    model = prepare(_tiny_beit())
+    geometry = describe(model)
+    heads = ((), (0, 3))
+    pruned = apply_plan(model, head_plan(geometry, heads, 1.0, model="t", img_size=32, method="dsp"))
+    assert isinstance(pruned.blocks[0], BeitAttentionlessBlock)
+    torch.testing.assert_close(pruned.blocks[1].attn.attn_bias, model.blocks[1].attn.attn_bias[[0, 3]])
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = pruned(x)
+    torch.testing.assert_close(got, _head_masked(model, heads, x), atol=1e-5, rtol=1e-5)
 
 
 def test_a_post_norm_block_without_heads_equals_its_heads_masked():
@@ -160,3 +198,21 @@ def test_a_size_timm_cannot_build_and_an_unknown_family_are_refused_before_any_w
         check_architecture("resnet18", img_size=64)
     with pytest.raises(UnknownModelError, match=r"^resnet18: ResNet is not a model family"):
         load_model("resnet18", random_init=True)
+
+
+def test_beit_attention_difference_keeps_the_score_bias():
+    model = prepare(_tiny_beit(depth=1))
+    geometry = describe(model)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    diffs = attention_differences(model, 0, capture(model, geometry, x)[0])
+    block = model.blocks[0]
+    with torch.no_grad():
+        tokens = block.norm1(torch.cat((model.cls_token.expand(2, -1, -1), model.patch_embed(x)), dim=1))
+        base = block.attn(tokens)
+        qkv = block.attn.qkv
+        for row in (5, 16 + 3):  # q/k channel 5 of head 0, channel 3 of head 1
+            saved = qkv.weight[row].clone(), qkv.bias[row].clone()
+            qkv.weight[row], qkv.bias[row] = 0, 0
+            removed = block.attn(tokens)
+            qkv.weight[row], qkv.bias[row] = saved
+            assert diffs.qk[row // 16, row % 16].item() == pytest.approx((removed - base).pow(2).sum().item(), rel=1e-3)

@@ -26,6 +26,14 @@ class ModelFamily(ABC):
     def matches(self, model: nn.Module) -> bool:
         """True when ``model`` belongs to this family."""
 
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Put ``model`` in the form the pruning code reads, once, right after its weights are loaded.
+
+        The same function in modules the attention kinds own (BEiT's attention becomes the softmax
+        kind's); the default changes nothing. Returns the model (changed in place).
+        """
+        return model
+
     @abstractmethod
     def check(self, model: nn.Module) -> None:
         """Raise UnknownModelError for variants the pruning code cannot handle."""
@@ -98,6 +106,14 @@ def register_family(family: ModelFamily) -> ModelFamily:
 def get_family(name: str) -> ModelFamily:
     """The registered family called ``name``."""
     return _FAMILIES[name]
+
+
+def prepare(model: nn.Module) -> nn.Module:
+    """``model`` in the form its family prunes (see :meth:`ModelFamily.prepare`); unchanged when no family matches."""
+    for family in _FAMILIES.values():
+        if family.matches(model):
+            return family.prepare(model)
+    return model
 
 
 def family_of(model: nn.Module) -> ModelFamily:

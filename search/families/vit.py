@@ -7,7 +7,7 @@ the activation and fc2, which is where the MLP reweight goes. A block that keeps
 :class:`AttentionlessBlock` (residual, proj's bias, MLP branch), so its attention is not exported.
 An attention-pool head (SigLIP's ``AttentionPoolLatent``) is left dense and counted with the fixed
 MACs. Membership is by class (``VisionTransformer`` and its subclasses), so a model that merely has
-``blocks`` and a ``head`` (BEiT, EVA, CaiT) is refused, naming its class, rather than taken for one.
+``blocks`` and a ``head`` (EVA, CaiT; BEiT has its own family) is refused, naming its class, rather than taken for one.
 """
 from __future__ import annotations
 
