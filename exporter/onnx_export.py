@@ -17,6 +17,7 @@ import copy
 import io
 import warnings
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnxsim
@@ -44,8 +45,33 @@ def _cpu_fp32(model: nn.Module) -> nn.Module:
     return model if on_cpu_fp32 else copy.deepcopy(model).cpu().float()
 
 
+def _rms_norm(g: Any, x: Any, normalized_shape: Any, weight: Any, eps: Any) -> Any:
+    """``aten::rms_norm`` in opset-17 ops: x / sqrt(mean(x², last dims) + eps) · weight.
+
+    ONNX has RMSNormalization only from opset 23, and the TorchScript exporter has no symbolic for
+    it below, so a model with timm's ``RmsNorm`` (which calls ``F.rms_norm``) would not export.
+    """
+    from torch.onnx import symbolic_helper
+
+    dims = symbolic_helper._get_const(normalized_shape, "is", "normalized_shape")
+    eps_value = torch.finfo(torch.float32).eps if symbolic_helper._is_none(eps) else symbolic_helper._get_const(eps, "f", "eps")
+    mean = g.op("ReduceMean", g.op("Mul", x, x), axes_i=list(range(-len(dims), 0)), keepdims_i=1)
+    y = g.op("Div", x, g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(eps_value, dtype=torch.float32)))))
+    return y if symbolic_helper._is_none(weight) else g.op("Mul", y, weight)
+
+
+_SYMBOLICS = {"aten::rms_norm": _rms_norm}
+
+
+def _register_symbolics() -> None:
+    """Teach the TorchScript exporter the ops above at every opset it uses (idempotent)."""
+    for name, fn in _SYMBOLICS.items():
+        torch.onnx.register_custom_op_symbolic(name, fn, MIN_OPSET)
+
+
 def _trace(model: nn.Module, input_size: tuple[int, int, int], opset: int) -> onnx.ModelProto:
     """Run torch's TorchScript exporter into memory, silencing its tracer warnings."""
+    _register_symbolics()
     example = torch.randn((TRACE_BATCH, *input_size), generator=torch.Generator().manual_seed(0))
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():

@@ -78,6 +78,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("ViT, average pooled", "vit_medium_patch16_gap_256", True, "no class token"),
     Family("ViT with registers, average pooled", "vit_medium_patch16_reg4_gap_256", True, "registers, no class token"),
     Family("ViT, residual post-norm", "vit_base_patch16_rpn_224", True, "ResPostBlock"),
+    Family("ViT with RMSNorm", "test_vit4", True, "timm's RmsNorm, exported in opset-17 ops"),
     Family("FLatten DeiT", "flatten_deit_s", True, "focused linear attention in the first half"),
     Family("BEiT, BEiT v2", "beit_base_patch16_224", True, "relative position bias, q/v biases"),
     Family("ViT with relative position", "vit_relpos_small_patch16_224", False),

@@ -7,7 +7,7 @@ its claim for every name timm registers: each is built on the meta device and pu
 ``--prune``, each accepted name is then built in the compatibility bench's tiny form (where its
 constructor takes those overrides) and pruned, exported and checked like a table row.
 
-    python -m exporter.bench.compat_sweep [--prune] [--out artifacts/bench]
+    python -m exporter.bench.compat_sweep [--prune] [--checks compat_sweep.json] [--out artifacts/bench]
 
 It takes minutes (about 0.2 s a name to check, 2 s a name to prune on a 2-core CPU), so it is a
 bench, not a test.
@@ -57,11 +57,16 @@ def _tiny_accepts(name: str) -> bool:
     return True
 
 
-def sweep(prune: bool) -> dict[str, Any]:
-    """Check every timm name; with ``prune``, prune every accepted one whose constructor takes the tiny form."""
+def sweep(prune: bool, previous: Path | None = None) -> dict[str, Any]:
+    """Check every timm name (or take the checks of a ``previous`` sweep's JSON); with ``prune``, prune every
+    accepted one whose constructor takes the tiny form."""
     names = timm.list_models()
-    checks = {}
+    checks: dict[str, tuple[str, str]] = {}
+    if previous is not None:
+        checks = {n: (c["status"], c["detail"]) for n, c in json.loads(previous.read_text())["checks"].items()}
     for i, name in enumerate(names):
+        if name in checks:
+            continue
         checks[name] = check_name(name)
         if i % 100 == 0:
             print(f"{i}/{len(names)} {name}: {checks[name][0]}", flush=True)
@@ -79,14 +84,15 @@ def sweep(prune: bool) -> dict[str, Any]:
     return {"checks": {n: {"status": s, "detail": d} for n, (s, d) in checks.items()}, "pruned": pruned}
 
 
-def report(result: dict[str, Any], seconds: float) -> str:
+def report(result: dict[str, Any], seconds: float, reused: Path | None = None) -> str:
     checks, pruned = result["checks"], result["pruned"]
     status = Counter(c["status"] for c in checks.values())
     reasons = Counter(c["detail"] for c in checks.values() if c["status"] == "refused")
     lines = [
         "# Every timm model name through the architecture check",
         "",
-        f"`python -m exporter.bench.compat_sweep{' --prune' if pruned else ''}`, {seconds:.0f} s, timm {timm.__version__}: "
+        f"`python -m exporter.bench.compat_sweep{' --prune' if pruned else ''}`, {seconds:.0f} s"
+        f"{f' (the checks reused from {reused.name})' if reused else ''}, timm {timm.__version__}: "
         f"{len(checks)} names; {status['accepted']} accepted, {status['refused']} refused in one line, "
         f"{status['unchecked']} not buildable on the meta device (checked once built), {status['error']} other errors.",
         "",
@@ -108,13 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prune", action="store_true", help="also prune every accepted name in the tiny form")
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench"), help="folder for compat_sweep.md and .json")
+    parser.add_argument("--checks", type=Path, default=None, help="reuse the checks of this compat_sweep.json")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    result = sweep(args.prune)
+    result = sweep(args.prune, args.checks)
     seconds = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out / "compat_sweep.md") as temp:
-        Path(temp).write_text(report(result, seconds))
+        Path(temp).write_text(report(result, seconds, args.checks))
     with atomic_path(args.out / "compat_sweep.json") as temp:
         Path(temp).write_text(json.dumps(result, indent=1) + "\n")
     bad = [n for n, c in result["checks"].items() if c["status"] == "error"]
