@@ -4,6 +4,12 @@ We use the legacy TorchScript exporter (``dynamo=False``): it exports timm ViTs 
 a second at any opset from 17, while the dynamo exporter forces opset 18. The graph is then
 simplified with onnxsim (constant folding, shape-op elimination), which keeps the symbolic batch
 dimension, and checked with the ONNX checker before it is written atomically.
+
+Only the batch is symbolic: every other dim, the token count included, is static in the written
+graph. torch exports ``token.expand(batch, -1, -1)`` in a form ONNX shape inference cannot read
+through, which leaves the token count unknown in models that concatenate the class or register
+tokens after the position embedding (DeiT-III, DINOv2 with registers, FlexiViT);
+:mod:`exporter.rewrites.expand_sizes` rewrites it, and onnxsim then runs once more.
 """
 from __future__ import annotations
 
@@ -11,12 +17,14 @@ import copy
 import io
 import warnings
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnxsim
 import torch
 from torch import nn
 
+from exporter.rewrites.expand_sizes import fold_expand_sizes
 from search.core.atomic import atomic_path, ensure_writable_dir
 from search.core.errors import ExportError
 
@@ -37,8 +45,33 @@ def _cpu_fp32(model: nn.Module) -> nn.Module:
     return model if on_cpu_fp32 else copy.deepcopy(model).cpu().float()
 
 
+def _rms_norm(g: Any, x: Any, normalized_shape: Any, weight: Any, eps: Any) -> Any:
+    """``aten::rms_norm`` in opset-17 ops: x / sqrt(mean(x², last dims) + eps) · weight.
+
+    ONNX has RMSNormalization only from opset 23, and the TorchScript exporter has no symbolic for
+    it below, so a model with timm's ``RmsNorm`` (which calls ``F.rms_norm``) would not export.
+    """
+    from torch.onnx import symbolic_helper
+
+    dims = symbolic_helper._get_const(normalized_shape, "is", "normalized_shape")
+    eps_value = torch.finfo(torch.float32).eps if symbolic_helper._is_none(eps) else symbolic_helper._get_const(eps, "f", "eps")
+    mean = g.op("ReduceMean", g.op("Mul", x, x), axes_i=list(range(-len(dims), 0)), keepdims_i=1)
+    y = g.op("Div", x, g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(eps_value, dtype=torch.float32)))))
+    return y if symbolic_helper._is_none(weight) else g.op("Mul", y, weight)
+
+
+_SYMBOLICS = {"aten::rms_norm": _rms_norm}
+
+
+def _register_symbolics() -> None:
+    """Teach the TorchScript exporter the ops above at every opset it uses (idempotent)."""
+    for name, fn in _SYMBOLICS.items():
+        torch.onnx.register_custom_op_symbolic(name, fn, MIN_OPSET)
+
+
 def _trace(model: nn.Module, input_size: tuple[int, int, int], opset: int) -> onnx.ModelProto:
     """Run torch's TorchScript exporter into memory, silencing its tracer warnings."""
+    _register_symbolics()
     example = torch.randn((TRACE_BATCH, *input_size), generator=torch.Generator().manual_seed(0))
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
@@ -55,6 +88,16 @@ def _trace(model: nn.Module, input_size: tuple[int, int, int], opset: int) -> on
             do_constant_folding=True,
         )
     return onnx.load_from_string(buffer.getvalue())
+
+
+def _simplify(graph: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        simplified, ok = onnxsim.simplify(graph)
+    except Exception as err:
+        raise ExportError("onnxsim", err) from err
+    if not ok:
+        raise ExportError("onnxsim", "simplified graph failed onnxsim's own check")
+    return simplified
 
 
 def _batch_is_dynamic(value: onnx.ValueInfoProto) -> bool:
@@ -104,12 +147,13 @@ def export_onnx(
     finally:
         model.train(was_training)
 
+    simplified = _simplify(graph)
     try:
-        simplified, ok = onnxsim.simplify(graph)
+        expands = fold_expand_sizes(simplified)
     except Exception as err:
-        raise ExportError("onnxsim", err) from err
-    if not ok:
-        raise ExportError("onnxsim", "simplified graph failed onnxsim's own check")
+        raise ExportError("static token count", err) from err
+    if expands:
+        simplified = _simplify(simplified)  # the token count is static now: fold the shape ops it feeds
 
     if len(simplified.graph.input) != 1 or not _batch_is_dynamic(simplified.graph.input[0]):
         raise ExportError("dynamic batch", "the graph input lost its symbolic batch axis")

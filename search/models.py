@@ -1,7 +1,9 @@
 """Model names and weights: from what the user types to a dense timm model with real weights.
 
 Names resolve in this order: a bundled real model (``dinov2_s``), an alias (``deit_b``), then any
-timm model name that builds a prunable VisionTransformer. Weights come from ``--checkpoint``, then
+timm model name that builds a prunable VisionTransformer. A timm model that prune-export cannot
+prune is refused in one line naming its class, block, MLP or attention, before any weights are
+read (its architecture is checked on the meta device first). Weights come from ``--checkpoint``, then
 timm's pretrained weights (local cache, then the hub when it is reachable), then ``--random-init``.
 A model on random weights is marked as such everywhere downstream, because its accuracy figures
 mean nothing.
@@ -22,6 +24,7 @@ from torch import nn
 
 from search import flatten_models
 from search.core.errors import UnknownModelError, WeightsError
+from search.families import prepare
 from search.macs import ModelGeometry, describe
 
 ALIASES: dict[str, str] = {
@@ -206,7 +209,7 @@ def _load_checkpoint(model: nn.Module, path: Path) -> None:
         )
 
 
-def _create(timm_name: str, pretrained: bool, img_size: int | None, pattern: str | None = None) -> nn.Module:
+def _build(timm_name: str, pretrained: bool, img_size: int | None, pattern: str | None = None) -> nn.Module:
     kwargs: dict[str, Any] = {} if img_size is None else {"img_size": img_size}
     if pattern is None:
         return timm.create_model(timm_name, pretrained=pretrained, **kwargs)
@@ -219,6 +222,47 @@ def _create(timm_name: str, pretrained: bool, img_size: int | None, pattern: str
         return timm.create_model(timm_name, pretrained=pretrained, pattern=pattern, **kwargs)
     except ValueError as exc:
         raise UnknownModelError(f"--pattern {pattern}: {exc}") from None
+
+
+def _create(timm_name: str, pretrained: bool, img_size: int | None, pattern: str | None = None) -> nn.Module:
+    """The timm model; UnknownModelError when timm cannot build it with these arguments (e.g. ``--img-size``)."""
+    try:
+        return _build(timm_name, pretrained, img_size, pattern)
+    except (TypeError, AssertionError) as exc:
+        size = f" at --img-size {img_size}" if img_size is not None else ""
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UnknownModelError(f"timm cannot build {timm_name}{size} ({reason}); choose another model or size") from None
+
+
+def _describe(model: nn.Module, timm_name: str) -> ModelGeometry:
+    """Put ``model`` in its family's form (in place) and read its geometry; a refusal names the model (UnknownModelError)."""
+    prepare(model)
+    try:
+        return describe(model)
+    except UnknownModelError as exc:
+        raise UnknownModelError(f"{timm_name}: {exc}") from None
+
+
+def check_architecture(timm_name: str, img_size: int | None = None, pattern: str | None = None) -> bool:
+    """Refuse a model prune-export cannot prune before any weights are read, built or fetched.
+
+    The architecture is built on the meta device (shapes only, no memory, no initialisation), so a
+    billion-parameter model is refused as fast as a small one. A model that cannot be built there is
+    checked once it is built for real instead: False is returned then, True when it was checked.
+
+    Raises:
+        UnknownModelError: timm cannot build it at ``img_size``, or its family, a block, its MLP or
+            its attention is not one prune-export can prune.
+    """
+    try:
+        with torch.device("meta"):
+            skeleton = _create(timm_name, False, img_size, pattern)
+    except UnknownModelError:
+        raise
+    except Exception:  # e.g. an op the meta device lacks; the model is checked again once built
+        return False
+    _describe(skeleton, timm_name)
+    return True
 
 
 def _pretrained(timm_name: str, img_size: int | None, pattern: str | None) -> nn.Module | None:
@@ -255,11 +299,14 @@ def load_model(
         pattern: for FLatten models, "L" (focused linear) or "S" (softmax) attention per block.
 
     Raises:
-        UnknownModelError: the name is unknown or not a prunable ViT.
+        UnknownModelError: the name is unknown, timm cannot build it at ``img_size``, or it is not a
+            model prune-export can prune (refused before any weights are read).
         WeightsError: no weights could be had, or the checkpoint is missing, corrupt or does not fit.
     """
     timm_name = resolve_name(name)
     bundled = _BUNDLED.get(name)
+    if bundled is None:
+        check_architecture(timm_name, img_size, pattern)
     if bundled is not None and checkpoint is None:
         size = img_size or bundled.img_size
         model, weights, random = bundled.create(size, pattern), f"bundled:{bundled.weights}", False
@@ -279,6 +326,6 @@ def load_model(
                 )
             model, weights, random = _create(timm_name, False, img_size, pattern), "random-init", True
     model.eval()
-    geometry = describe(model)
+    geometry = _describe(model, timm_name)
     size = int(model.patch_embed.img_size[0])
     return LoadedModel(model, name, timm_name, size, weights, random, _data_config(model, size), geometry)

@@ -127,6 +127,8 @@ class AttentionKind(ABC):
     """
 
     name: str
+    supports: str = ""
+    """The modules the kind recognises, in words, for the message that refuses an attention no kind matches (empty: not listed)."""
     shared_v_indices: bool = False
     """True when every head must keep the same v channels (a part shared by the heads reads them)."""
 
@@ -219,10 +221,8 @@ def kind_of(module: nn.Module) -> AttentionKind:
     for kind in _KINDS.values():
         if kind.matches(module):
             return kind
-    raise UnknownModelError(
-        f"attention module {type(module).__name__} is not a kind prune-export can prune "
-        f"(known: {', '.join(_KINDS)}); use a timm ViT/DeiT model"
-    )
+    supported = ", ".join(kind.supports for kind in _KINDS.values() if kind.supports)
+    raise UnknownModelError(f"attention module {type(module).__name__} is not a kind prune-export can prune; it supports {supported}")
 
 
 def split_fused_qkv(weight: torch.Tensor, heads: int, qk: int, v: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

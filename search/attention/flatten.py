@@ -88,6 +88,7 @@ class FocusedLinearKind(AttentionKind):
     """FLatten's focused linear attention with a shared depthwise conv on v."""
 
     name = "linear"
+    supports = "FLatten's FocusedLinearAttention (focused linear)"
     shared_v_indices = True
 
     def matches(self, module: nn.Module) -> bool:

@@ -10,6 +10,9 @@
   projected by head h's proj columns, all channels of a head in one batched pass (chunked to bound
   memory). Removing v channel j zeroes output channel j of head h: the change is O_hj ⊗ proj[:, h, j],
   whose squared norm is ‖O_hj‖²·‖proj[:, h, j]‖², exactly.
+- **Score bias.** A ``PrunedAttention`` may carry a bias on each head's scores (BEiT's relative
+  position bias; the BEiT family turns BEiT's attention into this form). No MAC is counted for it
+  (an Add), removing a channel leaves it, and a kept head keeps its bias.
 - **Slicing.** Keeps the plan's heads, their q/k rows and v rows, and proj's matching columns.
   The softmax scale stays the dense one: the trained weights expect 1/√(dense head_dim), while
   timm's Attention would derive a new scale from the smaller head width.
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -44,10 +48,12 @@ CHUNK_BYTES = 256 * 2**20
 
 
 class PrunedAttention(nn.Module):
-    """Multi-head softmax attention: softmax(q kᵀ · scale) v, heads of qk_dim and v_dim channels.
+    """Multi-head softmax attention: softmax(q kᵀ · scale + bias) v, heads of qk_dim and v_dim channels.
 
     ``reweight`` (identity unless recovery adds one) acts on the attention output right before
-    ``proj``, so it folds exactly into proj's weights before export.
+    ``proj``, so it folds exactly into proj's weights before export. ``attn_bias`` (None, or a
+    (heads, tokens, tokens) parameter) is a bias on the attention scores of each head: BEiT's
+    relative position bias, gathered from its table for the model's one token grid.
 
     Args:
         dim: token width in and out.
@@ -70,14 +76,19 @@ class PrunedAttention(nn.Module):
         self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias)
         self.reweight: nn.Module = nn.Identity()
         self.proj = nn.Linear(num_heads * v_dim, dim, bias=proj_bias)
+        self.attn_bias: nn.Parameter | None = None
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, n, _ = x.shape
         h = self.num_heads
         q, k, v = self.qkv(x).split([h * self.qk_dim, h * self.qk_dim, h * self.v_dim], dim=-1)
         q = q.reshape(b, n, h, self.qk_dim).transpose(1, 2)
         k = k.reshape(b, n, h, self.qk_dim).transpose(1, 2)
         v = v.reshape(b, n, h, self.v_dim).transpose(1, 2)
+        for bias in (self.attn_bias, shared_rel_pos_bias):  # BEiT's blocks pass a shared bias (None once prepared)
+            if bias is not None:
+                attn_mask = bias if attn_mask is None else attn_mask + bias
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
         return self.proj(self.reweight(x.transpose(1, 2).reshape(b, n, h * self.v_dim)))
 
@@ -91,15 +102,19 @@ def _split_heads(qkv: torch.Tensor, shape: AttentionShape) -> tuple[torch.Tensor
             v.reshape(b, n, h, dv).transpose(1, 2))
 
 
-def qk_differences(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: torch.Tensor, scale: float) -> torch.Tensor:
+def qk_differences(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: torch.Tensor, scale: float,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """(heads, qk_dim) squared change of the projected output when one q/k channel is removed.
 
     Args:
         q, k: (batch, heads, tokens, qk_dim); v: (batch, heads, tokens, v_dim).
         proj: (embed_dim, heads, v_dim) columns of the output projection.
+        bias: (heads, tokens, tokens) bias on the scores, or None; removing a channel leaves it.
     """
     b, h, n, d = q.shape
     scores = scale * q @ k.transpose(-1, -2)
+    if bias is not None:
+        scores = scores + bias
     base = scores.softmax(-1) @ v
     out = torch.empty(h, d, device=q.device)
     per_channel = b * n * n * 4 * 3
@@ -120,10 +135,12 @@ class SoftmaxAttentionKind(AttentionKind):
     """softmax(q kᵀ·scale) v: timm's ``Attention`` and prune-export's ``PrunedAttention``."""
 
     name = "softmax"
-    class_names = ("Attention", "PrunedAttention")
+    supports = "timm's Attention (softmax)"
 
     def matches(self, module: nn.Module) -> bool:
-        return type(module).__name__ in self.class_names and hasattr(module, "qkv")
+        # By class, not by name: other models' attention classes are also called Attention (BEiT's
+        # adds a relative position bias and separate q/v biases) and are not this kind.
+        return isinstance(module, (Attention, PrunedAttention))
 
     def shape(self, module: nn.Module) -> AttentionShape:
         for part in ("q_norm", "k_norm", "norm"):
@@ -172,8 +189,11 @@ class SoftmaxAttentionKind(AttentionKind):
     def attention_differences(self, module: nn.Module, acts: AttentionActivations) -> tuple[torch.Tensor, torch.Tensor]:
         proj = self.head_weights(module).proj.float().to(acts.q.device)
         scale = float(module.scale)
-        qk = qk_differences(acts.q, acts.k, acts.v, proj, scale)
-        out = (scale * acts.q @ acts.k.transpose(-1, -2)).softmax(-1) @ acts.v
+        bias = getattr(module, "attn_bias", None)
+        bias = None if bias is None else bias.detach().float().to(acts.q.device)
+        qk = qk_differences(acts.q, acts.k, acts.v, proj, scale, bias)
+        scores = scale * acts.q @ acts.k.transpose(-1, -2)
+        out = (scores if bias is None else scores + bias).softmax(-1) @ acts.v
         v = out.pow(2).sum(dim=(0, 2)) * proj.pow(2).sum(0)
         return qk, v
 
@@ -190,6 +210,9 @@ class SoftmaxAttentionKind(AttentionKind):
         )
         new.qkv = slice_linear(module.qkv, out_idx=q_rows + k_rows + v_rows)
         new.proj = slice_linear(module.proj, in_idx=head_rows(0, dv, plan.heads, plan.v))
+        bias = getattr(module, "attn_bias", None)
+        if bias is not None:
+            new.attn_bias = nn.Parameter(bias.detach()[list(plan.heads)].clone())
         return new.train(module.training)
 
 

@@ -19,10 +19,20 @@ class ModelFamily(ABC):
     """One family of vision transformers, as the pruning code sees it. Subclasses register an instance."""
 
     name: str
+    supports: str = ""
+    """What the family covers, in words, for the message that refuses a model no family matches."""
 
     @abstractmethod
     def matches(self, model: nn.Module) -> bool:
         """True when ``model`` belongs to this family."""
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Put ``model`` in the form the pruning code reads, once, right after its weights are loaded.
+
+        The same function in modules the attention kinds own (BEiT's attention becomes the softmax
+        kind's); the default changes nothing. Returns the model (changed in place).
+        """
+        return model
 
     @abstractmethod
     def check(self, model: nn.Module) -> None:
@@ -98,13 +108,19 @@ def get_family(name: str) -> ModelFamily:
     return _FAMILIES[name]
 
 
+def prepare(model: nn.Module) -> nn.Module:
+    """``model`` in the form its family prunes (see :meth:`ModelFamily.prepare`); unchanged when no family matches."""
+    for family in _FAMILIES.values():
+        if family.matches(model):
+            return family.prepare(model)
+    return model
+
+
 def family_of(model: nn.Module) -> ModelFamily:
     """The registered family of ``model``; UnknownModelError naming what is supported otherwise."""
     for family in _FAMILIES.values():
         if family.matches(model):
             family.check(model)
             return family
-    raise UnknownModelError(
-        f"{type(model).__name__} is not a model family prune-export can prune (known: {', '.join(_FAMILIES)}); "
-        "use a ViT/DeiT model name"
-    )
+    supported = "; ".join(family.supports or family.name for family in _FAMILIES.values())
+    raise UnknownModelError(f"{type(model).__name__} is not a model family prune-export can prune; it supports {supported}")

@@ -1,15 +1,21 @@
-"""timm's VisionTransformer (ViT, DeiT, DINOv2 and their FLatten variants).
+"""timm's VisionTransformer (ViT, DeiT, DeiT-III, DINOv2, CLIP, SigLIP, FlexiViT and the FLatten variants).
 
-Blocks are ``model.blocks``, each with ``attn`` and a plain timm ``Mlp`` (fc1, act, norm, fc2);
-the tokens are the prefix tokens (class, registers) and the patch grid. The MLP's ``norm`` slot sits
-between the activation and fc2, which is where the MLP reweight goes. A block that keeps no head
-becomes an :class:`AttentionlessBlock` (residual, proj's bias, MLP branch), so its attention is not exported.
+Blocks are ``model.blocks``, each a timm ``Block`` (pre-norm) or ``ResPostBlock`` (norm after each
+branch) with ``attn`` and a plain timm ``Mlp`` (fc1, act, norm, fc2); the tokens are the prefix
+tokens (class, distillation, registers) and the patch grid. The MLP's ``norm`` slot sits between
+the activation and fc2, which is where the MLP reweight goes. A block that keeps no head becomes an
+:class:`AttentionlessBlock` (residual, proj's bias, MLP branch), so its attention is not exported.
+An attention-pool head (SigLIP's ``AttentionPoolLatent``) is left dense and counted with the fixed
+MACs. Membership is by class (``VisionTransformer`` and its subclasses), so a model that merely has
+``blocks`` and a ``head`` (EVA, CaiT; BEiT has its own family) is refused, naming its class, rather than taken for one.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
+from timm.layers import AttentionPoolLatent, Mlp, PatchEmbed
+from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 from torch import nn
 
 from search.attention import kind_of
@@ -21,13 +27,15 @@ from search.slicing import slice_linear
 
 
 class AttentionlessBlock(nn.Module):
-    """A timm ViT block whose every head was pruned: x + c + drop_path2(ls2(mlp(norm2(x)))).
+    """A timm ViT block whose every head was pruned: what is left of the attention branch, then the MLP branch.
 
-    With every head masked to zero, the attention branch still adds ls1(proj's bias): a constant
-    c per channel, which is all that is left of it. The branch (norm1, qkv, the token mixing, proj)
-    is gone, not zeroed, so the exported graph computes none of it and adds c with one Add (none
-    when proj has no bias); the block then equals the dense block with all its heads masked, as the
-    search saw it. ``attn`` holds a :class:`RemovedAttention` marker for the geometry.
+    With every head masked to zero, the attention's output is proj's bias b (0 without one), the
+    same for every token, so the whole attention branch adds one constant c per channel: ls1(b)
+    for a pre-norm :class:`Block`, norm1(b) for a :class:`ResPostBlock` (which normalises the
+    branch after the attention). The branch (norm, qkv, the token mixing, proj) is gone, not
+    zeroed, so the exported graph computes none of it and adds c with one Add (none when a
+    pre-norm block's proj has no bias); the block then equals the dense block with all its heads
+    masked, as the search saw it. ``attn`` holds a :class:`RemovedAttention` marker for the geometry.
 
     Args:
         block: the timm block it replaces (its MLP half is taken over as is).
@@ -36,39 +44,66 @@ class AttentionlessBlock(nn.Module):
 
     def __init__(self, block: nn.Module, embed_dim: int) -> None:
         super().__init__()
+        self.post_norm = isinstance(block, ResPostBlock)
         out = kind_of(block.attn).reweight_target(block.attn)  # the layer after the merged heads
         self.attn_bias: nn.Parameter | None = None
-        if out.bias is not None:
+        if out.bias is not None or self.post_norm:
+            bias = out.bias.detach().clone() if out.bias is not None else out.weight.new_zeros(out.out_features)
             with torch.no_grad():
-                self.attn_bias = nn.Parameter(block.ls1(out.bias.detach().clone()).clone())
+                branch = block.norm1 if self.post_norm else block.ls1
+                self.attn_bias = nn.Parameter(branch(bias).clone())
         self.attn = RemovedAttention(embed_dim)
         self.norm2 = block.norm2
         self.mlp = block.mlp
-        self.ls2 = block.ls2
+        self.ls2 = nn.Identity() if self.post_norm else block.ls2
         self.drop_path2 = block.drop_path2
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         if self.attn_bias is not None:
             x = x + self.attn_bias
+        if self.post_norm:
+            return x + self.drop_path2(self.norm2(self.mlp(x)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
+SUPPORTED_BLOCKS = (Block, ResPostBlock, AttentionlessBlock)
+"""Blocks that run attention, then the MLP, each on the residual (pre-norm, or norm after the branch)."""
+
+
 class VisionTransformerFamily(ModelFamily):
-    """timm ``VisionTransformer`` models with a plain ``Mlp`` in every block."""
+    """timm ``VisionTransformer`` models (and subclasses such as DeiT's distilled one) with sequential blocks and a plain ``Mlp``."""
 
     name = "vit"
+    supports = ("timm's VisionTransformer (ViT, DeiT, DeiT-III, DINOv2, CLIP, SigLIP, FlexiViT) with Block or "
+                "ResPostBlock blocks and a plain Mlp")
 
     def matches(self, model: nn.Module) -> bool:
-        return all(hasattr(model, attr) for attr in ("patch_embed", "blocks", "head"))
+        return isinstance(model, VisionTransformer)
 
     def check(self, model: nn.Module) -> None:
-        if getattr(model, "attn_pool", None) is not None:
-            raise UnknownModelError("attention-pool heads are not supported; choose a ViT with token or avg pooling")
+        embed = model.patch_embed
+        if not isinstance(embed, PatchEmbed) or not isinstance(getattr(embed, "proj", None), nn.Conv2d):
+            raise UnknownModelError(
+                f"{type(model).__name__} embeds patches with a {type(embed).__name__}; prune-export supports timm's "
+                "PatchEmbed (one convolution), not a CNN stem"
+            )
+        pool = getattr(model, "attn_pool", None)
+        if pool is not None and not isinstance(pool, AttentionPoolLatent):
+            raise UnknownModelError(
+                f"{type(model).__name__} pools with a {type(pool).__name__}; prune-export supports token or average "
+                "pooling and timm's AttentionPoolLatent (left dense)"
+            )
         for i, block in enumerate(model.blocks):
-            mlp = getattr(block, "mlp", None)
-            if mlp is None or not all(hasattr(mlp, f) for f in ("fc1", "fc2")) or type(mlp).__name__ != "Mlp":
+            if not isinstance(block, SUPPORTED_BLOCKS):
                 raise UnknownModelError(
-                    f"block {i} has a {type(mlp).__name__} MLP; only timm's plain Mlp (fc1, act, fc2) is supported"
+                    f"block {i} is a {type(block).__name__}; prune-export supports timm's Block and ResPostBlock "
+                    "(attention, then MLP), not parallel or fused branches"
+                )
+            mlp = block.mlp
+            if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
+                raise UnknownModelError(
+                    f"block {i} has a {type(mlp).__name__} MLP; prune-export supports timm's plain Mlp (fc1, act, fc2), "
+                    "not gated (GLU, SwiGLU) or convolutional MLPs"
                 )
             # The norm slot holds an identity, or a reweight during recovery; a normalisation there
             # would change when hidden units are cut.
@@ -114,9 +149,26 @@ class VisionTransformerFamily(ModelFamily):
         conv, grid = model.patch_embed.proj, model.patch_embed.grid_size
         kh, kw = conv.kernel_size
         fixed = grid[0] * grid[1] * conv.out_channels * (conv.in_channels // conv.groups) * kh * kw
-        if isinstance(model.head, nn.Linear):
-            fixed += model.head.in_features * model.head.out_features
+        for head in (model.head, getattr(model, "head_dist", None)):  # DeiT's distilled models have two
+            if isinstance(head, nn.Linear):
+                fixed += head.in_features * head.out_features
+        pool = getattr(model, "attn_pool", None)
+        if pool is not None:
+            layout = self.layout(model)
+            fixed += attention_pool_macs(pool, layout.tokens if model.pool_include_prefix else layout.patches)
         return fixed
+
+
+def attention_pool_macs(pool: AttentionPoolLatent, tokens: int) -> int:
+    """MACs at batch 1 of timm's latent-query attention pool over ``tokens`` tokens (never pruned).
+
+    Its latent queries (L of them) are projected by ``q``, the tokens by ``kv``; q·kᵀ and
+    attention·v cost L·N·D each; then ``proj`` and a plain MLP on the L pooled tokens.
+    """
+    latents, width = pool.latent_len, pool.kv.in_features
+    macs = tokens * width * pool.kv.out_features + 2 * latents * tokens * pool.num_heads * pool.head_dim
+    linears = [pool.q, pool.proj] + ([pool.mlp.fc1, pool.mlp.fc2] if pool.mlp is not None else [])
+    return macs + sum(latents * layer.in_features * layer.out_features for layer in linears if isinstance(layer, nn.Linear))
 
 
 register_family(VisionTransformerFamily())
