@@ -30,6 +30,7 @@ import torch
 from rich.console import Console
 
 from exporter.bench.quality import knn_of, matches_row
+from exporter.bench.figures import pyplot, save_png
 from exporter.latency import machine_info
 from exporter.pipeline import RunConfig, run
 from exporter.stages.effort import EFFORTS, resolve_effort
@@ -180,11 +181,7 @@ def write_outputs(stored: dict[str, Any]) -> None:
 
 def plot(results: list[dict[str, Any]], dense: dict[str, float], path: Path) -> None:
     """k-NN points against dense over wall minutes, one series per (device, data, budget)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     series: dict[str, list[tuple[float, float, str]]] = {}
     for r in results:
@@ -205,10 +202,7 @@ def plot(results: list[dict[str, Any]], dense: dict[str, float], path: Path) -> 
     ax.grid(alpha=0.3)
     if series:
         ax.legend(fontsize="small")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from exporter.bench.figures import pyplot, save_png
 from exporter.latency import machine_info
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_onnx_macs
@@ -306,11 +307,7 @@ def write_outputs(results: list[dict[str, Any]], cfg: BenchConfig, quick: bool, 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     """k-NN top-1 against MAC ratio, one series per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     markers = {"acp": "o", "magnitude": "s", "random": "^", "torch-pruning": "D", "dense": "*", "dsp": "v", "dsp+acp": "P",
                "head-magnitude": "X"}
@@ -328,10 +325,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     ax.set_title("dinov2_s: accuracy kept against compute")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 if __name__ == "__main__":

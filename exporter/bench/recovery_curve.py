@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from exporter.bench.figures import pyplot, save_png
 from exporter.latency import machine_info
 from exporter.pipeline import RunConfig, load_images, resolve_defaults
 from exporter.recovery import RecoveryConfig, recover
@@ -134,11 +135,7 @@ def write_markdown(payload: dict[str, Any], path: Path) -> None:
 
 
 def plot(payload: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     for r in payload["rows"]:
         steps, knn = zip(*r["knn"])
@@ -150,10 +147,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     b.set_xlabel("recovery step"), b.set_ylabel("held-out relation agreement")
     a.legend(fontsize="x-small"), a.grid(alpha=0.3), b.grid(alpha=0.3)
     fig.suptitle(f"dinov2_s @ 0.63, recovery on {payload['data']}", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 if __name__ == "__main__":
