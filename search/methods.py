@@ -22,6 +22,7 @@ from torch import nn
 
 from search.acp import AcpConfig, acp_search
 from search.core.runtime import Runtime
+from search.cost import MACS, CostModel
 from search.dsp import DspConfig, dsp_search
 from search.heads import HeadTarget, head_magnitude_scores, top_heads
 from search.importance import BlockScores, magnitude_scores, random_scores
@@ -47,6 +48,7 @@ class SearchInputs:
         heads: how many heads a head-pruning method keeps, and over which scope (None for others).
         dsp: settings of the DSP head search.
         kept: the heads chosen by the method's head stage, once it ran (None: every head).
+        cost: what the budget is a fraction of (``search.cost``: MACs, or a measured latency table).
     """
 
     model: nn.Module
@@ -59,6 +61,7 @@ class SearchInputs:
     heads: HeadTarget | None = None
     dsp: DspConfig = DspConfig()
     kept: KeptHeads | None = None
+    cost: CostModel = MACS
 
     def stage_path(self, stage: str) -> Path | None:
         """The checkpoint of one stage of a two-stage method (``search-KEY-heads.pt``)."""
@@ -113,7 +116,7 @@ def _magnitude_heads(i: SearchInputs) -> KeptHeads:
 
 
 def _acp(i: SearchInputs) -> ChannelChoice:
-    found = acp_search(i.model, i.geometry, i.images, i.acp, i.classifier, i.runtime, i.state_path, heads=i.kept)
+    found = acp_search(i.model, i.geometry, i.images, i.acp, i.classifier, i.runtime, i.state_path, heads=i.kept, cost=i.cost)
     return ChannelChoice(found.scores, found.widths)
 
 

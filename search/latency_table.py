@@ -1,0 +1,232 @@
+"""A measured latency model of one model geometry on one target: the data, and the cost it predicts.
+
+``exporter.latency_model`` times single blocks (the token input of a block to its output) at kept
+widths on a grid, and the fixed parts (the model with no block: patch embedding, final norm, head),
+and stores them here. A block's latency at any widths is predicted from four one-dimensional
+curves measured around the dense block, each interpolated piecewise-linearly:
+
+    ms(h, qk, v, mlp) = dense + Δheads(h) + (h / H)·(Δqk(qk) + Δv(v)) + Δmlp(mlp)
+
+where Δg(x) is the measured latency of the dense block with only group g at x, minus the dense
+block's. The q/k and v deltas are measured with all H heads and scale with the heads kept, since
+every op they change (projections, the q·k and attention·v products) runs once per head. Each
+curve is made non-decreasing (``search.cost.isotonic``) before use: noise never makes a cut look
+slower than no cut.
+
+The whole model is then ``fixed + Σ blocks + overhead``, where ``overhead`` is the dense whole
+graph's measured latency minus the sum of its parts in the same interleaved run (a graph runs its
+blocks without one call per block, so the parts over-count a little). The dense model's predicted
+latency is therefore its measured one, and a plan's predicted ratio is predicted / dense.
+``additivity`` records how well the parts predicted whole graphs measured in the same run.
+
+The table is plain data (JSON) and imports no torch: soft widths (torch scalars) pass through
+:func:`search.cost.interpolate` untouched, so acp's budget term is differentiable in latency too.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from search.core.errors import UserError
+from search.cost import interpolate, isotonic, total_of
+from search.macs import BlockGeometry, BlockWidths, ModelGeometry
+
+FORMAT = "prune-export/latency-table"
+VERSION = 1
+GROUPS = ("heads", "qk", "v", "mlp")
+ALIGN_CANDIDATES = (8, 16, 32, 64)
+
+
+class LatencyTableError(UserError):
+    """A latency table that cannot be read or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Latency (ms) of a block with one group's width varied: measured medians and their monotone fit."""
+
+    widths: tuple[float, ...]
+    raw_ms: tuple[float, ...]
+    ms: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.widths) != len(self.raw_ms) or not self.widths:
+            raise LatencyTableError("a latency curve needs one measured latency per width")
+        if list(self.widths) != sorted(set(self.widths)):
+            raise LatencyTableError("latency curve widths must be ascending and unique")
+        if not self.ms:
+            object.__setattr__(self, "ms", isotonic(self.raw_ms))
+
+    def at(self, width: Any) -> Any:
+        """Predicted ms at ``width`` (a number or a torch scalar)."""
+        return interpolate(self.widths, self.ms, width)
+
+
+def _block_key(kind: str, heads: int, qk: int, v: int, mlp: int) -> str:
+    return f"{kind}/h{heads}/qk{qk}/v{v}/mlp{mlp}"
+
+
+def block_key(g: BlockGeometry) -> str:
+    """Which curves price a block: its attention kind and dense widths."""
+    a = g.attention
+    return _block_key(g.kind, a.num_heads, a.qk_dim, a.v_dim, g.mlp_hidden)
+
+
+@dataclass(frozen=True)
+class BlockCurves:
+    """The measured curves of one dense block shape (every block of that shape shares them)."""
+
+    kind: str
+    num_heads: int
+    qk_dim: int
+    v_dim: int
+    mlp_hidden: int
+    dense_ms: float
+    heads: Curve
+    qk: Curve
+    v: Curve
+    mlp: Curve
+
+    @property
+    def key(self) -> str:
+        return _block_key(self.kind, self.num_heads, self.qk_dim, self.v_dim, self.mlp_hidden)
+
+    def ms(self, w: BlockWidths) -> Any:
+        """Predicted latency of this block at ``w`` (see the module docstring)."""
+        d = self.dense_ms
+        attention = (self.heads.at(w.heads) - d) + (w.heads / self.num_heads) * ((self.qk.at(w.qk) - d) + (self.v.at(w.v) - d))
+        return d + attention + (self.mlp.at(w.mlp) - d)
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """Measured latency model of one geometry on one target; a :class:`search.cost.CostModel`.
+
+    Attributes:
+        key: the cache key (geometry, target, machine, grid), a hex digest.
+        target: what was timed: runtime, device or provider, precision, batch, threads, and the
+            machine (CPU model, instruction sets), as ``exporter.latency_model`` records it.
+        fixed_ms: the model with no block.
+        overhead_ms: dense whole graph minus the sum of its parts (same interleaved run).
+        whole_ms: the dense whole graph.
+        blocks: curves per distinct block shape.
+        align: the alignment the target runs fastest at (``--align auto``), from ``align_probe``.
+        align_probe: the MLP widths timed for the alignment, their ms and the penalty per alignment.
+        additivity: whole graphs measured against the parts' prediction, for the report.
+        runs: interleaved rounds behind every median.
+    """
+
+    key: str
+    target: dict[str, Any]
+    fixed_ms: float
+    overhead_ms: float
+    whole_ms: float
+    blocks: tuple[BlockCurves, ...]
+    align: int = 8
+    align_probe: dict[str, Any] = field(default_factory=dict)
+    additivity: dict[str, Any] = field(default_factory=dict)
+    runs: int = 0
+
+    name = "latency"
+    unit = "ms"
+
+    @property
+    def label(self) -> str:
+        t = self.target
+        return f"latency on {t.get('label', t.get('runtime', '?'))}"
+
+    def curves(self, g: BlockGeometry) -> BlockCurves:
+        key = block_key(g)
+        for b in self.blocks:
+            if b.key == key:
+                return b
+        raise LatencyTableError(f"the latency table has no curves for a {key} block; rebuild it for this model")
+
+    def block(self, geometry: ModelGeometry, index: int, widths: BlockWidths) -> Any:
+        return self.curves(geometry.blocks[index]).ms(widths)
+
+    def fixed(self, geometry: ModelGeometry) -> float:
+        return self.fixed_ms + self.overhead_ms
+
+    def total(self, geometry: ModelGeometry, widths: Sequence[BlockWidths] | None = None) -> Any:
+        return total_of(self, geometry, geometry.dense_widths() if widths is None else widths)
+
+    def check(self, geometry: ModelGeometry) -> None:
+        """LatencyTableError unless every block of ``geometry`` has curves here."""
+        for g in geometry.blocks:
+            self.curves(g)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, **asdict(self)}
+
+    def save(self, path: Path) -> None:
+        from search.core.atomic import atomic_path
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LatencyTable":
+        if data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise LatencyTableError(f"not a {FORMAT} v{VERSION} file")
+        try:
+            def curve(c: dict[str, Any]) -> Curve:
+                return Curve(tuple(map(float, c["widths"])), tuple(map(float, c["raw_ms"])), tuple(map(float, c["ms"])))
+
+            blocks = tuple(
+                BlockCurves(kind=b["kind"], num_heads=int(b["num_heads"]), qk_dim=int(b["qk_dim"]), v_dim=int(b["v_dim"]),
+                            mlp_hidden=int(b["mlp_hidden"]), dense_ms=float(b["dense_ms"]),
+                            **{g: curve(b[g]) for g in GROUPS})
+                for b in data["blocks"]
+            )
+            return cls(key=str(data["key"]), target=dict(data["target"]), fixed_ms=float(data["fixed_ms"]),
+                       overhead_ms=float(data["overhead_ms"]), whole_ms=float(data["whole_ms"]), blocks=blocks,
+                       align=int(data["align"]), align_probe=dict(data.get("align_probe", {})),
+                       additivity=dict(data.get("additivity", {})), runs=int(data.get("runs", 0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LatencyTableError(f"latency table is malformed ({type(exc).__name__}: {exc})") from None
+
+    @classmethod
+    def load(cls, path: Path) -> "LatencyTable":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise LatencyTableError(f"latency table {path} cannot be read ({exc}); delete it to rebuild") from None
+        try:
+            return cls.from_dict(data)
+        except LatencyTableError as exc:
+            raise LatencyTableError(f"latency table {path}: {exc}; delete it to rebuild") from None
+
+
+def choose_align(widths: Sequence[int], ms: Sequence[float], noise_ms: float, step_share: float = 0.5) -> tuple[int, dict[str, float]]:
+    """The alignment a target runs fast, from latencies at every width a multiple of 8 across one 64-step.
+
+    ``widths`` run from ``lo`` to ``lo + 64`` in steps of 8, ``lo`` a multiple of 64. Were cost
+    linear in width, every width would sit on the chord between the two ends. A kernel that pads
+    widths to a multiple of ``a`` runs a width that is no multiple of it as slowly as the next one
+    that is, above the chord. The penalty of a class of widths (multiples of 8 but not 16, of 16
+    but not 32, of 32 but not 64) is its mean height above the chord as a share of the step's
+    cost. The answer is the smallest alignment whose class and every coarser class stay below
+    ``step_share`` of the step and within ``noise_ms`` (larger differences than noise only count).
+
+    Returns the alignment and the penalty of each class, for the table and the report.
+    """
+    if len(widths) != 9 or any(b - a != 8 for a, b in zip(widths, widths[1:])) or widths[0] % 64:
+        raise ValueError("the alignment probe needs widths lo, lo+8, ..., lo+64 with lo a multiple of 64")
+    lo, hi, t_lo, t_hi = widths[0], widths[-1], ms[0], ms[-1]
+    step = max(t_hi - t_lo, 1e-12)
+    excess = {w: t - (t_lo + (w - lo) / (hi - lo) * (t_hi - t_lo)) for w, t in zip(widths, ms)}
+    penalties: dict[str, float] = {}
+    for a in ALIGN_CANDIDATES[:-1]:
+        members = [w for w in widths[1:-1] if w % a == 0 and w % (2 * a) != 0]
+        mean = sum(excess[w] for w in members) / len(members)
+        penalties[str(a)] = mean / step if mean > noise_ms else 0.0
+    chosen = ALIGN_CANDIDATES[-1]
+    for a in reversed(ALIGN_CANDIDATES[:-1]):
+        if penalties[str(a)] >= step_share:
+            break
+        chosen = a
+    return chosen, penalties
