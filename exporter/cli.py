@@ -13,15 +13,16 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from search.core.errors import BudgetError, UserError
+from search.core.errors import BudgetError, OptionError, UserError
 from search.acp import AcpConfig
+from exporter.latency_targets import TARGETS
 from search.dsp import DspConfig
 from search.methods import HEAD_SHARE, method_names
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 DEBUG_ENV = "PRUNE_EXPORT_DEBUG"
 DEFAULT_BUDGET = 0.63
-DEFAULT_ALIGN = 8
+DEFAULT_ALIGN = None  # --align auto: the latency table's alignment when there is a table, else 8
 
 
 def parse_budget(text: str) -> float:
@@ -32,6 +33,19 @@ def parse_budget(text: str) -> float:
         raise BudgetError(f"--budget must be a number in (0, 1], got '{text}'; e.g. --budget 0.63") from None
     if not 0.0 < value <= 1.0:
         raise BudgetError(f"--budget must be in (0, 1], got {text}; it is the fraction of dense MACs to keep")
+    return value
+
+
+def parse_align(text: Optional[str]) -> Optional[int]:
+    """``--align``: a positive integer, or ``auto`` (None)."""
+    if text is None or text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise OptionError(f"--align must be auto or a positive integer, got '{text}'") from None
+    if value < 1:
+        raise OptionError(f"--align must be auto or a positive integer, got {value}")
     return value
 
 
@@ -53,7 +67,20 @@ def prune_export(
         "(heads, then channels). Default: acp for real weights, magnitude for random ones.",
         callback=_check_method,
     ),
-    align: Optional[int] = typer.Option(None, min=1, help=f"Kept widths are multiples of this (default {DEFAULT_ALIGN}; a --plan fixes it)."),
+    align: Optional[str] = typer.Option(
+        None, help="Kept widths are multiples of this: auto or a positive integer. auto (the default) reads the "
+        "alignment the target runs fast from the latency table when there is one (--latency-budget or --target-runtime), "
+        "else 8; a --plan fixes it.", rich_help_panel="Budget and method"),
+    latency_budget: Optional[float] = typer.Option(
+        None, "--latency-budget", help="Share of the dense model's latency on the target to keep, in (0, 1]: an "
+        "alternative to --budget (which counts MACs, the default). The target is --target-runtime, --precision, "
+        "--latency-batch and --threads; its latency table is timed once and cached.", rich_help_panel="Budget and method"),
+    target_runtime: Optional[str] = typer.Option(
+        None, "--target-runtime", help="Where latency budgets are measured: " + "; ".join(f"{k} ({v})" for k, v in TARGETS.items())
+        + ". Default: the first of --runtimes. Named with --budget, a table is timed for --align auto and the "
+        "predicted latency.", rich_help_panel="Budget and method"),
+    latency_batch: int = typer.Option(1, "--latency-batch", min=1, help="Batch size of the latency target (default 1).",
+                                      rich_help_panel="Budget and method"),
     checkpoint: Optional[Path] = typer.Option(None, help="State dict (.pth/.pt/.safetensors) to load."),
     random_init: bool = typer.Option(False, "--random-init", help="Allow random weights (latency only)."),
     img_size: Optional[int] = typer.Option(None, min=16, help="Input resolution (default: the model's)."),
@@ -112,8 +139,12 @@ def prune_export(
         from exporter.runtimes import parse_runtimes
 
         explicit_budget = None if budget is None else parse_budget(budget)
-        budget_default = default_budget(method, heads, DEFAULT_BUDGET)
-        budget_value, align_value = replay_settings(plan, explicit_budget, align, method, (budget_default, DEFAULT_ALIGN))
+        if latency_budget is not None and explicit_budget is not None:
+            raise OptionError("--budget counts MACs and --latency-budget measures latency on the target: give one of them")
+        if latency_budget is not None and not 0.0 < latency_budget <= 1.0:
+            raise BudgetError(f"--latency-budget must be in (0, 1], got {latency_budget:g}; e.g. --latency-budget 0.6")
+        budget_default = default_budget(method, heads, DEFAULT_BUDGET) if latency_budget is None else latency_budget
+        budget_value, align_value = replay_settings(plan, explicit_budget, parse_align(align), method, (budget_default, DEFAULT_ALIGN))
         cfg = RunConfig(
             model=model, budget=budget_value, output=output, method=method, align=align_value,
             checkpoint=checkpoint, random_init=random_init, img_size=img_size, data=data, plan=plan,
@@ -125,6 +156,7 @@ def prune_export(
             quantize_mode=quantize_mode, latency_runs=latency_runs, threads=threads, pattern=pattern,
             runtimes=parse_runtimes(runtimes), heads=heads, heads_scope=heads_scope, head_share=head_share,
             dsp_t0=dsp_t0, dsp_tf=dsp_tf, dsp_cooldown=dsp_cooldown, dsp_lr=dsp_lr, dsp_straight_through=dsp_straight_through,
+            latency_budget=latency_budget, target_runtime=target_runtime, latency_batch=latency_batch,
         )
         report = run(cfg, err)
         if report is not None:

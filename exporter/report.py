@@ -16,6 +16,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from exporter.machine import describe_cpu
+from exporter.report_latency import latency_model_lines, summary_row
 from search.core.atomic import atomic_path, atomic_paths
 from search.macs import ModelGeometry
 from search.plan import Plan
@@ -106,7 +108,8 @@ def markdown(report: dict[str, Any]) -> str:
         versions = f"onnxruntime {machine.get('onnxruntime')}" + (
             f", openvino {machine['openvino']}" if machine.get("openvino") else ""
         )
-        lines.append(f"- machine: {machine.get('cpu_model', '?')}, {machine.get('cpu_count')} CPUs, {versions}")
+        lines.append(f"- machine: {describe_cpu(machine)}, {versions}")
+    lines += latency_model_lines(report.get("latency_model"))
     lines += ["", "| block | heads | qk/head | v/head | mlp |", "|---:|---:|---:|---:|---:|"]
     for b in report["blocks"]:
         d = b["dense"]
@@ -242,6 +245,9 @@ def summary_table(report: dict[str, Any]) -> Table:
                 f"{entry['median_ms']['pruned']:.2f}",
                 f"{entry['ratio']:.3f}",
             )
+    row = summary_row(report.get("latency_model"))
+    if row is not None:
+        table.add_row(*row)
     captions = []
     for label, parity, _ in sections:
         if parity:

@@ -113,7 +113,7 @@ def interpolate(xs: Sequence[float], ys: Sequence[float], x: Any) -> Any:
         raise ValueError("interpolate needs as many y as x values, at least one")
     if len(xs) == 1:
         return x * 0 + ys[0]
-    value = float(x)
+    value = float(x.detach()) if hasattr(x, "detach") else float(x)
     i = 0
     while i < len(xs) - 2 and value > xs[i + 1]:
         i += 1

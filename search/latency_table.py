@@ -7,11 +7,13 @@ curves measured around the dense block, each interpolated piecewise-linearly:
 
     ms(h, qk, v, mlp) = dense + Δheads(h) + (h / H)·(Δqk(qk) + Δv(v)) + Δmlp(mlp)
 
-where Δg(x) is the measured latency of the dense block with only group g at x, minus the dense
-block's. The q/k and v deltas are measured with all H heads and scale with the heads kept, since
+where Δg(x) is the latency of the dense block with only group g at x, minus the same curve's
+latency at the dense width (each curve is its own reference, so the noise of one dense timing does
+not shift every curve). The q/k and v deltas are measured with all H heads and scale with the heads kept, since
 every op they change (projections, the q·k and attention·v products) runs once per head. Each
 curve is made non-decreasing (``search.cost.isotonic``) before use: noise never makes a cut look
-slower than no cut.
+slower than no cut. Where a least-squares line explains a curve's medians to within their noise
+(a shared machine), the line is used instead of the medians (``fit_curve``).
 
 The whole model is then ``fixed + Σ blocks + overhead``, where ``overhead`` is the dense whole
 graph's measured latency minus the sum of its parts in the same interleaved run (a graph runs its
@@ -45,11 +47,16 @@ class LatencyTableError(UserError):
 
 @dataclass(frozen=True)
 class Curve:
-    """Latency (ms) of a block with one group's width varied: measured medians and their monotone fit."""
+    """Latency (ms) of a block with one group's width varied: measured medians and the fit that is used.
+
+    ``fit`` says which: ``interpolated`` (the medians made non-decreasing) or ``linear`` (a least-squares
+    line, when it explains the medians to within their noise; see :func:`fit_curve`).
+    """
 
     widths: tuple[float, ...]
     raw_ms: tuple[float, ...]
     ms: tuple[float, ...] = ()
+    fit: str = "interpolated"
 
     def __post_init__(self) -> None:
         if len(self.widths) != len(self.raw_ms) or not self.widths:
@@ -62,6 +69,37 @@ class Curve:
     def at(self, width: Any) -> Any:
         """Predicted ms at ``width`` (a number or a torch scalar)."""
         return interpolate(self.widths, self.ms, width)
+
+
+def _line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """Least-squares intercept and slope."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = 0.0 if sxx == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    return my - slope * mx, slope
+
+
+def fit_curve(widths: Sequence[float], raw_ms: Sequence[float], noise_ms: float, keep_first: bool = False) -> Curve:
+    """The curve a table uses for one group: a line where the medians allow it, else the medians themselves.
+
+    On a quiet machine the medians are precise and their shape (a kernel that changes at some width)
+    is worth keeping: they are interpolated, made non-decreasing. On a shared machine a median
+    scatters by more than neighbouring widths differ, and interpolating that noise would let one bad
+    point decide a whole plan: when a least-squares line leaves residuals (root mean square) within
+    twice the typical ``noise_ms`` of a median, the line is used instead. ``keep_first`` keeps
+    the first point out of the line (no head at all removes the norm and the projections too, a step
+    no line through the other head counts describes).
+    """
+    xs, ys = list(map(float, widths)), list(map(float, raw_ms))
+    head, body_x, body_y = ([], xs, ys) if not keep_first else ([ys[0]], xs[1:], ys[1:])
+    if len(body_x) >= 3:
+        a, b = _line(body_x, body_y)
+        rms = (sum((y - a - b * x) ** 2 for x, y in zip(body_x, body_y)) / len(body_x)) ** 0.5
+        if rms <= 2 * noise_ms:
+            fitted = head + [a + b * x for x in body_x]
+            return Curve(tuple(xs), tuple(ys), isotonic(fitted), "linear")
+    return Curve(tuple(xs), tuple(ys), isotonic(ys), "interpolated")
 
 
 def _block_key(kind: str, heads: int, qk: int, v: int, mlp: int) -> str:
@@ -93,11 +131,16 @@ class BlockCurves:
     def key(self) -> str:
         return _block_key(self.kind, self.num_heads, self.qk_dim, self.v_dim, self.mlp_hidden)
 
+    def delta(self, group: str, width: Any) -> Any:
+        """The curve of ``group`` at ``width`` minus the same curve at the dense width."""
+        curve = getattr(self, group)
+        return curve.at(width) - curve.ms[-1]
+
     def ms(self, w: BlockWidths) -> Any:
         """Predicted latency of this block at ``w`` (see the module docstring)."""
-        d = self.dense_ms
-        attention = (self.heads.at(w.heads) - d) + (w.heads / self.num_heads) * ((self.qk.at(w.qk) - d) + (self.v.at(w.v) - d))
-        return d + attention + (self.mlp.at(w.mlp) - d)
+        scale = w.heads / self.num_heads
+        return self.dense_ms + self.delta("heads", w.heads) + scale * (self.delta("qk", w.qk) + self.delta("v", w.v)) \
+            + self.delta("mlp", w.mlp)
 
 
 @dataclass(frozen=True)
@@ -116,6 +159,7 @@ class LatencyTable:
         align_probe: the MLP widths timed for the alignment, their ms and the penalty per alignment.
         additivity: whole graphs measured against the parts' prediction, for the report.
         runs: interleaved rounds behind every median.
+        parts: every timed part's median and noise (ms), by name, for audit and re-fitting.
     """
 
     key: str
@@ -128,6 +172,7 @@ class LatencyTable:
     align_probe: dict[str, Any] = field(default_factory=dict)
     additivity: dict[str, Any] = field(default_factory=dict)
     runs: int = 0
+    parts: dict[str, Any] = field(default_factory=dict)
 
     name = "latency"
     unit = "ms"
@@ -174,7 +219,8 @@ class LatencyTable:
             raise LatencyTableError(f"not a {FORMAT} v{VERSION} file")
         try:
             def curve(c: dict[str, Any]) -> Curve:
-                return Curve(tuple(map(float, c["widths"])), tuple(map(float, c["raw_ms"])), tuple(map(float, c["ms"])))
+                return Curve(tuple(map(float, c["widths"])), tuple(map(float, c["raw_ms"])), tuple(map(float, c["ms"])),
+                             str(c.get("fit", "interpolated")))
 
             blocks = tuple(
                 BlockCurves(kind=b["kind"], num_heads=int(b["num_heads"]), qk_dim=int(b["qk_dim"]), v_dim=int(b["v_dim"]),
@@ -185,7 +231,8 @@ class LatencyTable:
             return cls(key=str(data["key"]), target=dict(data["target"]), fixed_ms=float(data["fixed_ms"]),
                        overhead_ms=float(data["overhead_ms"]), whole_ms=float(data["whole_ms"]), blocks=blocks,
                        align=int(data["align"]), align_probe=dict(data.get("align_probe", {})),
-                       additivity=dict(data.get("additivity", {})), runs=int(data.get("runs", 0)))
+                       additivity=dict(data.get("additivity", {})), runs=int(data.get("runs", 0)),
+                       parts=dict(data.get("parts", {})))
         except (KeyError, TypeError, ValueError) as exc:
             raise LatencyTableError(f"latency table is malformed ({type(exc).__name__}: {exc})") from None
 
@@ -201,32 +248,33 @@ class LatencyTable:
             raise LatencyTableError(f"latency table {path}: {exc}; delete it to rebuild") from None
 
 
-def choose_align(widths: Sequence[int], ms: Sequence[float], noise_ms: float, step_share: float = 0.5) -> tuple[int, dict[str, float]]:
+def choose_align(widths: Sequence[int], ms: Sequence[float], noise_ms: float, share: float = 0.5) -> tuple[int, dict[str, float]]:
     """The alignment a target runs fast, from latencies at every width a multiple of 8 across one 64-step.
 
     ``widths`` run from ``lo`` to ``lo + 64`` in steps of 8, ``lo`` a multiple of 64. Were cost
     linear in width, every width would sit on the chord between the two ends. A kernel that pads
-    widths to a multiple of ``a`` runs a width that is no multiple of it as slowly as the next one
-    that is, above the chord. The penalty of a class of widths (multiples of 8 but not 16, of 16
-    but not 32, of 32 but not 64) is its mean height above the chord as a share of the step's
-    cost. The answer is the smallest alignment whose class and every coarser class stay below
-    ``step_share`` of the step and within ``noise_ms`` (larger differences than noise only count).
+    widths to a multiple of 2a runs a width that is a multiple of ``a`` but not of 2a as slowly as
+    the next multiple of 2a: ``a`` units' worth above the chord. The penalty of that class (a = 8,
+    16, 32) is its mean height above the chord in units of ``a`` units' worth (the chord's slope
+    times ``a``): about 1 when the class is padded, about 0 when it is not. The answer is the
+    smallest alignment whose class and every coarser class stay below ``share``; a height within
+    ``noise_ms`` counts as none.
 
     Returns the alignment and the penalty of each class, for the table and the report.
     """
     if len(widths) != 9 or any(b - a != 8 for a, b in zip(widths, widths[1:])) or widths[0] % 64:
         raise ValueError("the alignment probe needs widths lo, lo+8, ..., lo+64 with lo a multiple of 64")
     lo, hi, t_lo, t_hi = widths[0], widths[-1], ms[0], ms[-1]
-    step = max(t_hi - t_lo, 1e-12)
-    excess = {w: t - (t_lo + (w - lo) / (hi - lo) * (t_hi - t_lo)) for w, t in zip(widths, ms)}
+    slope = max((t_hi - t_lo) / (hi - lo), 1e-12)
+    excess = {w: t - (t_lo + (w - lo) * slope) for w, t in zip(widths, ms)}
     penalties: dict[str, float] = {}
     for a in ALIGN_CANDIDATES[:-1]:
         members = [w for w in widths[1:-1] if w % a == 0 and w % (2 * a) != 0]
         mean = sum(excess[w] for w in members) / len(members)
-        penalties[str(a)] = mean / step if mean > noise_ms else 0.0
+        penalties[str(a)] = mean / (a * slope) if mean > noise_ms else 0.0
     chosen = ALIGN_CANDIDATES[-1]
     for a in reversed(ALIGN_CANDIDATES[:-1]):
-        if penalties[str(a)] >= step_share:
+        if penalties[str(a)] >= share:
             break
         chosen = a
     return chosen, penalties

@@ -1,0 +1,185 @@
+"""The latency table on real runtimes and tiny real models: building, caching, additivity, the CLI's
+--latency-budget end to end, and targets that cannot run here failing in one line."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from exporter.cli import app
+from exporter.latency_model import TableSpec, block_at, latency_table, plan_parts, table_key
+from exporter.latency_targets import resolve_target
+from exporter.torch_timing import torch_runner
+from search.core.errors import OptionError
+from search.cost import cost_ratio
+from search.latency_table import LatencyTable
+from search.macs import BlockWidths, describe
+from tests.conftest import tiny_vit
+
+QUICK = TableSpec(runs=3, warmup=1, mlp_points=4, channel_points=3, head_points=3)
+
+
+def small_vit() -> torch.nn.Module:
+    """Large enough that a block's GEMMs outweigh a runtime call (the additivity check), small enough for seconds."""
+    return tiny_vit(img_size=64, patch_size=8, embed_dim=192, depth=3, num_heads=3, mlp_ratio=4.0)
+
+
+def ort_target(threads: int = 1, batch: int = 1):
+    return resolve_target("ort", "fp32", batch, threads, cuda=False, ort_cuda=False)
+
+
+def test_table_is_timed_once_cached_and_reused(tmp_path: Path) -> None:
+    model = tiny_vit()
+    geometry = describe(model)
+    table, path, reused = latency_table(model, "tiny", (3, 32, 32), geometry, ort_target(), QUICK, tmp_path, progress=False)
+    assert not reused and path.is_file() and path.parent == tmp_path
+    assert "ort-fp32-b1-t1" in path.name and table.key in path.name
+    assert LatencyTable.load(path) == table
+    assert table.runs == 3 and table.whole_ms > 0 and table.fixed_ms > 0
+    assert set(table.additivity) == {"dense", "channels-halved", "half-heads"}
+    assert table.target["machine"]["instruction_sets"] is not None and "cpu_model" in table.target["machine"]
+    block = table.blocks[0]
+    assert block.heads.widths == (0.0, 1.0, 2.0) and block.mlp.widths[-1] == geometry.blocks[0].mlp_hidden
+    assert table.total(geometry) == pytest.approx(table.whole_ms)  # the dense model predicts its own measurement
+    started = time.perf_counter()
+    again, again_path, reused = latency_table(model, "tiny", (3, 32, 32), geometry, ort_target(), QUICK, tmp_path, progress=False)
+    assert reused and again_path == path and again == table
+    assert time.perf_counter() - started < 1.0  # read, not timed
+    keys = {table_key("tiny", 32, geometry, t, QUICK) for t in (ort_target(), ort_target(threads=2), ort_target(batch=4))}
+    assert len(keys) == 3  # threads and batch are part of the key
+    assert table_key("tiny", 32, geometry, ort_target(), TableSpec()) != table.key
+
+
+def test_parts_cover_every_grid_point_once(test_vit) -> None:
+    geometry = describe(test_vit)
+    parts = plan_parts(geometry, TableSpec())
+    assert sum(1 for p in parts.values() if p[1] == "dense") == 1  # every block of test_vit has one shape
+    groups = {p[1] for p in parts.values()}
+    assert groups == {"dense", "heads", "qk", "v", "mlp", "probe-mlp"}
+    cut = block_at(test_vit, geometry, 0, BlockWidths(heads=0, qk=0, v=0, mlp=8))
+    assert cut(torch.randn(1, geometry.tokens, geometry.embed_dim)).shape == (1, geometry.tokens, geometry.embed_dim)
+
+
+ADDITIVITY_TOLERANCE = 0.15
+"""How far (in latency ratio to dense) the parts' prediction of a whole pruned model may be from its
+measurement on a tiny model: its blocks take a fraction of a millisecond, so a runtime call's
+overhead and the shared CPU's noise weigh far more than on a real model (deit_b: see the README)."""
+
+
+def test_additivity_on_a_small_model(tmp_path: Path) -> None:
+    model = small_vit()
+    geometry = describe(model)
+    spec = TableSpec(runs=15, warmup=2, mlp_points=5, channel_points=4, head_points=4)
+    table, _, _ = latency_table(model, "small", (3, 64, 64), geometry, ort_target(), spec, tmp_path, progress=False)
+    for name in ("channels-halved", "half-heads"):
+        check = table.additivity[name]
+        assert abs(check["predicted_ratio"] - check["measured_ratio"]) < ADDITIVITY_TOLERANCE, (name, check)
+    assert table.additivity["channels-halved"]["measured_ratio"] < 0.95  # halving every channel is measurably faster
+
+
+def test_torch_cpu_target_times_modules(tmp_path: Path) -> None:
+    model = tiny_vit()
+    geometry = describe(model)
+    target = resolve_target("torch-cpu", "fp32", 2, 1, cuda=False, ort_cuda=False)
+    table, path, _ = latency_table(model, "tiny", (3, 32, 32), geometry, target, QUICK, tmp_path, progress=False)
+    assert table.target["runtime"] == "torch" and "torch-cpu-fp32-b2-t1" in path.name
+    assert cost_ratio(table, geometry, geometry.dense_widths()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="CUDA graphs"):
+        torch_runner(model, torch.randn(1, 3, 32, 32), "cpu", "fp32", graphs=True)
+
+
+def test_cuda_targets_resolve_or_fail_in_one_line() -> None:
+    assert resolve_target("cuda", "fp16", 256, 1, cuda=True, ort_cuda=False).name == "torch-cuda"
+    assert "no CUDA provider" in resolve_target("cuda", "fp16", 1, 1, cuda=True, ort_cuda=False).note
+    assert resolve_target("cuda", "fp16", 1, 1, cuda=True, ort_cuda=True).name == "ort-cuda"
+    assert resolve_target("torch-cuda", "fp32", 32, 1, cuda=True, ort_cuda=True).graphs
+    with pytest.raises(OptionError, match="onnxruntime-gpu"):
+        resolve_target("ort-cuda", "fp32", 1, 1, cuda=True, ort_cuda=False)
+    with pytest.raises(OptionError, match="none is visible"):
+        resolve_target("torch-cuda", "fp32", 1, 1, cuda=False, ort_cuda=False)
+    with pytest.raises(OptionError, match="must be one of"):
+        resolve_target("tensorrt", "fp32", 1, 1, cuda=False, ort_cuda=False)
+
+
+@pytest.fixture
+def cli_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("PRUNE_EXPORT_OFFLINE", "1")
+    monkeypatch.setenv("PRUNE_EXPORT_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def invoke(*args) -> object:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_latency_budget_end_to_end(cli_env: Path) -> None:
+    out = cli_env / "m.onnx"
+    # test_vit's blocks are so small that a runtime call's overhead is most of their time: the
+    # smallest aligned model still takes about 0.88 of the dense latency, so the budget is 0.95.
+    result = invoke("test_vit", "--random-init", "--latency-budget", "0.95", "-o", out, "--threads", "1",
+                    "--latency-runs", "10", "--calib-images", "4")
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_suffix(".json").read_text())
+    section = report["latency_model"]
+    assert section["cost"] == "latency" and section["budget"] == 0.95
+    assert section["predicted_ratio"] <= section["solver_budget"] <= 0.95
+    assert section["measured_ratio"] > 0 and section["noise"] >= 0
+    assert section["measured_by"] == "the run's latency stage"  # ORT CPU at batch 1: the run's own timing
+    assert section["target"]["machine"]["cpu_model"] and "instruction_sets" in report["machine"]
+    assert ("miss" in section) == (section["measured_ratio"] - 0.95 > max(section["noise"], 0.005)
+                                   and section["correction"] is not None)
+    assert section["correction"] is None or section["correction"]["solver_budget"] < 0.95
+    tables = list((cli_env / "cache" / "latency").glob("*.json"))
+    assert len(tables) == 1 and section["table"] == str(tables[0])
+    assert "latency model" in out.with_suffix(".md").read_text()
+    plan = json.loads((out.with_suffix(".work") / "plan.json").read_text())
+    assert plan["cost"] == "latency" and plan["cost_table"] == section["table_key"]
+    again = invoke("test_vit", "--random-init", "--latency-budget", "0.95", "-o", cli_env / "n.onnx", "--threads", "1",
+                   "--latency-runs", "0", "--calib-images", "4")
+    assert again.exit_code == 0, again.output
+    assert "reused" in again.output and len(list((cli_env / "cache" / "latency").glob("*.json"))) == 1
+
+
+def test_mac_budget_with_a_target_predicts_latency_and_aligns_from_the_table(cli_env: Path) -> None:
+    out = cli_env / "m.onnx"
+    result = invoke("test_vit", "--random-init", "--budget", "0.6", "--target-runtime", "torch-cpu", "-o", out,
+                    "--threads", "1", "--latency-runs", "4", "--calib-images", "4")
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_suffix(".json").read_text())
+    section = report["latency_model"]
+    assert section["cost"] == "macs" and section["budget"] is None and "miss" not in section
+    assert section["measured_by"] == "timed on torch-cpu" and section["target"]["name"] == "torch-cpu"
+    assert report["plan"]["align"] == section["align"]
+    assert report["macs"]["ratio"] <= 0.6
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--budget", "0.6", "--latency-budget", "0.6"], "give one of them"),
+    (["--latency-budget", "1.5"], "--latency-budget must be in (0, 1]"),
+    (["--latency-budget", "0.6", "--target-runtime", "torch-cuda"], "none is visible"),
+    (["--latency-budget", "0.6", "--target-runtime", "nope"], "--target-runtime must be one of"),
+    (["--latency-budget", "0.6", "--quantize", "int8"], "int8 table"),
+    (["--align", "seven"], "--align must be auto or a positive integer"),
+])
+def test_bad_latency_options_fail_in_one_line(cli_env: Path, args: list[str], needle: str) -> None:
+    out = cli_env / "m.onnx"
+    result = invoke("test_vit", "--random-init", "-o", out, *args)
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and "Traceback" not in result.output
+    assert len([line for line in result.output.splitlines() if "error" in line]) == 1
+    assert not out.exists()
+
+
+def test_a_target_runtime_that_is_not_installed_fails_in_one_line(cli_env: Path, monkeypatch) -> None:
+    from exporter.runtimes import openvino
+
+    monkeypatch.setattr(openvino, "is_available", lambda: False)  # as on a machine without the extra
+    out = cli_env / "m.onnx"
+    result = invoke("test_vit", "--random-init", "--latency-budget", "0.6", "--target-runtime", "openvino", "-o", out)
+    assert result.exit_code == 2, result.output
+    assert "OpenVINO is not installed; pip install 'prune-export[openvino]'" in result.output
+    assert result.output.count("\n") <= 2 and not out.exists()
