@@ -42,12 +42,12 @@ from exporter.onnx_export import export_onnx
 from exporter.surgery import apply_plan
 from search.core.progress import progress_bar
 from search.families import get_family
-from search.latency_table import GROUPS, BlockCurves, LatencyTable, block_key, choose_align, fit_curve
+from search.latency_table import GROUPS, BlockCurves, LatencyTable, block_key, choose_align, fit_curve, fit_scale
 from search.macs import BlockWidths, ModelGeometry, describe, model_macs
 from search.plan import BlockPlan, Plan
 
 CACHE_ENV = "PRUNE_EXPORT_CACHE"
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2: blocks' savings calibrated on the whole pruned models
 
 
 @dataclass(frozen=True)
@@ -304,15 +304,21 @@ def assemble(geometry: ModelGeometry, target: LatencyTarget, key: str, medians: 
                          parts={name: [medians[name], noise[name]] for name in medians})
     parts_sum = float(table.total(geometry))
     table = replace(table, overhead_ms=whole - parts_sum)
-    checks = {"dense": {"parts_sum_ms": parts_sum, "measured_ms": whole, "ratio": parts_sum / whole}}
-    for name, widths in probe_models(geometry).items():
-        predicted = float(table.total(geometry, widths))
-        measured = medians[name]
+    probes = probe_models(geometry)
+    saved = {name: (whole - float(table.total(geometry, widths)), whole - medians[name]) for name, widths in probes.items()}
+    scale = fit_scale([p for p, _ in saved.values()], [m for _, m in saved.values()])
+    checks: dict[str, Any] = {"dense": {"parts_sum_ms": parts_sum, "measured_ms": whole, "ratio": parts_sum / whole},
+                              "delta_scale": scale}
+    for name in probes:
+        raw, measured = saved[name]
+        others = [v for n, v in saved.items() if n != name]
+        held_out = fit_scale([p for p, _ in others], [m for _, m in others])  # fitted without this probe
         checks[name.removeprefix("whole:")] = {
-            "predicted_ms": predicted, "measured_ms": measured, "error": predicted / measured - 1,
-            "predicted_ratio": predicted / whole, "measured_ratio": measured / whole,
+            "measured_ms": whole - measured, "measured_ratio": 1 - measured / whole,
+            "parts_ratio": 1 - raw / whole, "calibrated_ratio": 1 - scale * raw / whole,
+            "held_out_ratio": 1 - held_out * raw / whole, "scale_fitted_without_it": held_out,
         }
-    return replace(table, additivity=checks)
+    return replace(table, additivity=checks, delta_scale=scale)
 
 
 def latency_table(model: nn.Module, model_name: str, input_size: tuple[int, int, int], geometry: ModelGeometry,

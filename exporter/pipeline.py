@@ -29,7 +29,7 @@ from exporter.stages.artifact import build_artifact, describe_parity
 from exporter.stages.cache import Stages, cached_file, key_of, weights_key
 from exporter.stages.config import PRECISIONS, QUANTIZE, TARGETS, RunConfig, resolve_defaults
 from exporter.stages.images import Images, load_images
-from exporter.stages.latency import (check_latency_options, check_reachable, corrected_budget, cost_stage,
+from exporter.stages.latency import (cheapest_ratio, check_latency_options, check_reachable, corrected_budget, cost_stage,
                                      latency_model_section, measure_target, resolve_align)
 from exporter.stages.plan import head_target, plan_stage
 from exporter.stages.recovery import recovery_stage
@@ -217,6 +217,7 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | _Rep
             budget = corrected_budget(cfg.latency_budget, cfg.solver_budget or cfg.latency_budget,
                                       latency_model["predicted_ratio"], measured["measured_ratio"], measured["noise"])
             if budget is not None:
+                budget = max(budget, cheapest_ratio(cfg, geometry, cost) * (1 + 1e-9))  # the best a correction can do
                 record = {"first_round": {k: latency_model[k] for k in ("predicted_ratio", "measured_ratio", "noise")},
                           "solver_budget": budget}
                 return _Replan(budget, record, f"measured {measured['measured_ratio']:.3f} against a budget of "
@@ -232,7 +233,8 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | _Rep
             "random_weights": loaded.random_weights, "img_size": loaded.img_size, "classifier": loaded.is_classifier,
         },
         "plan": {
-            "method": plan.method, "budget": plan.budget, "align": plan.align,
+            "method": plan.method, "budget": cfg.budget, "align": plan.align, "cost": plan.cost,
+            **({"solver_budget": plan.budget} if plan.budget != cfg.budget else {}),
             "per_head_indices": not all(b.shared_indices for b in plan.blocks),
             "path": str(cfg.plan or work / "plan.json"),
         },

@@ -122,7 +122,8 @@ def run_title(report: dict[str, Any]) -> str:
     kept, dense_heads = heads_kept(report["blocks"])
     if report["plan"]["budget"] == 1.0 and kept < dense_heads:
         return f"{report['model']['name']} keeping {kept} of {dense_heads} heads"
-    return f"{report['model']['name']} at budget {report['plan']['budget']:g}"
+    kind = "latency budget" if report["plan"].get("cost") == "latency" else "budget"
+    return f"{report['model']['name']} at {kind} {report['plan']['budget']:g}"
 
 
 def heads_kept(blocks: list[dict[str, Any]]) -> tuple[int, int]:

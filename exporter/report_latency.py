@@ -29,13 +29,20 @@ def latency_model_lines(section: dict[str, Any] | None) -> list[str]:
                  + ("" if measured is None else f", measured **{measured:.3f}** ± {section['noise']:.3f} "
                     f"({section.get('measured_by')}, {section.get('runs')} runs; dense {section['dense_ms']:.2f} ms, "
                     f"pruned {section['pruned_ms']:.2f} ms)"))
-    for name, check in (section.get("additivity") or {}).items():
+    additivity = section.get("additivity") or {}
+    if "delta_scale" in additivity:
+        lines.append(f"  - calibration: blocks' predicted savings scaled by {additivity['delta_scale']:.3f}, fitted on the two "
+                     "whole pruned models below (each checked with the factor fitted on the other)")
+    for name, check in additivity.items():
+        if not isinstance(check, dict):
+            continue
         if name == "dense":
             lines.append(f"  - additivity, dense: the parts sum to {check['parts_sum_ms']:.2f} ms, the whole graph measured "
                          f"{check['measured_ms']:.2f} ms (the difference is the table's fixed overhead)")
         else:
-            lines.append(f"  - additivity, {name}: predicted ratio {check['predicted_ratio']:.3f}, measured "
-                         f"{check['measured_ratio']:.3f} (error {check['error']:+.1%})")
+            lines.append(f"  - additivity, {name}: measured ratio {check['measured_ratio']:.3f}; the parts sum to "
+                         f"{check['parts_ratio']:.3f}, calibrated {check['calibrated_ratio']:.3f}, with the factor fitted "
+                         f"on the other model alone {check['held_out_ratio']:.3f}")
     correction = section.get("correction")
     if correction:
         first = correction["first_round"]

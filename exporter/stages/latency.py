@@ -83,7 +83,8 @@ def cost_stage(cfg: RunConfig, loaded: LoadedModel, stage: StagePrinter, threads
         notes.append(f"{'reused' if reused else 'timed, cached in'} {path.name}; align {table.align}")
         halved = table.additivity.get("channels-halved")
         if halved:
-            notes.append(f"parts predict channels-halved at {halved['predicted_ratio']:.3f}, measured {halved['measured_ratio']:.3f}")
+            notes.append(f"channels halved: parts sum to {halved['parts_ratio']:.3f} of dense, calibrated "
+                         f"{halved['calibrated_ratio']:.3f}, measured {halved['measured_ratio']:.3f}")
     return (table if cfg.latency_budget is not None else MACS), table, target, path, reused
 
 
@@ -92,6 +93,13 @@ def resolve_align(cfg: RunConfig, table: LatencyTable | None) -> int:
     if cfg.align is not None:
         return cfg.align
     return table.align if table is not None else FALLBACK_ALIGN
+
+
+def cheapest_ratio(cfg: RunConfig, geometry: ModelGeometry, cost: CostModel) -> float:
+    """The cost ratio of the smallest model at the run's alignment (0 for head methods, whose floor the head count sets)."""
+    if cfg.method is None or METHODS[cfg.method].prunes_heads:
+        return 0.0
+    return float(cost.total(geometry, min_widths(geometry, cfg.align))) / float(cost.total(geometry))
 
 
 def check_reachable(cfg: RunConfig, geometry: ModelGeometry, cost: CostModel, align: int) -> None:
@@ -126,28 +134,39 @@ def measure_target(cfg: RunConfig, target: LatencyTarget, dense: tuple[Path, tor
                 return {"measured_ratio": entry["ratio"], "noise": _paired_noise(list(s["dense"]), list(s["pruned"])),
                         "dense_ms": entry["median_ms"]["dense"], "pruned_ms": entry["median_ms"]["pruned"],
                         "runs": entry["runs"], "measured_by": "the run's latency stage"}
-    runs = max(runs, 10)
+    return {**measure_pair(target, dense, pruned, input_size, max(runs, 10), cfg.seed), "measured_by": f"timed on {target.name}"}
+
+
+def measure_pair(target: LatencyTarget, dense: tuple[Path | None, torch.nn.Module], pruned: tuple[Path | None, torch.nn.Module],
+                 input_size: tuple[int, ...], runs: int, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Pruned against dense on ``target`` in one interleaved run: ratio of medians, its noise, the medians.
+
+    PyTorch targets time the modules (CUDA graphs on CUDA); ONNX targets time the files (each pair
+    holds a path and a module), converted to fp16 for an fp16 target.
+    """
     if target.runtime == "torch":
         from exporter.torch_timing import torch_runner, torch_threads
 
-        sample = torch.randn((target.batch, *input_size), generator=torch.Generator().manual_seed(cfg.seed))
+        sample = torch.randn((target.batch, *input_size), generator=torch.Generator().manual_seed(seed))
         with torch_threads(target.threads):
             runners = {name: torch_runner(model, sample, target.device, target.precision, target.graphs)
                        for name, (_, model) in (("dense", dense), ("pruned", pruned))}
-            samples = interleave(runners, runs, warmup=3, title=f"latency on {target.name}")
+            samples = interleave(runners, runs, warmup=3, progress=progress, title=f"latency on {target.name}")
     else:
         paths = {"dense": dense[0], "pruned": pruned[0]}
+        if any(p is None for p in paths.values()):
+            raise ValueError(f"{target.name} times ONNX files: give the dense and pruned paths")
         if target.precision == "fp16":
             from exporter.quantize import convert_fp16
 
             paths = {name: convert_fp16(path, path.with_name(f"{path.stem}-target-fp16.onnx")) for name, path in paths.items()}
         result = measure_latency(paths, batch=target.batch, threads=target.threads, runs=runs, warmup=3,
                                  provider="CUDAExecutionProvider" if target.device == "cuda" else None,
-                                 input_size=tuple(input_size), seed=cfg.seed, runtime=target.runtime)
+                                 input_size=tuple(input_size), seed=seed, runtime=target.runtime, progress=progress)
         samples = {name: list(result.samples_ms[name]) for name in paths}
     medians = {name: statistics.median(s) for name, s in samples.items()}
     return {"measured_ratio": medians["pruned"] / medians["dense"], "noise": _paired_noise(samples["dense"], samples["pruned"]),
-            "dense_ms": medians["dense"], "pruned_ms": medians["pruned"], "runs": runs, "measured_by": f"timed on {target.name}"}
+            "dense_ms": medians["dense"], "pruned_ms": medians["pruned"], "runs": runs}
 
 
 def corrected_budget(budget: float, solved_for: float, predicted: float, measured: float, noise: float) -> float | None:
