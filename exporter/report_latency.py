@@ -31,8 +31,8 @@ def latency_model_lines(section: dict[str, Any] | None) -> list[str]:
                     f"pruned {section['pruned_ms']:.2f} ms)"))
     additivity = section.get("additivity") or {}
     if "delta_scale" in additivity:
-        lines.append(f"  - calibration: blocks' predicted savings scaled by {additivity['delta_scale']:.3f}, fitted on the two "
-                     "whole pruned models below (each checked with the factor fitted on the other)")
+        lines.append(f"  - calibration: blocks' predicted savings scaled by {additivity['delta_scale']:.3f}, set by the whole "
+                     f"{additivity.get('calibrated_on', '?')} model below; the other is the held-out check")
     for name, check in additivity.items():
         if not isinstance(check, dict):
             continue
@@ -40,9 +40,9 @@ def latency_model_lines(section: dict[str, Any] | None) -> list[str]:
             lines.append(f"  - additivity, dense: the parts sum to {check['parts_sum_ms']:.2f} ms, the whole graph measured "
                          f"{check['measured_ms']:.2f} ms (the difference is the table's fixed overhead)")
         else:
-            lines.append(f"  - additivity, {name}: measured ratio {check['measured_ratio']:.3f}; the parts sum to "
-                         f"{check['parts_ratio']:.3f}, calibrated {check['calibrated_ratio']:.3f}, with the factor fitted "
-                         f"on the other model alone {check['held_out_ratio']:.3f}")
+            role = "held out" if check.get("held_out") else "calibration"
+            lines.append(f"  - additivity, {name} ({role}): measured ratio {check['measured_ratio']:.3f}; the parts sum to "
+                         f"{check['parts_ratio']:.3f}, calibrated {check['calibrated_ratio']:.3f}")
     correction = section.get("correction")
     if correction:
         first = correction["first_round"]

@@ -25,7 +25,7 @@ QUICK = TableSpec(runs=3, warmup=1, mlp_points=4, channel_points=3, head_points=
 
 def small_vit() -> torch.nn.Module:
     """Large enough that a block's GEMMs outweigh a runtime call (the additivity check), small enough for seconds."""
-    return tiny_vit(img_size=64, patch_size=8, embed_dim=192, depth=3, num_heads=3, mlp_ratio=4.0)
+    return tiny_vit(img_size=128, patch_size=8, embed_dim=192, depth=3, num_heads=3, mlp_ratio=4.0)
 
 
 def ort_target(threads: int = 1, batch: int = 1):
@@ -40,8 +40,11 @@ def test_table_is_timed_once_cached_and_reused(tmp_path: Path) -> None:
     assert "ort-fp32-b1-t1" in path.name and table.key in path.name
     assert LatencyTable.load(path) == table
     assert table.runs == 3 and table.whole_ms > 0 and table.fixed_ms > 0
-    assert set(table.additivity) == {"dense", "delta_scale", "channels-halved", "half-heads"}
-    assert 0.5 <= table.delta_scale == table.additivity["delta_scale"] <= 1.5
+    assert set(table.additivity) == {"dense", "delta_scale", "calibrated_on", "channels-halved", "half-heads"}
+    assert 0.5 <= table.delta_scale == table.additivity["delta_scale"] <= 2.0
+    halved = table.additivity["channels-halved"]
+    if 0.5 < table.delta_scale < 2.0:  # the calibration model is matched exactly unless the factor was clamped
+        assert halved["calibrated_ratio"] == pytest.approx(halved["measured_ratio"])
     assert table.target["machine"]["instruction_sets"] is not None and "cpu_model" in table.target["machine"]
     block = table.blocks[0]
     assert block.heads.widths == (0.0, 1.0, 2.0) and block.mlp.widths[-1] == geometry.blocks[0].mlp_hidden
@@ -65,21 +68,26 @@ def test_parts_cover_every_grid_point_once(test_vit) -> None:
     assert cut(torch.randn(1, geometry.tokens, geometry.embed_dim)).shape == (1, geometry.tokens, geometry.embed_dim)
 
 
-ADDITIVITY_TOLERANCE = 0.15
-"""How far (in latency ratio to dense) the parts' prediction of a whole pruned model may be from its
-measurement on a tiny model: its blocks take a fraction of a millisecond, so a runtime call's
-overhead and the shared CPU's noise weigh far more than on a real model (deit_b: see the README)."""
+PARTS_TOLERANCE = 0.2
+CALIBRATED_TOLERANCE = 0.1
+"""How far (in latency ratio to dense) a whole pruned model's measurement may be from what the parts
+predict on a small ViT (blocks of about 5 ms on one thread), timed on this shared 2-core CPU:
+- the plain sum of one-group cuts, before calibration: 0.2 (halving q/k, v and MLP together saves
+  about 0.1 of a block more than the three one-group cuts add up to on such a small block);
+- the held-out model (half the heads) with the factor set on the other (channels halved): 0.1."""
 
 
 def test_additivity_on_a_small_model(tmp_path: Path) -> None:
     model = small_vit()
     geometry = describe(model)
     spec = TableSpec(runs=15, warmup=2, mlp_points=5, channel_points=4, head_points=4)
-    table, _, _ = latency_table(model, "small", (3, 64, 64), geometry, ort_target(), spec, tmp_path, progress=False)
+    table, _, _ = latency_table(model, "small", (3, 128, 128), geometry, ort_target(), spec, tmp_path, progress=False)
+    checks = table.additivity
     for name in ("channels-halved", "half-heads"):
-        check = table.additivity[name]
-        assert abs(check["parts_ratio"] - check["measured_ratio"]) < ADDITIVITY_TOLERANCE, (name, check)
-    assert table.additivity["channels-halved"]["measured_ratio"] < 0.95  # halving every channel is measurably faster
+        assert abs(checks[name]["parts_ratio"] - checks[name]["measured_ratio"]) < PARTS_TOLERANCE, (name, checks[name])
+    held_out = checks["half-heads"]
+    assert held_out["held_out"] and abs(held_out["calibrated_ratio"] - held_out["measured_ratio"]) < CALIBRATED_TOLERANCE, checks
+    assert checks["channels-halved"]["measured_ratio"] < 0.9  # halving every channel is measurably faster
 
 
 def test_torch_cpu_target_times_modules(tmp_path: Path) -> None:
