@@ -12,7 +12,7 @@ latency at the dense width (each curve is its own reference, so the noise of one
 not shift every curve). The q/k and v deltas are measured with all H heads and scale with the heads kept, since
 every op they change (projections, the q·k and attention·v products) runs once per head. Each
 curve is made non-decreasing (``search.cost.isotonic``) before use: noise never makes a cut look
-slower than no cut. Where a least-squares line explains a curve's medians to within their noise
+slower than no cut. Where a robust straight line explains a curve's medians to within their noise
 (a shared machine), the line is used instead of the medians (``fit_curve``).
 
 The whole model is then ``fixed + Σ blocks + overhead``, where ``overhead`` is the dense whole
@@ -79,13 +79,22 @@ class Curve:
         return interpolate(self.widths, self.ms, width)
 
 
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def _line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
-    """Least-squares intercept and slope."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    slope = 0.0 if sxx == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    return my - slope * mx, slope
+    """Intercept and slope of the Theil-Sen line: the median of the slopes between every two points.
+
+    One median that noise threw far off (a neighbour's burst landed in its pair) moves a least-squares
+    line a lot when it sits at an end of the grid, and the solver then piles its cut on that end;
+    the median slope ignores it.
+    """
+    slopes = [(ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(len(xs)) for j in range(i + 1, len(xs)) if xs[j] != xs[i]]
+    slope = _median(slopes) if slopes else 0.0
+    return _median([y - slope * x for x, y in zip(xs, ys)]), slope
 
 
 def fit_curve(widths: Sequence[float], raw_ms: Sequence[float], noise_ms: float, keep_first: bool = False) -> Curve:
@@ -94,8 +103,8 @@ def fit_curve(widths: Sequence[float], raw_ms: Sequence[float], noise_ms: float,
     On a quiet machine the medians are precise and their shape (a kernel that changes at some width)
     is worth keeping: they are interpolated, made non-decreasing. On a shared machine a median
     scatters by more than neighbouring widths differ, and interpolating that noise would let one bad
-    point decide a whole plan: when a least-squares line leaves residuals (root mean square) within
-    twice the typical ``noise_ms`` of a median, the line is used instead. ``keep_first`` keeps
+    point decide a whole plan: when a robust line (Theil-Sen) leaves residuals (root mean square)
+    within twice the typical ``noise_ms`` of a median, the line is used instead. ``keep_first`` keeps
     the first point out of the line (no head at all removes the norm and the projections too, a step
     no line through the other head counts describes).
     """

@@ -115,7 +115,17 @@ def check_reachable(cfg: RunConfig, geometry: ModelGeometry, cost: CostModel, al
 
 
 def _paired_noise(dense: list[float], pruned: list[float]) -> float:
-    return median_noise([p / d for p, d in zip(pruned, dense)])
+    """Run-to-run noise of a pruned/dense ratio: the larger of the median's notch over the per-round
+    ratios and the difference between the first and the second half of the run.
+
+    On a shared machine a neighbour's load comes in bursts of seconds to minutes, so rounds next to
+    each other are alike and the spread within one run understates how much the next run differs;
+    the halves of one run differ by about as much.
+    """
+    ratios = [p / d for p, d in zip(pruned, dense)]
+    half = len(ratios) // 2
+    drift = abs(statistics.median(ratios[:half]) - statistics.median(ratios[half:])) if half >= 2 else 0.0
+    return max(median_noise(ratios), drift)
 
 
 def measure_target(cfg: RunConfig, target: LatencyTarget, dense: tuple[Path, torch.nn.Module], pruned: tuple[Path, torch.nn.Module],
