@@ -47,9 +47,9 @@ from search.macs import BlockWidths, ModelGeometry, describe, model_macs
 from search.plan import BlockPlan, Plan
 
 CACHE_ENV = "PRUNE_EXPORT_CACHE"
-TABLE_VERSION = 2  # 2: blocks' savings calibrated on a whole pruned model
-CALIBRATION = "whole:channels-halved"
-"""The whole pruned model whose measured saving sets the table's ``delta_scale``; the other one checks it."""
+TABLE_VERSION = 3  # 3: each group's savings calibrated on a whole model cut in that group alone
+CHECK = "whole:channels-halved"
+"""The whole pruned model left out of the calibration, which checks it."""
 
 
 @dataclass(frozen=True)
@@ -141,13 +141,18 @@ def _part_widths(g_dense: BlockWidths, group: str, width: int) -> BlockWidths:
 
 
 def probe_models(geometry: ModelGeometry) -> dict[str, tuple[BlockWidths, ...]]:
-    """The whole pruned models of the additivity check: channels halved (8-aligned), and half the heads."""
+    """The whole pruned models: one group cut in every block (the calibration), and all channels halved (the check)."""
     def half(x: int) -> int:
         return max(8, x // 2 // 8 * 8) if x > 8 else x
 
-    channels = tuple(BlockWidths(heads=w.heads, qk=half(w.qk), v=half(w.v), mlp=half(w.mlp)) for w in geometry.dense_widths())
-    heads = tuple(BlockWidths(heads=max(1, w.heads // 2), qk=w.qk, v=w.v, mlp=w.mlp) for w in geometry.dense_widths())
-    return {"whole:channels-halved": channels, "whole:half-heads": heads}
+    dense = geometry.dense_widths()
+    return {
+        "whole:heads": tuple(replace(w, heads=max(1, w.heads // 2)) for w in dense),
+        "whole:qk": tuple(replace(w, qk=min(8, w.qk)) for w in dense),
+        "whole:v": tuple(replace(w, v=min(8, w.v)) for w in dense),
+        "whole:mlp": tuple(replace(w, mlp=half(w.mlp)) for w in dense),
+        CHECK: tuple(BlockWidths(heads=w.heads, qk=half(w.qk), v=half(w.v), mlp=half(w.mlp)) for w in dense),
+    }
 
 
 def plan_parts(geometry: ModelGeometry, spec: TableSpec) -> dict[str, tuple[int, str, int]]:
@@ -307,18 +312,17 @@ def assemble(geometry: ModelGeometry, target: LatencyTarget, key: str, medians: 
     parts_sum = float(table.total(geometry))
     table = replace(table, overhead_ms=whole - parts_sum)
     probes = probe_models(geometry)
-    saved = {name: (whole - float(table.total(geometry, widths)), whole - medians[name]) for name, widths in probes.items()}
-    scale = fit_scale([saved[CALIBRATION][0]], [saved[CALIBRATION][1]])
+    raw = {name: whole - float(table.total(geometry, widths)) for name, widths in probes.items()}
+    scale = {g: fit_scale(raw[f"whole:{g}"], whole - medians[f"whole:{g}"]) for g in GROUPS}
+    table = replace(table, group_scale=scale)
     checks: dict[str, Any] = {"dense": {"parts_sum_ms": parts_sum, "measured_ms": whole, "ratio": parts_sum / whole},
-                              "delta_scale": scale, "calibrated_on": CALIBRATION.removeprefix("whole:")}
-    for name in probes:
-        raw, measured = saved[name]
+                              "group_scale": scale, "checked_on": CHECK.removeprefix("whole:")}
+    for name, widths in probes.items():
         checks[name.removeprefix("whole:")] = {
-            "measured_ms": whole - measured, "measured_ratio": 1 - measured / whole,
-            "parts_ratio": 1 - raw / whole, "calibrated_ratio": 1 - scale * raw / whole,
-            "held_out": name != CALIBRATION,
+            "measured_ms": medians[name], "measured_ratio": medians[name] / whole, "parts_ratio": 1 - raw[name] / whole,
+            "calibrated_ratio": float(table.total(geometry, widths)) / whole, "held_out": name == CHECK,
         }
-    return replace(table, additivity=checks, delta_scale=scale)
+    return replace(table, additivity=checks)
 
 
 def latency_table(model: nn.Module, model_name: str, input_size: tuple[int, int, int], geometry: ModelGeometry,

@@ -30,17 +30,18 @@ def latency_model_lines(section: dict[str, Any] | None) -> list[str]:
                     f"({section.get('measured_by')}, {section.get('runs')} runs; dense {section['dense_ms']:.2f} ms, "
                     f"pruned {section['pruned_ms']:.2f} ms)"))
     additivity = section.get("additivity") or {}
-    if "delta_scale" in additivity:
-        lines.append(f"  - calibration: blocks' predicted savings scaled by {additivity['delta_scale']:.3f}, set by the whole "
-                     f"{additivity.get('calibrated_on', '?')} model below; the other is the held-out check")
+    if "group_scale" in additivity:
+        scales = ", ".join(f"{g} {k:.2f}" for g, k in additivity["group_scale"].items())
+        lines.append(f"  - calibration: each group's predicted savings scaled to what a whole model cut in that group alone "
+                     f"measured ({scales}); {additivity.get('checked_on', '?')} is the held-out check")
     for name, check in additivity.items():
-        if not isinstance(check, dict):
-            continue
+        if not isinstance(check, dict) or "measured_ratio" not in check and "measured_ms" not in check:
+            continue  # the calibration factors and what was checked, shown above
         if name == "dense":
             lines.append(f"  - additivity, dense: the parts sum to {check['parts_sum_ms']:.2f} ms, the whole graph measured "
                          f"{check['measured_ms']:.2f} ms (the difference is the table's fixed overhead)")
         else:
-            role = "held out" if check.get("held_out") else "calibration"
+            role = "held-out check" if check.get("held_out") else "calibration"
             lines.append(f"  - additivity, {name} ({role}): measured ratio {check['measured_ratio']:.3f}; the parts sum to "
                          f"{check['parts_ratio']:.3f}, calibrated {check['calibrated_ratio']:.3f}")
     correction = section.get("correction")

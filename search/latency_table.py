@@ -20,14 +20,15 @@ graph's measured latency minus the sum of its parts in the same interleaved run 
 blocks without one call per block, so the parts over-count a little). The dense model's predicted
 latency is therefore its measured one, and a plan's predicted ratio is predicted / dense.
 
-A block cut in one group at a time does not save exactly what the same cuts save together inside
-the whole graph: on deit_b (ORT CPU) the parts predicted whole pruned graphs 0.00 to 0.05 too
-fast; on a small ViT whose blocks take 5 ms, halving q/k, v and the MLP together saved 0.42 of a
-block where the three one-group cuts added up to 0.32 (kernels change with the widths, and a
-block inside a graph runs slower than alone). So one whole pruned model timed in the same run
-(every channel halved) sets ``delta_scale``, the factor on the blocks' predicted savings that
-matches its measured saving (clamped to [0.5, 2]); a second one (half the heads) is left out of
-the fit and checks it. ``additivity`` records both, before and after calibration.
+A block timed on its own does not save exactly what the same cut saves inside the whole graph,
+and not by one factor for every group: on deit_b (ORT CPU, paired rounds) cutting v to 8 saved
+4.9 ms alone and 3.9 ms per block inside the graph, halving the MLP 8.0 ms alone and 9.3 ms inside.
+A solver trading importance against time then piles its cut on whichever group's saving is
+overstated, and the plan runs slower than predicted. So four whole models are timed in the same
+run, each with one group cut in every block (half the heads; q/k at 8; v at 8; half the MLP), and
+each sets ``group_scale[g]``, the factor on that group's predicted savings that matches its
+measured saving (clamped to [0.5, 2]). A fifth whole model (q/k, v and MLP halved together) is
+left out of the fit and checks it. ``additivity`` records each, before and after calibration.
 
 The table is plain data (JSON) and imports no torch: soft widths (torch scalars) pass through
 :func:`search.cost.interpolate` untouched, so acp's budget term is differentiable in latency too.
@@ -153,11 +154,12 @@ class BlockCurves:
         curve = getattr(self, group)
         return curve.at(width) - curve.ms[-1]
 
-    def ms(self, w: BlockWidths) -> Any:
-        """Predicted latency of this block at ``w`` (see the module docstring)."""
-        scale = w.heads / self.num_heads
-        return self.dense_ms + self.delta("heads", w.heads) + scale * (self.delta("qk", w.qk) + self.delta("v", w.v)) \
-            + self.delta("mlp", w.mlp)
+    def ms(self, w: BlockWidths, scale: dict[str, float] | None = None) -> Any:
+        """Predicted latency of this block at ``w``, each group's saving times ``scale[group]`` (1 when absent)."""
+        k = {g: 1.0 for g in GROUPS} | (scale or {})
+        share = w.heads / self.num_heads
+        return self.dense_ms + k["heads"] * self.delta("heads", w.heads) \
+            + share * (k["qk"] * self.delta("qk", w.qk) + k["v"] * self.delta("v", w.v)) + k["mlp"] * self.delta("mlp", w.mlp)
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ class LatencyTable:
         additivity: whole graphs measured against the parts' prediction, for the report.
         runs: interleaved rounds behind every median.
         parts: every timed part's median and noise (ms), by name, for audit and re-fitting.
-        delta_scale: the factor on every block's predicted saving (see the module docstring).
+        group_scale: per group, the factor on the blocks' predicted savings (see the module docstring).
     """
 
     key: str
@@ -191,7 +193,7 @@ class LatencyTable:
     additivity: dict[str, Any] = field(default_factory=dict)
     runs: int = 0
     parts: dict[str, Any] = field(default_factory=dict)
-    delta_scale: float = 1.0
+    group_scale: dict[str, float] = field(default_factory=dict)
 
     name = "latency"
     unit = "ms"
@@ -209,8 +211,7 @@ class LatencyTable:
         raise LatencyTableError(f"the latency table has no curves for a {key} block; rebuild it for this model")
 
     def block(self, geometry: ModelGeometry, index: int, widths: BlockWidths) -> Any:
-        curves = self.curves(geometry.blocks[index])
-        return curves.dense_ms + self.delta_scale * (curves.ms(widths) - curves.dense_ms)
+        return self.curves(geometry.blocks[index]).ms(widths, self.group_scale)
 
     def fixed(self, geometry: ModelGeometry) -> float:
         return self.fixed_ms + self.overhead_ms
@@ -252,7 +253,8 @@ class LatencyTable:
                        overhead_ms=float(data["overhead_ms"]), whole_ms=float(data["whole_ms"]), blocks=blocks,
                        align=int(data["align"]), align_probe=dict(data.get("align_probe", {})),
                        additivity=dict(data.get("additivity", {})), runs=int(data.get("runs", 0)),
-                       parts=dict(data.get("parts", {})), delta_scale=float(data.get("delta_scale", 1.0)))
+                       parts=dict(data.get("parts", {})),
+                       group_scale={str(k): float(v) for k, v in data.get("group_scale", {}).items()})
         except (KeyError, TypeError, ValueError) as exc:
             raise LatencyTableError(f"latency table is malformed ({type(exc).__name__}: {exc})") from None
 
@@ -271,13 +273,11 @@ class LatencyTable:
 SCALE_RANGE = (0.5, 2.0)
 
 
-def fit_scale(predicted: Sequence[float], measured: Sequence[float]) -> float:
-    """Least-squares k with measured ≈ k × predicted (savings, in ms), clamped to :data:`SCALE_RANGE`; 1 without data."""
-    num = sum(p * m for p, m in zip(predicted, measured))
-    den = sum(p * p for p in predicted)
-    if den <= 0:
+def fit_scale(predicted: float, measured: float) -> float:
+    """k with measured = k × predicted (savings, in ms), clamped to :data:`SCALE_RANGE`; 1 when nothing was predicted."""
+    if predicted <= 0:
         return 1.0
-    return min(max(num / den, SCALE_RANGE[0]), SCALE_RANGE[1])
+    return min(max(measured / predicted, SCALE_RANGE[0]), SCALE_RANGE[1])
 
 
 def choose_align(widths: Sequence[int], ms: Sequence[float], noise_ms: float, share: float = 0.5) -> tuple[int, dict[str, float]]:

@@ -47,6 +47,7 @@ from search.knn import knn_top1
 from search.models import load_model
 from search.core.progress import progress_bar
 from search.core.runtime import Runtime
+from exporter.machine import describe_cpu
 
 OUT = Path("artifacts/bench")
 CACHE = Path(".cache/quality-bench")
@@ -291,7 +292,7 @@ def write_outputs(results: list[dict[str, Any]], cfg: BenchConfig, quick: bool, 
         "the dense row: the dense model put through the same recovery gains as much (`ablation.md`, row `dense, perturbed, "
         "same recovery, final state`). So `vs dense` is what a user gains over the dense model they have; compare methods "
         "with each other, at the same budget and recovery",
-        f"- machine: {meta['machine'].get('cpu_model')}, {meta['machine'].get('cpu_count')} CPUs; created {meta['created']}",
+        f"- machine: {describe_cpu(meta['machine'])}; created {meta['created']}",
         "- reproduce: `python -m exporter.bench.quality" + (" --quick`" if quick else "` (part of `make bench`)"),
         f"- one row's binomial noise: at most ±{100 * (0.25 / (10 * cfg.test_per_class)) ** 0.5:.1f} points (1 s.e.)",
         "- recovery: held-out relation agreement (student vs dense cosine-similarity structure, 200 images) at "

@@ -83,7 +83,7 @@ def cost_stage(cfg: RunConfig, loaded: LoadedModel, stage: StagePrinter, threads
         notes.append(f"{'reused' if reused else 'timed, cached in'} {path.name}; align {table.align}")
         halved = table.additivity.get("channels-halved")
         if halved:
-            notes.append(f"channels halved: parts sum to {halved['parts_ratio']:.3f} of dense, calibrated "
+            notes.append(f"check, channels halved: parts {halved['parts_ratio']:.3f} of dense, calibrated "
                          f"{halved['calibrated_ratio']:.3f}, measured {halved['measured_ratio']:.3f}")
     return (table if cfg.latency_budget is not None else MACS), table, target, path, reused
 
