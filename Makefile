@@ -53,7 +53,9 @@ bench: install system
 	$(if $(QUICK),@echo "QUICK=1: ablation bench skipped; 'python -m exporter.bench.ablation --budgets 0.63 --seeds 0' runs one seed",$(PY) -m exporter.bench.ablation)
 
 ## On a machine with CUDA: the device tests and the tiny end-to-end runs on the GPU, then the default
-## dinov2_s command on CUDA, training throughput and GPU latency into artifacts/bench/gpu.md.
+## dinov2_s command on CUDA, training throughput, GPU latency and the latency-budget rows (deit_b and
+## dinov2_s at 0.63 on PyTorch with CUDA graphs, fp16/fp32, batch 1/32/256, predicted against measured;
+## tables in artifacts/bench/latency_tables/) into artifacts/bench/gpu.md.
 ## Where packages cannot be installed (an offline GPU box), NO_INSTALL=1 PY=python3 uses what is there,
 ## and CHECKPOINT=dinov2_s.safetensors stands in for the real extra's weights.
 gpu-check: $(if $(NO_INSTALL),,install)
