@@ -42,19 +42,23 @@ $(FMNIST)/train$(PER_CLASS)/manifest.json: | system $(STAMP)
 demo: install $(FMNIST)/train$(PER_CLASS)/manifest.json
 	$(VENV)/bin/prune-export dinov2_s --data $(FMNIST)/train$(PER_CLASS) --budget 0.63 --img-size 112 -o $(DEMO)/dinov2_s_0.63.onnx
 
-## Benches into artifacts/bench/: --align table, latency (ORT CPU, random weights), softmax-vs-linear
+## Benches into artifacts/bench/: --align table, latency (ORT CPU, random weights), latency of the CLI's
+## plans (real and random weights, MAC and latency budgets, against a plain export), softmax-vs-linear
 ## crossover by image size (ORT CPU, about 6 min), quality (dinov2_s, Fashion-MNIST k-NN), and the acp
 ## ablation (3 seeds x 2 budgets, about 2 h on 2 cores; resumes where it stopped). QUICK=1 keeps it under
 ## 10 minutes by skipping the crossover, quality and ablation benches (their quick forms measure nothing to keep).
 bench: install system
 	$(PY) -m exporter.bench.align $(if $(QUICK),--runs 15,)
 	$(PY) -m exporter.bench.latency $(if $(QUICK),--quick,)
+	$(if $(QUICK),@echo "QUICK=1: latency-plans bench skipped; 'python -m exporter.bench.latency_plans --only deit_b' runs its random-weight rows",$(PY) -m exporter.bench.latency_plans)
 	$(if $(QUICK),@echo "QUICK=1: crossover bench skipped; 'python -m exporter.bench.crossover --quick --out /tmp/crossover' checks its path",$(PY) -m exporter.bench.crossover)
 	$(if $(QUICK),@echo "QUICK=1: quality bench skipped; 'python -m exporter.bench.quality --quick' runs its 0.63 rows",$(PY) -m exporter.bench.quality)
 	$(if $(QUICK),@echo "QUICK=1: ablation bench skipped; 'python -m exporter.bench.ablation --budgets 0.63 --seeds 0' runs one seed",$(PY) -m exporter.bench.ablation)
 
 ## On a machine with CUDA: the device tests and the tiny end-to-end runs on the GPU, then the default
-## dinov2_s command on CUDA, training throughput and GPU latency into artifacts/bench/gpu.md.
+## dinov2_s command on CUDA, training throughput, GPU latency and the latency-budget rows (deit_b and
+## dinov2_s at 0.63 on PyTorch with CUDA graphs, fp16/fp32, batch 1/32/256, predicted against measured;
+## tables in artifacts/bench/latency_tables/) into artifacts/bench/gpu.md.
 ## Where packages cannot be installed (an offline GPU box), NO_INSTALL=1 PY=python3 uses what is there,
 ## and CHECKPOINT=dinov2_s.safetensors stands in for the real extra's weights.
 gpu-check: $(if $(NO_INSTALL),,install)

@@ -29,7 +29,8 @@ from search.choices import (
     DEFAULT_INDICATOR, DEFAULT_OPTIMISER, DEFAULT_WIDTHS, DEVICE_FORMS, DSP_LR, DSP_T0, DSP_TF, HEAD_SCOPES, HEAD_SHARE,
     INDICATORS, METHOD_NAMES, OPTIMISERS, WIDTHS, check_choice, check_device_form,
 )
-from search.core.errors import BudgetError, UserError
+from exporter.latency_targets import TARGETS as LATENCY_TARGETS
+from search.core.errors import BudgetError, OptionError, UserError
 
 DEBUG_ENV = "PRUNE_EXPORT_DEBUG"
 MODELS_HELP = (
@@ -99,6 +100,19 @@ def check_fixed_values(values: dict[str, Optional[str]], device: str) -> None:
     check_device_form(device)
 
 
+def parse_align(text: Optional[str]) -> Optional[int]:
+    """``--align``: a positive integer, or ``auto`` (None)."""
+    if text is None or text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise OptionError(f"--align must be auto or a positive integer, got '{text}'") from None
+    if value < 1:
+        raise OptionError(f"--align must be auto or a positive integer, got {value}")
+    return value
+
+
 def _fail(err: Console, exc: UserError) -> typer.Exit:
     err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)  # "[openvino]" is no markup tag
     return typer.Exit(exc.exit_code)
@@ -125,8 +139,20 @@ def prune_export(
         None, metavar="METHOD", help=f"Selection method, {_one_of(METHOD_NAMES)}: acp, magnitude or random choose channels; "
         "dsp or head-magnitude whole heads; dsp+acp heads, then channels. Default: acp for real weights, magnitude for "
         "random ones.", rich_help_panel=BUDGET_PANEL),
-    align: Optional[int] = typer.Option(None, min=1, help=f"Kept widths are multiples of this (default {DEFAULT_ALIGN}; "
-                                        "a --plan fixes it).", rich_help_panel=BUDGET_PANEL),
+    align: Optional[str] = typer.Option(
+        None, metavar="auto|N", help="Kept widths are multiples of this: auto or a positive integer. auto (the default) "
+        "reads the alignment the target runs fast from the latency table when there is one (--latency-budget or "
+        f"--target-runtime), else {DEFAULT_ALIGN}; a --plan fixes it.", rich_help_panel=BUDGET_PANEL),
+    latency_budget: Optional[float] = typer.Option(
+        None, "--latency-budget", help="Share of the dense model's latency on the target to keep, in (0, 1]: an "
+        "alternative to --budget (which counts MACs, the default). The target is --target-runtime, --precision, "
+        "--latency-batch and --threads; its latency table is timed once and cached.", rich_help_panel=BUDGET_PANEL),
+    target_runtime: Optional[str] = typer.Option(
+        None, "--target-runtime", metavar="|".join(LATENCY_TARGETS), help="Where latency budgets are measured: "
+        + "; ".join(f"{k} ({v})" for k, v in LATENCY_TARGETS.items()) + ". Default: the first of --runtimes. Named with "
+        "--budget, a table is timed for --align auto and the predicted latency.", rich_help_panel=BUDGET_PANEL),
+    latency_batch: int = typer.Option(1, "--latency-batch", min=1, help="Batch size of the latency target.",
+                                      rich_help_panel=BUDGET_PANEL),
     plan: Optional[Path] = typer.Option(None, help="Replay this plan.json instead of searching.", rich_help_panel=BUDGET_PANEL),
     per_head_indices: bool = typer.Option(False, "--per-head-indices", help="Choose the indices per head (the same count "
                                           "in each) instead of the same indices in every head.", rich_help_panel=BUDGET_PANEL),
@@ -220,8 +246,12 @@ def prune_export(
         from exporter.pipeline import RunConfig, run
         from exporter.report import print_summary
 
-        budget_default = default_budget(method, heads, DEFAULT_BUDGET)
-        budget_value, align_value = replay_settings(plan, explicit_budget, align, method, (budget_default, DEFAULT_ALIGN))
+        if latency_budget is not None and explicit_budget is not None:
+            raise OptionError("--budget counts MACs and --latency-budget measures latency on the target: give one of them")
+        if latency_budget is not None and not 0.0 < latency_budget <= 1.0:
+            raise BudgetError(f"--latency-budget must be in (0, 1], got {latency_budget:g}; e.g. --latency-budget 0.6")
+        budget_default = default_budget(method, heads, DEFAULT_BUDGET) if latency_budget is None else latency_budget
+        budget_value, align_value = replay_settings(plan, explicit_budget, parse_align(align), method, (budget_default, None))
         cfg = RunConfig(
             model=model, budget=budget_value, output=output, method=method, align=align_value,
             checkpoint=checkpoint, random_init=random_init, img_size=img_size, data=data, plan=plan,
@@ -234,6 +264,7 @@ def prune_export(
             runtimes=runtime_names, heads=heads, heads_scope=heads_scope, head_share=head_share,
             dsp_t0=dsp_t0, dsp_tf=dsp_tf, dsp_cooldown=dsp_cooldown, dsp_lr=dsp_lr, dsp_straight_through=dsp_straight_through,
             keep_work=keep_work,
+            latency_budget=latency_budget, target_runtime=target_runtime, latency_batch=latency_batch,
         )
         report = run(cfg, err)
         if report is not None:

@@ -8,18 +8,18 @@ gets a session with the same settings.
 """
 from __future__ import annotations
 
-import os
 import platform
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
+from exporter.machine import cpu_identity
 from exporter.runtimes import get_runtime, runtime_versions
 from search.core.progress import progress_bar
 
@@ -46,36 +46,96 @@ class LatencyResult:
         return self.median_ms[num] / self.median_ms[den]
 
 
-def _cpu_model_name() -> str | None:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
 def machine_info(runtimes: Sequence[str] = ()) -> dict[str, Any]:
     """The machine a timing was taken on, for reports: latency means nothing without it.
 
-    ONNX Runtime's version is always given; ``runtimes`` adds the versions of others (openvino).
+    The CPU model and its instruction sets (AVX2, AVX-512, VNNI, AMX: ``exporter.machine``), the
+    cores, and ONNX Runtime's version always; ``runtimes`` adds the versions of others (openvino).
     """
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count()
     return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": usable,
-        "cpu_model": _cpu_model_name(),
+        **cpu_identity(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
         **runtime_versions(runtimes),
         "torch": torch.__version__,
     }
+
+
+def interleave(
+    runners: Mapping[str, Callable[[], Any]], runs: int, warmup: int = 5, progress: bool = True, title: str = "timing",
+) -> dict[str, list[float]]:
+    """Wall time (ms) of every runner over ``runs`` rounds, each round running every runner once.
+
+    The order alternates each round (forwards, then backwards), so drift over the run lands evenly
+    on all of them. ``warmup`` calls of each come first and are not timed. A runner must finish
+    its work before it returns (a GPU runner synchronises).
+    """
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"need runs >= 1 and warmup >= 0; got {runs}, {warmup}")
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    names = list(runners)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    with progress_bar(title, total=runs, enabled=progress) as advance:
+        for round_index in range(runs):
+            for name in names if round_index % 2 == 0 else reversed(names):
+                start = time.perf_counter()
+                runners[name]()
+                samples[name].append((time.perf_counter() - start) * 1e3)
+            advance()
+    return samples
+
+
+def interleave_paired(
+    runners: Mapping[str, Callable[[], Any]], reference: Mapping[str, str], runs: int, warmup: int = 3,
+    progress: bool = True, title: str = "timing",
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per round, every runner right beside its reference: the ratio of each pair, and every reference timing.
+
+    On a shared machine a noisy neighbour slows whatever runs while it is busy; two runs a few
+    milliseconds apart are slowed alike, two runs seconds apart are not. So each runner in
+    ``reference`` (name → the name of its reference runner) is timed in a pair with its reference,
+    in alternating order, and what is kept is their ratio. Every runner that is a reference is
+    timed once per pair it is in; its samples are returned too, to turn ratios back into ms.
+
+    Returns (ratios by runner, reference timings in ms by reference name).
+    """
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"need runs >= 1 and warmup >= 0; got {runs}, {warmup}")
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    names = list(reference)
+    ratios: dict[str, list[float]] = {name: [] for name in names}
+    bases: dict[str, list[float]] = {ref: [] for ref in set(reference.values())}
+
+    def timed(name: str) -> float:
+        start = time.perf_counter()
+        runners[name]()
+        return (time.perf_counter() - start) * 1e3
+
+    with progress_bar(title, total=runs, enabled=progress) as advance:
+        for round_index in range(runs):
+            for i, name in enumerate(names if round_index % 2 == 0 else reversed(names)):
+                ref = reference[name]
+                if (i + round_index) % 2 == 0:
+                    base, ms = timed(ref), timed(name)
+                else:
+                    ms, base = timed(name), timed(ref)
+                ratios[name].append(ms / base)
+                bases[ref].append(base)
+            advance()
+    return ratios, bases
+
+
+def median_noise(samples: Sequence[float]) -> float:
+    """Uncertainty of a median of ``samples``: 1.58 × interquartile range / √n (the notch of a box plot)."""
+    if len(samples) < 4:
+        return float("inf")
+    q = statistics.quantiles(samples, n=4)
+    return 1.58 * (q[2] - q[0]) / len(samples) ** 0.5
 
 
 def measure_latency(
@@ -109,20 +169,7 @@ def measure_latency(
     backend = get_runtime(runtime)
     device = provider or backend.CPU_DEVICE
     sessions = {name: backend.load(path, threads, device) for name, path in models.items()}
-
-    for session in sessions.values():
-        for _ in range(warmup):
-            session.run(sample)
-
-    names = list(sessions)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    with progress_bar("timing", total=runs, enabled=progress) as advance:
-        for round_index in range(runs):
-            for name in names if round_index % 2 == 0 else reversed(names):
-                start = time.perf_counter()
-                sessions[name].run(sample)
-                samples[name].append((time.perf_counter() - start) * 1e3)
-            advance()
+    samples = interleave({name: (lambda s=session: s.run(sample)) for name, session in sessions.items()}, runs, warmup, progress)
 
     return LatencyResult(
         median_ms={name: statistics.median(times) for name, times in samples.items()},

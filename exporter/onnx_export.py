@@ -69,7 +69,7 @@ def _register_symbolics() -> None:
         torch.onnx.register_custom_op_symbolic(name, fn, MIN_OPSET)
 
 
-def _trace(model: nn.Module, input_size: tuple[int, int, int], opset: int) -> onnx.ModelProto:
+def _trace(model: nn.Module, input_size: tuple[int, ...], opset: int) -> onnx.ModelProto:
     """Run torch's TorchScript exporter into memory, silencing its tracer warnings."""
     _register_symbolics()
     example = torch.randn((TRACE_BATCH, *input_size), generator=torch.Generator().manual_seed(0))
@@ -108,7 +108,7 @@ def _batch_is_dynamic(value: onnx.ValueInfoProto) -> bool:
 def export_onnx(
     model: nn.Module,
     path: Path,
-    input_size: tuple[int, int, int],
+    input_size: tuple[int, ...],
     opset: int = 17,
 ) -> Path:
     """Export ``model`` to ``path`` as ONNX with input "input", output "output", dynamic batch.
@@ -120,7 +120,8 @@ def export_onnx(
     Args:
         model: the network; its forward takes one image batch and returns one tensor.
         path: destination; it appears only once the file is complete and checked.
-        input_size: (channels, height, width) of one sample.
+        input_size: the shape of one sample: (channels, height, width) for a model, (tokens, width)
+            for a single block (the latency model times blocks).
         opset: ONNX opset, at least 17.
 
     Returns:
@@ -133,8 +134,8 @@ def export_onnx(
     path = Path(path)
     if opset < MIN_OPSET:
         raise ExportError("settings", f"opset {opset} is below the minimum {MIN_OPSET}")
-    if len(input_size) != 3:
-        raise ExportError("settings", f"input_size must be (C, H, W), got {tuple(input_size)}")
+    if len(input_size) not in (2, 3):
+        raise ExportError("settings", f"input_size must be (C, H, W) or (N, D), got {tuple(input_size)}")
     ensure_writable_dir(path)
 
     was_training = model.training

@@ -29,6 +29,8 @@ from exporter.stages.cache import Stages, cached_file, key_of, weights_key
 from exporter.stages.config import PRECISIONS, QUANTIZE, TARGETS, RunConfig, resolve_defaults
 from exporter.stages.images import Images, load_images
 from exporter.stages.effort import Effort
+from exporter.stages.latency import (cheapest_ratio, check_latency_options, check_reachable, corrected_budget, cost_stage,
+                                     latency_model_section, measure_target, resolve_align)
 from exporter.stages.plan import head_target, plan_stage, removes_nothing
 from exporter.stages.recovery import recovery_stage
 from exporter.stages.workdir import release_work_dir
@@ -36,6 +38,7 @@ from exporter.summary import SEARCHED, RunResults, build_report
 from search.core.atomic import ensure_writable_dir
 from search.core.errors import OutputPathError, UserError
 from search.core.runtime import Runtime, runtime
+from search.cost import cost_ratio
 from search.methods import METHODS, SEARCHES_CHANNELS
 from search.models import load_model
 
@@ -55,6 +58,10 @@ def run_effort(given: RunConfig, resolved: RunConfig, rt: Runtime, identity: boo
     if resolved.finetune_steps != effort.finetune_steps:
         return replace(effort, finetune_steps=resolved.finetune_steps, reason=effort.reason + "; random weights: no recovery")
     return effort
+
+def table_ratio(table: Any, geometry: Any, plan: Any) -> float:
+    """The latency ratio ``table`` predicts for ``plan``."""
+    return cost_ratio(table, geometry, plan.widths())
 
 
 
@@ -86,13 +93,21 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any] | None
         raise UserError("--precision fp16 and --quantize int8 exclude each other; choose one")
     require_runtimes(cfg.runtimes)
     check_run_inputs(cfg)
+    check_latency_options(cfg)
     ensure_writable_dir(out)
     work = cfg.work_dir
     created = not work.exists()
     work.mkdir(exist_ok=True)
     try:
         with runtime(cfg.device) as rt:
-            report = _run(cfg, console if rt.is_main else Console(stderr=True, quiet=True), rt)
+            shown = console if rt.is_main else Console(stderr=True, quiet=True)
+            result = _run(cfg, shown, rt)
+            if isinstance(result, _Replan):  # the measured latency missed the budget: one correction round
+                shown.print(f"[yellow]latency: {result.reason}; re-planning once with the solver aiming at "
+                            f"{result.budget:.4f}[/]")
+                result = _run(replace(cfg, solver_budget=result.budget, latency_correction=result.record), shown, rt)
+            assert not isinstance(result, _Replan), "one correction round at most"
+            report = result
     except BaseException:
         if created and not any(work.iterdir()):
             work.rmdir()
@@ -102,7 +117,14 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any] | None
     return report
 
 
-def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None:
+class _Replan:
+    """What a first round returns when its measured latency missed the latency budget."""
+
+    def __init__(self, budget: float, record: dict[str, Any], reason: str) -> None:
+        self.budget, self.record, self.reason = budget, record, reason
+
+
+def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | _Replan | None:
     started = time.perf_counter()
     stage = Stages(console)
     out, work = Path(cfg.output), cfg.work_dir
@@ -132,7 +154,8 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
     acp = cfg.acp_config()
     if not identity:
         console.print(
-            f"[dim]method {cfg.method}, budget {cfg.budget:g}, align {cfg.align}, "
+            f"[dim]method {cfg.method}, {'latency ' if cfg.latency_budget is not None else ''}budget {cfg.budget:g}, "
+            f"align {'auto' if cfg.align is None else cfg.align}, "
             + (f"search steps {cfg.search_steps}, " if cfg.method in SEARCHED else "")
             + (f"indicator {acp.indicator} ({acp.optimiser}), widths from the {'search' if acp.widths == 'search' else 'greedy solver'}, "
                if cfg.method in SEARCHES_CHANNELS else "")
@@ -141,7 +164,14 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
             + (f", {rt.world_size} ranks" if rt.distributed else "") + "[/]"
         )
 
-    target = head_target(cfg, geometry) if cfg.plan is None else None  # a bad K or budget fails here, before the images
+    threads = cfg.threads or _default_threads()
+    cost, table, latency_target, table_path, table_reused = cost_stage(cfg, loaded, stage, threads)
+    if cfg.align is None:
+        cfg = replace(cfg, align=resolve_align(cfg, table))
+        console.print(f"[dim]--align auto: {cfg.align} ({'from the latency table' if table else 'no latency table, so 8'})[/]")
+    if cfg.plan is None:
+        check_reachable(cfg, geometry, cost, cfg.align)
+    target = head_target(cfg, geometry, cost) if cfg.plan is None else None  # a bad K or budget fails here, before the images
     if target is not None:
         console.print(f"[dim]heads: {target.describe(geometry)}"
                       + (f"; {cfg.dsp_config().describe()}" if cfg.method.startswith("dsp") else "") + "[/]")
@@ -152,8 +182,8 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
 
     wkey = weights_key(cfg, loaded)
     with stage("plan") as notes:
-        plan = plan_stage(cfg, loaded, images, rt, wkey, notes)
-        notes.append(f"MAC ratio {plan.mac_ratio:.4f}")
+        plan = plan_stage(cfg, loaded, images, rt, wkey, notes, cost)
+        notes.append(f"MAC ratio {plan.mac_ratio:.4f}" + ("" if plan.cost_ratio is None else f", predicted latency ratio {plan.cost_ratio:.4f}"))
     if cfg.plan is not None or identity:
         cfg = replace(cfg, method=plan.method)
 
@@ -181,7 +211,6 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
     parities = parity_per_runtime(stage, cfg.runtimes, pruned_path, pruned, parity_images, loaded.is_classifier)
     parity = parities[cfg.runtimes[0]]  # the first runtime's: the report's top-level "parity"
 
-    threads = cfg.threads or _default_threads()
     with stage(f"artifact: {cfg.target}, {cfg.precision}" + ("" if cfg.quantize == "none" else f", {cfg.quantize} {cfg.quantize_mode}")) as notes:
         artifact_path, artifact_parity = build_artifact(cfg, pruned_path, asdict(parity), pruned, geometry, images, parity_images, loaded.is_classifier, threads,
                                                        random_weights=loaded.random_weights)
@@ -196,12 +225,32 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | None
     if cfg.latency_runs > 0:
         latencies = latency_per_runtime(stage, cfg.runtimes, {"dense": dense_path, "pruned": artifact_path},
                                         cfg.latency_batches, threads, cfg.latency_runs, input_size, cfg.seed)
+    latency_model = None
+    if table is not None and latency_target is not None:
+        measured = None
+        if cfg.latency_runs > 0:
+            with stage(f"latency on the target: {latency_target.label}") as notes:
+                measured = measure_target(cfg, latency_target, (dense_path, model), (pruned_path, pruned), input_size,
+                                          latencies, cfg.latency_runs)
+                notes.append(f"measured {measured['measured_ratio']:.3f} ± {measured['noise']:.3f}, "
+                             f"predicted {table_ratio(table, geometry, plan):.3f} ({measured['measured_by']})")
+        latency_model = latency_model_section(cfg, plan, geometry, table, latency_target, table_path, table_reused, measured)
+        if measured is not None and cfg.latency_budget is not None and cfg.latency_correction is None:
+            budget = corrected_budget(cfg.latency_budget, cfg.solver_budget or cfg.latency_budget,
+                                      latency_model["predicted_ratio"], measured["measured_ratio"], measured["noise"])
+            if budget is not None:
+                budget = max(budget, cheapest_ratio(cfg, geometry, cost) * (1 + 1e-9))  # the best a correction can do
+                record = {"first_round": {k: latency_model[k] for k in ("predicted_ratio", "measured_ratio", "noise")},
+                          "solver_budget": budget}
+                return _Replan(budget, record, f"measured {measured['measured_ratio']:.3f} against a budget of "
+                                               f"{cfg.latency_budget:g} (noise {measured['noise']:.3f})")
 
     report = build_report(RunResults(
         cfg=cfg, loaded=loaded, pruned=pruned, plan=plan, acp=acp, target=target, runtime=rt, images=images,
         recovery=recovery, accuracy=accuracy, fidelity=fidelity, effort=effort.to_dict(), graph_macs=(onnx_dense, onnx_pruned), parities=parities,
         artifact=artifact_path, artifact_parity=artifact_parity, latencies=latencies, threads=threads,
         stage_seconds=stage.times, wall_seconds=time.perf_counter() - started, warnings=tuple(warnings),
+        latency_model=latency_model,
     ))
     write_outputs(report, artifact_path, out)
     return report

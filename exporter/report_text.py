@@ -17,6 +17,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from exporter.machine import describe_cpu
+from exporter.report_latency import latency_model_lines, summary_row
+
 RANDOM_WEIGHTS_WARNING = "RANDOM WEIGHTS: this model was not trained; its accuracy figures mean nothing"
 
 FIDELITY_LABELS = {
@@ -64,7 +67,8 @@ def run_title(report: dict[str, Any]) -> str:
     kept, dense_heads = heads_kept(report["blocks"])
     if report["plan"]["budget"] == 1.0 and kept < dense_heads:
         return f"{report['model']['name']} keeping {kept} of {dense_heads} heads"
-    return f"{report['model']['name']} at budget {report['plan']['budget']:g}"
+    kind = "latency budget" if report["plan"].get("cost") == "latency" else "budget"
+    return f"{report['model']['name']} at {kind} {report['plan']['budget']:g}"
 
 
 def heads_kept(blocks: list[dict[str, Any]]) -> tuple[int, int]:
@@ -143,18 +147,6 @@ def _effort_line(effort: dict[str, Any]) -> str:
     return f"- effort: {effort.get('name', '?')}{reason}" + (f": {', '.join(parts)}" if parts else "")
 
 
-def _latency_model_line(model: dict[str, Any]) -> str:
-    target = model.get("target")
-    where = ", ".join(f"{k} {v}" for k, v in target.items()) if isinstance(target, dict) else str(target)
-    parts = [f"target {where}"] if target else []
-    for key in ("budget", "predicted_ratio", "measured_ratio"):
-        if model.get(key) is not None:
-            parts.append(f"{key.replace('_', ' ')} {_num(model[key])}")
-    parts += [f"{k.replace('_', ' ')} {_num(v)}" for k, v in model.items()
-              if k not in ("target", "budget", "predicted_ratio", "measured_ratio") and not isinstance(v, (dict, list))]
-    return "- latency model: " + "; ".join(parts)
-
-
 def _search_line(search: dict[str, Any]) -> str:
     parts = [f"{k.replace('_', ' ')} {search[k]}" for k in ("steps", "indicator", "widths", "gate_optimiser") if k in search]
     parts += [f"{name} {'on' if search[k] else 'off'}" for k, name in (("similarity", "similarity weights"),
@@ -208,7 +200,7 @@ def _run_lines(report: dict[str, Any]) -> list[str]:
         *([_search_line(report["search"])] if report.get("search") else []),
         f"- search and recovery images: {report.get('images', 'n/a')}",
         *([_recovery_line(report.get("recovery"))] if "recovery" in report else []),
-        *([_latency_model_line(report["latency_model"])] if report.get("latency_model") else []),
+        *latency_model_lines(report.get("latency_model")),
     ]
     if plan.get("path"):
         lines.append(f"- plan: {plan['path']} (replay it with --plan)")
@@ -238,7 +230,7 @@ def _machine_line(machine: dict[str, Any]) -> str:
     versions = f"onnxruntime {machine.get('onnxruntime')}" + (f", openvino {machine['openvino']}" if machine.get("openvino") else "")
     versions += f", torch {machine['torch']}" if machine.get("torch") else ""
     threads = f", {machine['threads']} inference threads" if machine.get("threads") else ""
-    return f"- machine: {machine.get('cpu_model', '?')}, {machine.get('cpu_count')} CPUs{threads}, {versions}"
+    return f"- machine: {describe_cpu(machine)}{threads}, {versions}"
 
 
 def _serve_lines(report: dict[str, Any]) -> list[str]:
@@ -316,6 +308,9 @@ def summary_table(report: dict[str, Any]) -> Table:
                 f"ms {_device(label, entry['provider'].replace('ExecutionProvider', ''))} b{entry['batch']}",
                 f"{entry['median_ms']['dense']:.2f}", f"{entry['median_ms']['pruned']:.2f}", f"×{entry['ratio']:.3f}",
             )
+    row = summary_row(report.get("latency_model"))
+    if row is not None:
+        table.add_row(*row)
     captions = []
     for label, parity, _ in sections:
         if parity:

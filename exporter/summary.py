@@ -125,7 +125,8 @@ def build_report(r: RunResults) -> dict[str, Any]:
             "random_weights": loaded.random_weights, "img_size": loaded.img_size, "classifier": loaded.is_classifier,
         },
         "plan": {
-            "method": plan.method, "budget": plan.budget, "align": plan.align,
+            "method": plan.method, "budget": cfg.budget, "align": plan.align, "cost": plan.cost,
+            **({"solver_budget": plan.budget} if plan.budget != cfg.budget else {}),
             "per_head_indices": not all(b.shared_indices for b in plan.blocks),
             "path": str(cfg.plan) if cfg.plan is not None else (str(work / "plan.json") if cfg.keep_work else None),
         },

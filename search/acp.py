@@ -3,8 +3,8 @@
 1. Capture activations on a calibration batch; compute similarity weights and, unless turned off,
    the attention-difference initial logits (``search.similarity``, ``search.attention_init``).
 2. Train the indicators (``search.gates``) with the dense weights frozen: the gated model is
-   distilled from the dense one while a differentiable expected-MACs term pushes the soft widths
-   down to the budget; the soft width of every group is where its gates settle. A
+   distilled from the dense one while a differentiable expected-cost term (MACs, or the latency a
+   measured table predicts on the target: ``search.cost``) pushes the soft widths down to the budget; the soft width of every group is where its gates settle. A
    polarisation term g(1-g), ramped up over the run, drives each gate to 0 or 1: without it the
    soft widths meet the budget by sliding every gate down together, and the hard cut at the end
    is a different model from the one the search optimised.
@@ -43,7 +43,8 @@ from search.gate_optim import SharedScaleAdam
 from search.gates import ChannelGates, head_gated
 from search.importance import BlockScores
 from search.choices import DEFAULT_INDICATOR, DEFAULT_OPTIMISER, DEFAULT_WIDTHS, INDICATORS, OPTIMISERS, WIDTHS, check_choice
-from search.macs import BlockWidths, ModelGeometry, model_macs
+from search.cost import MACS, CostModel
+from search.macs import BlockWidths, ModelGeometry
 from search.plan import KeptHeads
 from search.core.runtime import Runtime, on_device
 from search.similarity import similarity_weights
@@ -54,7 +55,7 @@ class AcpConfig:
     """Settings of the indicator search.
 
     Attributes:
-        budget: fraction of dense MACs to keep.
+        budget: fraction of the dense cost to keep (MACs, or latency under a table).
         steps: optimisation steps of the indicators.
         batch_size: global batch per step (split over ranks under torchrun).
         lr: Adam learning rate on the gate logits.
@@ -103,7 +104,7 @@ class AcpResult:
         initial: gate values per block before the first step.
         weights: similarity weights per block (None when turned off).
         widths: the soft widths the gates converged to (floats; per kept head for q/k and v).
-        expected_ratio: expected MACs at those widths / dense MACs.
+        expected_ratio: expected cost at those widths / dense cost (MACs or latency).
     """
 
     indicators: tuple[BlockScores, ...]
@@ -164,6 +165,7 @@ def acp_search(
     state_path: Path | None = None,
     on_step: Callable[[int], None] | None = None,
     heads: KeptHeads | None = None,
+    cost: CostModel = MACS,
 ) -> AcpResult:
     """Search the indicators; the result holds the ranking (weight × indicator) and the soft widths.
 
@@ -178,9 +180,10 @@ def acp_search(
         on_step: called after every finished step (progress reporting, tests).
         heads: the heads each block keeps, when they were chosen first (all when None); the search
             prunes channels of those heads only.
+        cost: what the budget term prices (MACs by default).
     """
     with on_device(runtime, model):
-        return _search_loop(model, geometry, images, config, classifier, runtime, state_path, on_step, heads)
+        return _search_loop(model, geometry, images, config, classifier, runtime, state_path, on_step, heads, cost)
 
 
 def _search_loop(
@@ -193,6 +196,7 @@ def _search_loop(
     state_path: Path | None,
     on_step: Callable[[int], None] | None,
     heads: KeptHeads | None = None,
+    cost: CostModel = MACS,
 ) -> AcpResult:
     """The indicator training on ``runtime.device``; the result is on the CPU."""
     model.eval()  # before the calibration capture, as in the loop
@@ -202,19 +206,20 @@ def _search_loop(
     initial = gates.scores()
     optimiser = SharedScaleAdam(gates.parameters(), lr=config.lr) if config.optimiser == "shared-scale" else \
         torch.optim.Adam(gates.parameters(), lr=config.lr)
-    dense = float(model_macs(geometry))
+    dense = float(cost.total(geometry))
+    shown = "MACs" if cost.name == "macs" else "latency"
 
     def step_loss(step: int, batch: torch.Tensor, student: nn.Module, target: torch.Tensor | None) -> tuple[torch.Tensor, str]:
         kd = distill_step_loss(model, student, batch, classifier, runtime, target)
-        ratio = gates.expected_macs() / dense
+        ratio = gates.expected_cost(cost) / dense
         ramp = config.polarize * done_fraction(step, config.steps)
         loss = kd + config.budget_weight * torch.relu(ratio - config.budget) + ramp * polarisation(gates)
-        return loss, f"kd {kd.item():.4f}  E[MACs] {ratio.item():.3f}"
+        return loss, f"kd {kd.item():.4f}  E[{shown}] {ratio.item():.3f}"
 
     loop = LoopConfig("acp search", config.steps, config.batch_size, config.seed, config.checkpoint_every)
     train_gates(model, gates, optimiser, pool, loop, classifier, runtime, step_loss, state_path, on_step)
     if weights is not None:
         weights = tuple(BlockScores(qk=w.qk.cpu(), v=w.v.cpu(), mlp=w.mlp.cpu()) for w in weights)
     with torch.no_grad():
-        ratio = float(gates.expected_macs() / dense)
+        ratio = float(gates.expected_cost(cost) / dense)
     return AcpResult(indicators=gates.scores(), initial=initial, weights=weights, widths=gates.soft_widths(), expected_ratio=ratio)

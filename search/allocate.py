@@ -1,10 +1,12 @@
-"""The budget solver: share kept widths out across blocks so the plan fits a MAC budget exactly.
+"""The budget solver: share kept widths out across blocks so the plan fits a budget exactly.
 
-Starting from the dense model, it removes one ``align``-sized chunk at a time from whichever
-(block, group) loses the least normalised importance per MAC saved, until MACs ≤ budget × dense.
-Widths therefore differ between blocks, every pruned width is a multiple of ``align`` (GEMM kernels
-stay fast), and no width falls below ``align``. MACs are counted exactly (``search.macs``), so
-the final plan never exceeds the budget.
+The budget is a fraction of a cost model's dense cost (``search.cost``): MACs by default, or the
+latency a measured table predicts on a target (``search.latency_table``). Starting from the dense
+model, it removes one ``align``-sized chunk at a time from whichever (block, group) loses the least
+normalised importance per unit of cost saved, until cost ≤ budget × dense. Widths therefore differ
+between blocks, every pruned width is a multiple of ``align`` (GEMM kernels stay fast), and no
+width falls below ``align``. Costs are evaluated exactly under the model (MACs are integers), so
+the final plan never exceeds the budget it was solved for.
 
 Scores are divided by their group's mean per (head, channel) or per unit, which makes a q/k chunk
 (align channels in each of H heads) and an MLP chunk (align units) comparable: both cost roughly
@@ -28,7 +30,8 @@ import torch
 from search.attention import get_kind
 from search.core.errors import BudgetError, PlanError
 from search.importance import BlockScores
-from search.macs import BlockWidths, ModelGeometry, block_macs, model_macs, unit_macs
+from search.cost import MACS, CostModel
+from search.macs import BlockWidths, ModelGeometry, model_macs
 from search.plan import BlockPlan, KeptHeads, Plan
 
 GROUPS = ("qk", "v", "mlp")
@@ -39,7 +42,7 @@ class SolverConfig:
     """How the solver turns scores into a plan.
 
     Attributes:
-        budget: fraction of dense MACs to keep, in (0, 1].
+        budget: fraction of the dense cost (MACs, or latency under a table) to keep, in (0, 1].
         align: kept widths are multiples of this (dense widths may stay as they are).
         per_head_indices: choose q/k and v indices in each head separately (same count per head)
             instead of the same indices in every head.
@@ -104,28 +107,32 @@ def min_widths(geometry: ModelGeometry, align: int, heads: KeptHeads | None = No
     )
 
 
-def _check_floor(geometry: ModelGeometry, config: SolverConfig, heads: KeptHeads | None, target: float, dense: int) -> None:
+def _check_floor(geometry: ModelGeometry, config: SolverConfig, heads: KeptHeads | None, target: float, dense: float,
+                 cost: CostModel) -> None:
     """BudgetError (naming the fix) when even the smallest aligned model is above ``target``."""
-    floor = model_macs(geometry, min_widths(geometry, config.align, heads))
+    floor = float(cost.total(geometry, min_widths(geometry, config.align, heads)))
     if floor > target:
         kept = "" if heads is None else f" and the {sum(map(len, heads))} heads chosen"
+        option = "--budget" if cost.name == "macs" else "--latency-budget"
         raise BudgetError(
             f"budget {config.budget:g} is unreachable: the smallest model with widths aligned to "
-            f"{config.align}{kept} keeps {floor / dense:.3f} of the MACs; raise --budget or lower --align"
+            f"{config.align}{kept} keeps {floor / dense:.3f} of the {cost.label}; raise {option} or lower --align"
             + ("" if heads is None else " (or keep fewer heads)")
         )
 
 
 def solve_widths(
-    geometry: ModelGeometry, scores: tuple[BlockScores, ...], config: SolverConfig, heads: KeptHeads | None = None
+    geometry: ModelGeometry, scores: tuple[BlockScores, ...], config: SolverConfig, heads: KeptHeads | None = None,
+    cost: CostModel = MACS,
 ) -> tuple[BlockWidths, ...]:
-    """Kept widths per block with MACs ≤ budget × dense; raises BudgetError when unreachable.
+    """Kept widths per block with cost ≤ budget × dense; raises BudgetError when unreachable.
 
     ``heads``: the heads each block keeps (all when None); only their channels are scored and cut.
+    ``cost``: what the budget is a fraction of (MACs by default).
     """
-    dense = model_macs(geometry)
+    dense = cost.total(geometry)
     target = config.budget * dense
-    _check_floor(geometry, config, heads, target, dense)
+    _check_floor(geometry, config, heads, target, dense, cost)
     kept_rows = [list(range(g.attention.num_heads)) if heads is None else list(heads[i]) for i, g in enumerate(geometry.blocks)]
     costs = [
         {g: _removal_costs(getattr(s, g) if g == "mlp" else getattr(s, g)[rows], config.per_head_indices, config.normalise)
@@ -134,9 +141,10 @@ def solve_widths(
     ]
     widths = list(start_widths(geometry, heads))
     full_widths = tuple(widths)
-    macs = model_macs(geometry, full_widths)
-    while macs > target:
-        best: tuple[float, int, str, int, int] | None = None
+    spent = cost.total(geometry, full_widths)
+    tiny = 1e-12 * float(dense)  # a move that saves nothing (a flat stretch of a measured curve) still ranks, last
+    while spent > target:
+        best: tuple[float, int, str, int, float] | None = None
         for i, w in enumerate(widths):
             dense_w = full_widths[i]
             for g in costs[i]:
@@ -146,13 +154,14 @@ def solve_widths(
                     continue
                 full = getattr(dense_w, g)
                 lost = float(costs[i][g][full - cur : full - nxt].sum())
-                saved = unit_macs(geometry, i, w, g) * (cur - nxt)
-                if best is None or lost / saved < best[0]:
-                    best = (lost / saved, i, g, nxt, saved)
+                saved = cost.block(geometry, i, w) - cost.block(geometry, i, replace(w, **{g: nxt}))
+                ratio = lost / max(float(saved), tiny)
+                if best is None or ratio < best[0]:
+                    best = (ratio, i, g, nxt, saved)
         assert best is not None, "floor check guarantees a move exists while above target"
         _, i, g, nxt, saved = best
         widths[i] = replace(widths[i], **{g: nxt})
-        macs -= saved
+        spent = spent - saved if cost is MACS else cost.total(geometry, widths)
     return tuple(widths)
 
 
@@ -169,9 +178,10 @@ def _nearest(target: float, full: int, floor: int, align: int) -> int:
 
 
 def round_widths(
-    geometry: ModelGeometry, targets: tuple[BlockWidths, ...], config: SolverConfig, heads: KeptHeads | None = None
+    geometry: ModelGeometry, targets: tuple[BlockWidths, ...], config: SolverConfig, heads: KeptHeads | None = None,
+    cost: CostModel = MACS,
 ) -> tuple[BlockWidths, ...]:
-    """Aligned widths nearest the (fractional) ``targets``, with MACs ≤ budget × dense.
+    """Aligned widths nearest the (fractional) ``targets``, with cost ≤ budget × dense.
 
     Each q/k, v and MLP width is first rounded to the nearest allowed width (multiples of ``align``,
     or the start width). Then, while over budget, one step is taken off the group whose width lies
@@ -179,9 +189,9 @@ def round_widths(
     the group lying furthest below it, so the plan uses the budget as the greedy solver does.
     Raises BudgetError when the budget is unreachable at this alignment.
     """
-    dense = model_macs(geometry)
+    dense = cost.total(geometry)
     target = config.budget * dense
-    _check_floor(geometry, config, heads, target, dense)
+    _check_floor(geometry, config, heads, target, dense, cost)
     full = start_widths(geometry, heads)
     floor = min_widths(geometry, config.align, heads)
     widths = [
@@ -192,26 +202,26 @@ def round_widths(
     def gap(i: int, g: str) -> float:
         return (float(getattr(targets[i], g)) - getattr(widths[i], g)) / getattr(full[i], g)
 
-    macs = model_macs(geometry, tuple(widths))
-    while macs > target:
+    spent = cost.total(geometry, tuple(widths))
+    while spent > target:
         moves = [(i, g, nxt) for i, w in enumerate(widths) for g in GROUPS
                  if getattr(full[i], g) and (nxt := _next_width(getattr(w, g), config.align)) is not None
                  and nxt >= getattr(floor[i], g)]
         i, g, nxt = min(moves, key=lambda m: gap(m[0], m[1]))
         widths[i] = replace(widths[i], **{g: nxt})
-        macs = model_macs(geometry, tuple(widths))
+        spent = cost.total(geometry, tuple(widths))
     while True:
         moves = []
         for i, w in enumerate(widths):
             for g in GROUPS:
                 up = _step_up(getattr(w, g), getattr(full[i], g), config.align)
-                if up is not None and macs - block_macs(geometry, i, w) + block_macs(geometry, i, replace(w, **{g: up})) <= target:
+                if up is not None and spent - cost.block(geometry, i, w) + cost.block(geometry, i, replace(w, **{g: up})) <= target:
                     moves.append((i, g, up))
         if not moves:
             return tuple(widths)
         i, g, up = max(moves, key=lambda m: gap(m[0], m[1]))
         widths[i] = replace(widths[i], **{g: up})
-        macs = model_macs(geometry, tuple(widths))
+        spent = cost.total(geometry, tuple(widths))
 
 
 def _top(scores: torch.Tensor, k: int) -> tuple[int, ...]:
@@ -242,12 +252,14 @@ def make_plan(
     method: str,
     heads: KeptHeads | None = None,
     targets: tuple[BlockWidths, ...] | None = None,
+    cost: CostModel = MACS,
 ) -> Plan:
     """Solve widths under the budget and pick the indices to keep: the search's final Plan.
 
     ``heads``: the heads each block keeps, when a head-pruning method chose them (all when None).
     ``targets``: widths a search converged to; they are rounded under the budget (``round_widths``)
     instead of being re-derived from the scores (``solve_widths``).
+    ``cost``: what the budget is a fraction of; a plan under a latency table records its predicted ratio.
     """
     shared = sorted({g.kind for g in geometry.blocks if get_kind(g.kind).shared_v_indices})
     if config.per_head_indices and shared:
@@ -255,7 +267,8 @@ def make_plan(
             f"--per-head-indices cannot prune {', '.join(shared)} attention: a part shared by its heads (the DWC) "
             "reads the v channels, so every head must keep the same ones; drop --per-head-indices"
         )
-    widths = solve_widths(geometry, scores, config, heads) if targets is None else round_widths(geometry, targets, config, heads)
+    widths = solve_widths(geometry, scores, config, heads, cost) if targets is None else \
+        round_widths(geometry, targets, config, heads, cost)
     kept = (None,) * len(widths) if heads is None else heads
     blocks = tuple(select_indices(s, w, config.per_head_indices, h) for s, w, h in zip(scores, widths, kept))
     plan = Plan(
@@ -267,6 +280,7 @@ def make_plan(
         dense_macs=model_macs(geometry),
         pruned_macs=model_macs(geometry, widths),
         blocks=blocks,
+        **_cost_fields(cost, geometry, widths),
     )
     plan.check(geometry, model)
     return plan
@@ -281,18 +295,20 @@ def head_plan(
     img_size: int,
     method: str,
     align: int = 1,
+    cost: CostModel = MACS,
 ) -> Plan:
     """The Plan that keeps ``heads`` whole (every channel of a kept head, every MLP unit) and nothing else.
 
-    What a heads-only method (``dsp``, ``head-magnitude``) produces. Its MACs follow from the heads;
-    BudgetError when they exceed ``budget`` × dense (the caller chose too many heads for it). ``align``
+    What a heads-only method (``dsp``, ``head-magnitude``) produces. Its cost follows from the heads;
+    BudgetError when it exceeds ``budget`` × dense (the caller chose too many heads for it). ``align``
     is only recorded: no width is cut, and dense widths may stay as they are under any align.
     """
     widths = start_widths(geometry, heads)
     dense, pruned = model_macs(geometry), model_macs(geometry, widths)
-    if pruned > budget * dense:
+    spent, whole = float(cost.total(geometry, widths)), float(cost.total(geometry))
+    if spent > budget * whole:
         raise BudgetError(
-            f"keeping {sum(map(len, heads))} whole heads leaves {pruned / dense:.3f} of the MACs, above the budget "
+            f"keeping {sum(map(len, heads))} whole heads leaves {spent / whole:.3f} of the {cost.label}, above the budget "
             f"{budget:g}; keep fewer heads (--heads), or use --method dsp+acp to cut channels as well"
         )
     blocks = tuple(
@@ -301,6 +317,14 @@ def head_plan(
         for kept, g in zip(heads, geometry.blocks)
     )
     plan = Plan(model=model, img_size=img_size, method=method, budget=budget, align=align, dense_macs=dense, pruned_macs=pruned,
-                blocks=blocks)
+                blocks=blocks, **_cost_fields(cost, geometry, widths))
     plan.check(geometry, model)
     return plan
+
+
+def _cost_fields(cost: CostModel, geometry: ModelGeometry, widths: tuple[BlockWidths, ...]) -> dict[str, object]:
+    """The plan's record of its cost model: nothing for MACs, the predicted ratio and table for latency."""
+    if cost.name == "macs":
+        return {}
+    return {"cost": cost.name, "cost_ratio": float(cost.total(geometry, widths)) / float(cost.total(geometry)),
+            "cost_table": getattr(cost, "key", None)}

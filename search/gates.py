@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from search.attention import get_kind
+from search.cost import CostModel
 from search.families import get_family
 from search.importance import BlockScores
 from search.macs import BlockWidths, ModelGeometry, block_macs
@@ -114,6 +115,17 @@ class ChannelGates(nn.Module):
         total = torch.tensor(float(self.geometry.fixed_macs), dtype=torch.float64, device=self.qk[0].device)
         for i in range(len(self.geometry.blocks)):
             total = total + block_macs(self.geometry, i, self._widths(i))
+        return total
+
+    def expected_cost(self, cost: CostModel) -> torch.Tensor:
+        """Differentiable cost of the soft widths under ``cost`` (MACs, or a measured latency table).
+
+        The same soft widths as :meth:`expected_macs`; a latency table interpolates its measured
+        curves piecewise-linearly, so the gradient of a width is its segment's slope.
+        """
+        total = torch.tensor(float(cost.fixed(self.geometry)), dtype=torch.float64, device=self.qk[0].device)
+        for i in range(len(self.geometry.blocks)):
+            total = total + cost.block(self.geometry, i, self._widths(i))
         return total
 
     def soft_widths(self) -> tuple[BlockWidths, ...]:

@@ -1,8 +1,10 @@
 """Head selection, shared by every head-pruning method: how many heads are kept, where, and which.
 
-- **How many.** K heads in the whole model, given (``--heads K``) or derived from the MAC budget
+- **How many.** K heads in the whole model, given (``--heads K``) or derived from the budget
   (:func:`heads_for_budget`): the largest K whose *head-only* pruned model (every kept head whole,
-  every MLP unit kept) keeps at most that fraction of the dense MACs.
+  every MLP unit kept) keeps at most that fraction of the dense cost: MACs, or the latency a
+  measured table predicts on the target (``search.cost``), where a head's share of the time may
+  differ from its share of the MACs (softmax, per-head overheads).
 - **Where** (the scope). ``layer``: every block keeps its share of K, fixed before the search
   (:func:`layer_counts`: K split in proportion to the blocks' head counts, by largest remainder;
   with equal blocks, the blocks that get one head more are the first ones). ``global``: the K best
@@ -25,7 +27,8 @@ from search.attention import kind_of
 from search.choices import HEAD_SCOPES
 from search.core.errors import BudgetError, OptionError
 from search.families import family_of
-from search.macs import BlockWidths, ModelGeometry, model_macs
+from search.cost import MACS, CostModel
+from search.macs import BlockWidths, ModelGeometry
 from search.plan import KeptHeads
 
 SCOPES = HEAD_SCOPES
@@ -96,38 +99,45 @@ def head_only_widths(geometry: ModelGeometry, counts: Sequence[int]) -> tuple[Bl
     )
 
 
-def head_costs(geometry: ModelGeometry) -> tuple[int, ...]:
-    """MACs of one whole head in each block (every attention term is linear in the head count)."""
-    empty = model_macs(geometry, head_only_widths(geometry, [0] * len(geometry.blocks)))
+def head_costs(geometry: ModelGeometry, cost: CostModel = MACS) -> tuple[float, ...]:
+    """Cost of one whole head in each block, the block's other heads removed.
+
+    Every MAC term is linear in the head count, so under MACs this is every head's cost; a measured
+    latency need not be linear, and the first head of a block (which brings back its norm and
+    projections) is then its most expensive one, the price :func:`heads_for_budget` assumes.
+    """
+    empty = cost.total(geometry, head_only_widths(geometry, [0] * len(geometry.blocks)))
     costs = []
     for i in range(len(geometry.blocks)):
         one = [0] * len(geometry.blocks)
         one[i] = 1
-        costs.append(model_macs(geometry, head_only_widths(geometry, one)) - empty)
+        costs.append(cost.total(geometry, head_only_widths(geometry, one)) - empty)
     return tuple(costs)
 
 
-def heads_for_budget(geometry: ModelGeometry, budget: float, scope: str) -> int:
-    """The largest K whose head-only model keeps at most ``budget`` of the dense MACs.
+def heads_for_budget(geometry: ModelGeometry, budget: float, scope: str, cost: CostModel = MACS) -> int:
+    """The largest K whose head-only model keeps at most ``budget`` of the dense cost (MACs by default).
 
     Layer scope: the model with :func:`layer_counts` heads. Global scope: the blocks the K heads
     land in are known only after the search, so K is priced at its worst case, the K most expensive
-    heads; any choice of K heads then fits. In a ViT every head costs the same, so this is exact;
-    with mixed attention kinds (a FLatten ``--pattern``) it is conservative.
+    heads; any choice of K heads then fits. In a ViT every head costs the same MACs, so this is exact
+    under MACs; with mixed attention kinds (a FLatten ``--pattern``) or a measured latency it is
+    conservative.
 
     Raises:
         BudgetError: even the model without any head exceeds the budget.
     """
-    dense = model_macs(geometry)
+    dense = cost.total(geometry)
     n = total_heads(geometry)
-    empty = model_macs(geometry, head_only_widths(geometry, [0] * len(geometry.blocks)))
+    empty = cost.total(geometry, head_only_widths(geometry, [0] * len(geometry.blocks)))
     if empty > budget * dense:
+        option = "--budget" if cost.name == "macs" else "--latency-budget"
         raise BudgetError(
             f"budget {budget:g} is out of reach by removing heads alone: the model without any head keeps "
-            f"{empty / dense:.3f} of the MACs; raise --budget, or use --method dsp+acp to cut channels as well"
+            f"{empty / dense:.3f} of the {cost.label}; raise {option}, or use --method dsp+acp to cut channels as well"
         )
     if scope == "global":
-        per_head = sorted((c for g, c in zip(geometry.blocks, head_costs(geometry)) for _ in range(g.attention.num_heads)),
+        per_head = sorted((c for g, c in zip(geometry.blocks, head_costs(geometry, cost)) for _ in range(g.attention.num_heads)),
                           reverse=True)
         macs, k = empty, 0
         while k < n and macs + per_head[k] <= budget * dense:
@@ -135,7 +145,7 @@ def heads_for_budget(geometry: ModelGeometry, budget: float, scope: str) -> int:
             k += 1
         return k
     for k in range(n, -1, -1):
-        if model_macs(geometry, head_only_widths(geometry, layer_counts(geometry, k))) <= budget * dense:
+        if cost.total(geometry, head_only_widths(geometry, layer_counts(geometry, k))) <= budget * dense:
             return k
     return 0  # unreachable: k = 0 fits (checked above)
 

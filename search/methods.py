@@ -23,6 +23,7 @@ from torch import nn
 from search.acp import AcpConfig, acp_search
 from search.choices import HEAD_SHARE, METHOD_NAMES
 from search.core.runtime import Runtime
+from search.cost import MACS, CostModel
 from search.dsp import DspConfig, dsp_search
 from search.heads import HeadTarget, head_magnitude_scores, top_heads
 from search.importance import BlockScores, magnitude_scores, random_scores
@@ -45,6 +46,7 @@ class SearchInputs:
         heads: how many heads a head-pruning method keeps, and over which scope (None for others).
         dsp: settings of the DSP head search.
         kept: the heads chosen by the method's head stage, once it ran (None: every head).
+        cost: what the budget is a fraction of (``search.cost``: MACs, or a measured latency table).
     """
 
     model: nn.Module
@@ -57,6 +59,7 @@ class SearchInputs:
     heads: HeadTarget | None = None
     dsp: DspConfig = DspConfig()
     kept: KeptHeads | None = None
+    cost: CostModel = MACS
 
     def stage_path(self, stage: str) -> Path | None:
         """The checkpoint of one stage of a two-stage method (``search-KEY-heads.pt``)."""
@@ -111,7 +114,7 @@ def _magnitude_heads(i: SearchInputs) -> KeptHeads:
 
 
 def _acp(i: SearchInputs) -> ChannelChoice:
-    found = acp_search(i.model, i.geometry, i.images, i.acp, i.classifier, i.runtime, i.state_path, heads=i.kept)
+    found = acp_search(i.model, i.geometry, i.images, i.acp, i.classifier, i.runtime, i.state_path, heads=i.kept, cost=i.cost)
     return ChannelChoice(found.scores, found.widths)
 
 

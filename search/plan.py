@@ -92,11 +92,14 @@ class Plan:
         model: timm model name the plan was made for.
         img_size: input resolution the MACs were counted at.
         method: the selection method that produced it (magnitude, random, acp, dense, ...).
-        budget: fraction of dense MACs asked for.
+        budget: fraction of the dense cost asked for (MACs, unless ``cost`` says latency).
         align: every pruned width is a multiple of this.
         dense_macs: MACs of the dense model at batch 1.
-        pruned_macs: MACs of the pruned model at batch 1 (≤ budget × dense_macs).
+        pruned_macs: MACs of the pruned model at batch 1 (≤ budget × dense_macs under a MAC budget).
         blocks: one BlockPlan per transformer block.
+        cost: what ``budget`` is a fraction of: ``macs``, or ``latency`` (a measured table, ``search.cost``).
+        cost_ratio: under a latency budget, the latency ratio the table predicts (None for MACs).
+        cost_table: under a latency budget, the key of the table it was solved with.
     """
 
     model: str
@@ -107,6 +110,9 @@ class Plan:
     dense_macs: int
     pruned_macs: int
     blocks: tuple[BlockPlan, ...]
+    cost: str = "macs"
+    cost_ratio: float | None = None
+    cost_table: str | None = None
 
     @property
     def mac_ratio(self) -> float:
@@ -151,7 +157,11 @@ class Plan:
         return cls(model, img_size, "dense", 1.0, 1, macs, macs, blocks)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION, **asdict(self)}
+        data = {"format": FORMAT, "version": VERSION, **asdict(self)}
+        if self.cost == "macs":  # a MAC plan's file stays what it always was
+            for key in ("cost", "cost_ratio", "cost_table"):
+                del data[key]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -180,6 +190,9 @@ class Plan:
                 dense_macs=int(data["dense_macs"]),
                 pruned_macs=int(data["pruned_macs"]),
                 blocks=blocks,
+                cost=str(data.get("cost", "macs")),
+                cost_ratio=None if data.get("cost_ratio") is None else float(data["cost_ratio"]),
+                cost_table=None if data.get("cost_table") is None else str(data["cost_table"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"plan file is malformed ({type(exc).__name__}: {exc})") from None

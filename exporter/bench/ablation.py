@@ -50,6 +50,7 @@ from search.core.runtime import Runtime
 from search.data import image_folder, stack_images
 from search.fashion_mnist import write_image_folder
 from search.models import load_model
+from exporter.machine import describe_cpu
 
 OUT = Path("artifacts/bench")
 CACHE = Path(".cache/ablation")
@@ -301,7 +302,7 @@ def markdown(summary: list[dict[str, Any]], cfg: BenchConfig, meta: dict[str, An
         f"- acp defaults: {meta['defaults']}",
         f"- cut to fit about 2 hours on 2 CPU cores: {cfg.img_size} px inputs instead of 224, a {10 * cfg.bank_per_class}-image bank, "
         f"the switched-part rows at {', '.join(map(str, SWITCH_BUDGETS))} only",
-        f"- machine: {meta['machine'].get('cpu_model')}, {meta['machine'].get('cpu_count')} CPUs; created {meta['created']}",
+        f"- machine: {describe_cpu(meta['machine'])}; created {meta['created']}",
         "- reproduce: `python -m exporter.bench.ablation`",
         "",
         "| row | budget | seeds | MAC ratio | before recovery | vs acp | verdict | after recovery | vs acp | verdict | after, vs dense | after, vs dense through recovery |",

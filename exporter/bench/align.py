@@ -37,6 +37,7 @@ from torch import nn
 from exporter.latency import machine_info, measure_latency
 from search.attention.softmax import PrunedAttention
 from search.core.atomic import atomic_path
+from exporter.machine import describe_cpu
 
 TOKENS = 197
 EMBED = 768
@@ -196,7 +197,7 @@ def markdown(timings: Sequence[WidthTiming], advice: dict[str, Any], settings: d
     lines = [
         "# Latency against kept width (ORT CPU)",
         "",
-        f"{m.get('cpu_model')}, {m.get('cpus_usable')} usable cores, onnxruntime {m.get('onnxruntime')}; "
+        f"{describe_cpu(m)}, onnxruntime {m.get('onnxruntime')}; "
         f"{settings['threads']} threads, batch 1, spinning off, {settings['runs']} interleaved rounds; each width's",
         "latency is its median share of the round's total (drift between rounds divided out) times the median total.",
         "Efficiency is MACs per µs.",

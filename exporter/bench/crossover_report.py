@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from search.core.atomic import atomic_path
+from exporter.machine import describe_cpu
 
 
 def _g(macs: int) -> str:
@@ -34,7 +35,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"`{report['models']['linear']}` (every block FLatten), both built with `img_size` = px. Pruned rows keep {budget} of",
         f"their own dense MACs (magnitude scores, `--align {cfg['align']}`, the project's planner and surgery).",
         "",
-        f"Machine: {m.get('cpu_model')}, {m.get('cpus_usable')} usable cores, onnxruntime {m.get('onnxruntime')}, "
+        f"Machine: {describe_cpu(m)}, onnxruntime {m.get('onnxruntime')}, "
         f"torch {m.get('torch')}. {cfg['threads']} intra-op threads, spinning off, CPUExecutionProvider, batch 1.",
         "The four files of one size were timed in one interleaved run, repeated in independent passes, each in a fresh",
         "process. `ms` is the median over passes of each pass's median; `ratio` is that over softmax dense's at the same",

@@ -12,6 +12,10 @@ What it runs, on the first CUDA device:
    replayed as a CUDA graph, interleaved, medians. ONNX Runtime's CUDA provider is timed too when
    this onnxruntime build has it; otherwise PyTorch on CUDA is the GPU latency reference, and the
    report says so.
+4. Latency-budget rows (``exporter.bench.latency_budget_rows``): deit_b and dinov2_s planned at
+   latency budget 0.63 against a table timed on PyTorch with CUDA graphs, fp16 and fp32, batch 1,
+   32 and 256, each measured against the dense model: predicted against measured. The tables are
+   written to ``artifacts/bench/latency_tables/``.
 
     python -m exporter.bench.gpu_check [--checkpoint dinov2_s.safetensors] [--out artifacts/bench]
 """
@@ -30,6 +34,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from exporter.bench.latency_budget_rows import RowsConfig, latency_budget_rows, markdown_rows
 from exporter.pipeline import RunConfig, load_images, resolve_defaults, run
 from exporter.recovery import RecoveryConfig, recover
 from exporter.reweight import add_reweights
@@ -219,6 +224,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"batch 1: dense {ort_['median_ms']['dense']:.3f} ms, pruned {ort_['median_ms']['pruned']:.3f} ms, ratio **{ort_['ratio']:.3f}**")
     else:
         lines.append(ort_["note"] + ".")
+    if report.get("latency_budget"):
+        lines += ["", "## Latency budget 0.63 on PyTorch with CUDA graphs (magnitude plans under each table; "
+                  "predicted against measured, interleaved, medians)", "", *markdown_rows(report["latency_budget"])]
     return "\n".join(lines) + "\n"
 
 
@@ -270,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "throughput": throughput(loaded.model, plan, images.pool, images.held_out, rt, resolved.batch_size),
         "torch_latency": torch_latency(loaded.model, apply_plan(loaded.model, plan), input_size),
         "ort_cuda": ort_cuda_latency(cfg.work_dir / "dense.onnx", cfg.work_dir / "pruned.onnx", input_size),
+        "latency_budget": latency_budget_rows(RowsConfig(target="torch-cuda"), cache=args.out / "latency_tables"),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out / "gpu.json") as tmp:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from search.core.atomic import atomic_path
+from exporter.machine import describe_cpu
 
 REFERENCE = "dense-plain"
 """The artifact every ratio is taken against: a plain ``torch.onnx.export`` of the dense timm model."""
@@ -73,7 +74,7 @@ def markdown(report: dict[str, Any]) -> str:
         "**Random weights** (biases and norm parameters jittered so the graphs match trained ones): latency only;",
         "no accuracy figure here means anything. Plans: magnitude scores on those weights, align 8.",
         "",
-        f"Machine: {m.get('cpu_model')}, {m.get('cpus_usable')} usable cores, onnxruntime {m.get('onnxruntime')}, "
+        f"Machine: {describe_cpu(m)}, onnxruntime {m.get('onnxruntime')}, "
         + (f"openvino {m['openvino']}, " if m.get("openvino") else "")
         + f"torch {m.get('torch')}. {report['threads']} intra-op threads, spinning off, CPUExecutionProvider.",
         "All artifacts of one model were timed in one interleaved run per batch size; figures are medians.",

@@ -11,6 +11,10 @@ Torch-Pruning at matched MACs and then recovered by the same distillation loop.
 
     python -m exporter.bench.quality            # every row
     python -m exporter.bench.quality --quick    # budget 0.63 rows only, small k-NN sets
+
+The latency rows put a plan at ``--latency-budget 0.6`` (ONNX Runtime CPU, batch 1) beside the
+MAC-budget plan of equal measured latency (``exporter.bench.equal_latency``): same method, data and
+recovery, so the difference is where each budget spends the cut.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from exporter.bench.equal_latency import equal_latency_run, latency_summary
 from exporter.bench.figures import pyplot, save_png
 from exporter.latency import machine_info
 from exporter.onnx_export import export_onnx
@@ -43,6 +48,7 @@ from search.knn import knn_top1
 from search.models import load_model
 from search.core.progress import progress_bar
 from search.core.runtime import Runtime
+from exporter.machine import describe_cpu
 
 OUT = Path("artifacts/bench")
 CACHE = Path(".cache/quality-bench")
@@ -89,8 +95,15 @@ def rows(quick: bool) -> list[Row]:
         Row("dense, FLatten (flatten_dinov2_s)", "magnitude", 1.0, {"model": "flatten_dinov2_s", "finetune_steps": 0}),
         Row("acp @ 0.63, FLatten", "acp", 0.63, {"model": "flatten_dinov2_s"}),
         Row("acp @ 0.63, FLatten, no attention init", "acp", 0.63, {"model": "flatten_dinov2_s", "attn_init": False}),
+        # Latency budget against the MAC budget of equal measured latency (exporter.bench.equal_latency).
+        Row(LATENCY_ROW, "acp", 0.6, {"latency_budget": 0.6, "target_runtime": "ort"}),
+        Row(EQUAL_MAC_ROW, "acp", 0.6, {"target_runtime": "ort", "equal_latency_of": LATENCY_ROW}),
     ]
     return table
+
+
+LATENCY_ROW = "acp @ latency 0.6"
+EQUAL_MAC_ROW = "acp @ MAC budget of equal latency"
 
 
 @dataclass(frozen=True)
@@ -188,10 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     with progress_bar("quality bench", total=len(selected) + 1) as advance:
         for row in selected:
             out = CACHE / f"{_slug(row.name)}.onnx"
-            settings = {"method": row.method, "budget": row.budget, "output": out, "finetune_steps": cfg.finetune_steps, **row.overrides}
+            overrides = dict(row.overrides)
+            twin = overrides.pop("equal_latency_of", None)
+            settings = {"method": row.method, "budget": row.budget, "output": out, "finetune_steps": cfg.finetune_steps, **overrides}
             run_cfg = replace(base, **settings)
             try:
-                report = run(run_cfg, console)
+                if twin is not None:
+                    report = equal_latency_run(run_cfg, next(r for r in results if r["row"] == twin), console)
+                else:
+                    report = run(run_cfg, console)
             except UserError as exc:  # a row the method cannot reach is a result too, not a crash
                 results.append({"row": row.name, "method": row.method, "budget": row.budget, "knn_top1": None, "skipped": str(exc)})
                 console.print(f"[bold]{row.name}[/]: skipped: {exc}")
@@ -199,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             acc = knn_of(out, bank, test, threads)
             results.append({
-                "row": row.name, "method": row.method, "budget": row.budget, "mac_ratio": report["macs"]["onnx_ratio"],
+                "row": row.name, "method": row.method, "budget": report["plan"]["budget"], "mac_ratio": report["macs"]["onnx_ratio"],
                 "knn_top1": acc, "device": report["search"]["device"], **recovery_summary(report["recovery"]),
+                **latency_summary(report),
             })
             console.print(f"[bold]{row.name}[/]: MAC ratio {results[-1]['mac_ratio']:.4f}, k-NN top-1 {acc:.4f} (dense {dense_acc:.4f})")
             advance(row.name)
@@ -274,7 +293,7 @@ def write_outputs(results: list[dict[str, Any]], cfg: BenchConfig, quick: bool, 
         "the dense row: the dense model put through the same recovery gains as much (`ablation.md`, row `dense, perturbed, "
         "same recovery, final state`). So `vs dense` is what a user gains over the dense model they have; compare methods "
         "with each other, at the same budget and recovery",
-        f"- machine: {meta['machine'].get('cpu_model')}, {meta['machine'].get('cpu_count')} CPUs; created {meta['created']}",
+        f"- machine: {describe_cpu(meta['machine'])}; created {meta['created']}",
         "- reproduce: `python -m exporter.bench.quality" + (" --quick`" if quick else "` (part of `make bench`)"),
         f"- one row's binomial noise: at most ±{100 * (0.25 / (10 * cfg.test_per_class)) ** 0.5:.1f} points (1 s.e.)",
         "- recovery: held-out relation agreement (student vs dense cosine-similarity structure, 200 images) at "
@@ -283,6 +302,7 @@ def write_outputs(results: list[dict[str, Any]], cfg: BenchConfig, quick: bool, 
         "| row | MAC ratio | k-NN top-1 | vs dense (points) | recovery: relation agreement (kept step) | search and recovery on |",
         "|---|---:|---:|---:|---:|---|",
     ]
+    latency_rows = [r for r in results if r.get("latency_measured") is not None]
     for r in results:
         acc, mac = r.get("knn_top1"), r.get("mac_ratio")
         ra = "" if r.get("relation_agreement_start") is None else \
@@ -291,6 +311,14 @@ def write_outputs(results: list[dict[str, Any]], cfg: BenchConfig, quick: bool, 
             f"| {r['row']} | {'' if mac is None else f'{mac:.4f}'} | {'skipped' if acc is None else f'{100 * acc:.1f}%'} | "
             f"{'' if acc is None else f'{100 * (acc - dense):+.1f}'} | {ra} | {r.get('device', 'cpu')} |"
         )
+    if latency_rows:
+        lines += ["", "Latency rows (ONNX Runtime CPU, batch 1, the run's own interleaved timing of its graph against the "
+                  "dense export; fidelity as the run reports it when it does):", "",
+                  "| row | budget | MAC ratio | latency predicted | latency measured | k-NN top-1 | fidelity |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        for r in latency_rows:
+            lines.append(f"| {r['row']} | {r['budget_kind']} {r['budget']:g} | {r['mac_ratio']:.4f} | {r['latency_predicted']:.3f} | "
+                         f"{r['latency_measured']:.3f} | {100 * r['knn_top1']:.1f}% | {r.get('fidelity') or 'not reported'} |")
     skipped = [r for r in results if r.get("skipped")]
     if skipped:
         lines += ["", "Skipped rows:", *[f"- {r['row']}: {r['skipped']}" for r in skipped]]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from exporter.options import PRECISIONS, QUANTIZE, TARGETS  # noqa: F401  (imported from here by the pipeline)
 from exporter.runtimes import DEFAULT_RUNTIMES
@@ -23,7 +24,8 @@ class RunConfig:
         method: selection method (see ``search.methods``); None means acp for real weights (on --data,
             or on the built-in photographs without it) and magnitude for random weights, which hold
             nothing a search or a recovery could keep.
-        align: kept widths are multiples of this.
+        align: kept widths are multiples of this; None (``--align auto``) takes the latency table's
+            alignment when there is a table (``--latency-budget`` or ``--target-runtime``), else 8.
         checkpoint: state dict to load instead of pretrained weights.
         random_init: allow random weights when no others are available.
         img_size: input resolution; None for the model's default.
@@ -69,13 +71,21 @@ class RunConfig:
             (False) for :class:`search.dsp.DspConfig`'s defaults.
         keep_work: keep the work directory after a successful run. The command line removes it
             unless --keep-work; callers of ``exporter.pipeline.run`` (the benches) keep it by default.
+        latency_budget: set when the budget is a share of the dense latency on the target (then
+            ``budget`` holds the same value); None for a MAC budget.
+        target_runtime: ``--target-runtime`` (``exporter.latency_targets.TARGETS``); None: the first of
+            ``runtimes`` on the CPU. Naming it with a MAC budget times a table too, for ``--align auto``
+            and the predicted latency.
+        latency_batch: the target's batch size.
+        solver_budget: the correction round's budget for the width solver (the search keeps ``budget``).
+        latency_correction: the first round's figures, carried into the correction round's report.
     """
 
     model: str
     budget: float
     output: Path
     method: str | None = None
-    align: int = 8
+    align: int | None = None
     checkpoint: Path | None = None
     random_init: bool = False
     img_size: int | None = None
@@ -116,6 +126,11 @@ class RunConfig:
     dsp_lr: float | None = None
     dsp_straight_through: bool = False
     keep_work: bool = True
+    latency_budget: float | None = None
+    target_runtime: str | None = None
+    latency_batch: int = 1
+    solver_budget: float | None = None
+    latency_correction: dict[str, Any] | None = None
 
     @property
     def work_dir(self) -> Path:
@@ -126,6 +141,11 @@ class RunConfig:
         if self.method is not None:
             return self.method
         return "magnitude" if random_weights else "acp"
+
+    @property
+    def times_target(self) -> bool:
+        """Whether the run builds a latency table (a latency budget, or a target named)."""
+        return self.latency_budget is not None or self.target_runtime is not None
 
     def head_options(self) -> dict[str, object]:
         """The head-pruning options given (not left at their defaults), by their command-line names."""

@@ -87,6 +87,14 @@ class ModelFamily(ABC):
     def fixed_macs(self, model: nn.Module) -> int:
         """MACs at batch 1 that no plan changes (patch embedding, head)."""
 
+    def keep_blocks(self, model: nn.Module, indices: Sequence[int]) -> nn.Module:
+        """A copy of ``model`` that keeps only blocks ``indices`` (none: the fixed parts alone).
+
+        The latency model times these: one block at a time, and the model without any block.
+        The blocks not kept are not copied.
+        """
+        raise UnknownModelError(f"the {self.name} family cannot split its model into parts, so no latency table can be timed")
+
     def mlp_macs(self, embed_dim: int, hidden: int, layout: TokenLayout) -> int:
         """MACs of a two-layer MLP of ``hidden`` units at batch 1."""
         return 2 * layout.tokens * embed_dim * hidden

@@ -11,6 +11,7 @@ MACs. Membership is by class (``VisionTransformer`` and its subclasses), so a mo
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional, Sequence
 
 import torch
@@ -141,6 +142,16 @@ class VisionTransformerFamily(ModelFamily):
 
     def mlp_reweight(self, block: nn.Module) -> nn.Module:
         return getattr(block.mlp, "norm", nn.Identity())
+
+    def keep_blocks(self, model: nn.Module, indices: Sequence[int]) -> nn.Module:
+        blocks = model.blocks
+        model.blocks = nn.Sequential()
+        try:
+            part = copy.deepcopy(model)
+        finally:
+            model.blocks = blocks
+        part.blocks = nn.Sequential(*(copy.deepcopy(blocks[i]) for i in indices))
+        return part
 
     def layout(self, model: nn.Module) -> TokenLayout:
         return TokenLayout(prefix=int(getattr(model, "num_prefix_tokens", 1)), grid=tuple(model.patch_embed.grid_size))
