@@ -231,7 +231,7 @@ def prune_export(
                                    "graphs) after a successful run, to re-run with other export options without searching "
                                    "again. A failed or interrupted run always keeps it, to resume.", rich_help_panel=OUTPUT_PANEL),
 ) -> None:
-    """Prune a vision transformer under a MAC budget and write a validated, self-describing ONNX file."""
+    """Prune a vision transformer under a MAC or latency budget and write a validated, self-describing ONNX file."""
     err = Console(stderr=True, soft_wrap=True)
     try:
         explicit_budget = None if budget is None else parse_budget(budget)

@@ -167,7 +167,7 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | _Rep
     threads = cfg.threads or _default_threads()
     cost, table, latency_target, table_path, table_reused = cost_stage(cfg, loaded, stage, threads)
     if cfg.align is None:
-        cfg = replace(cfg, align=resolve_align(cfg, table))
+        cfg = replace(cfg, align=resolve_align(cfg, table, geometry, cost))
         console.print(f"[dim]--align auto: {cfg.align} ({'from the latency table' if table else 'no latency table, so 8'})[/]")
     if cfg.plan is None:
         check_reachable(cfg, geometry, cost, cfg.align)

@@ -134,7 +134,7 @@ def test_cli_latency_budget_end_to_end(cli_env: Path) -> None:
     # test_vit's blocks are so small that a runtime call's overhead is most of their time: the
     # smallest aligned model still takes about 0.88 of the dense latency, so the budget is 0.97.
     result = invoke("test_vit", "--random-init", "--latency-budget", "0.97", "-o", out, "--threads", "1",
-                    "--latency-runs", "10", "--calib-images", "4")
+                    "--latency-runs", "10", "--calib-images", "4", "--keep-work")
     assert result.exit_code == 0, result.output
     report = json.loads(out.with_suffix(".json").read_text())
     section = report["latency_model"]

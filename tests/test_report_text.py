@@ -46,7 +46,9 @@ FIDELITY = {"images": 150, "inputs": "held-out Fashion-MNIST", "feature_cosine":
             "relation_agreement": 0.874}
 EFFORT = {"name": "quick", "reason": "2 CPU cores, no GPU", "search_steps": 20, "finetune_steps": 30, "search_images": 128,
           "batch_size": 16}
-LATENCY_MODEL = {"target": {"runtime": "ort", "batch": 1}, "predicted_ratio": 0.71, "measured_ratio": 0.698, "budget": 0.7}
+LATENCY_MODEL = {"target": {"label": "ONNX Runtime CPU, fp32, batch 1, 2 threads"}, "table_reused": False, "table_runs": 15,
+                 "align": 8, "budget": 0.7, "predicted_ratio": 0.71, "measured_ratio": 0.698, "noise": 0.012,
+                 "measured_by": "the run's latency stage", "runs": 20, "dense_ms": 10.0, "pruned_ms": 6.98}
 
 
 def test_markdown_leads_with_what_was_kept_then_the_cost():
@@ -67,9 +69,10 @@ def test_markdown_carries_what_a_person_reads_from_the_json():
         "effort: quick (2 CPU cores, no GPU): search steps 20, recovery steps 30, search images 128, batch 16",
         "search: acp on cpu; steps 40, indicator free, widths greedy, gate optimiser adam",
         "recovery: 50 steps, lr 0.0001, batch 16, reweights on; held-out relation_agreement 0.5200 at step 0 → best 0.6100",
-        "latency model: target runtime ort, batch 1; budget 0.7; predicted ratio 0.71; measured ratio 0.698",
+        "latency model: ONNX Runtime CPU, fp32, batch 1, 2 threads, table timed (15 interleaved rounds), align 8",
+        "latency budget 0.7: predicted ratio **0.710**, measured **0.698** ± 0.012",
         "parity (ONNX Runtime vs PyTorch, 16 inputs",
-        "machine: AMD EPYC, 2 CPUs, 2 inference threads, onnxruntime 1.31.1, torch 2.14.1",
+        "machine: AMD EPYC, 2 usable CPUs (instruction sets not recorded), 2 inference threads, onnxruntime 1.31.1, torch 2.14.1",
         "preprocessing: RGB", "bicubic", "mean [0.485, 0.456, 0.406]",
         "ONNX: artifacts/demo/dinov2_s_0.63.onnx, opset 17", "prune-export info",
         "work folder: artifacts/demo/dinov2_s_0.63.work, 397 MB, removed after the run",

@@ -88,11 +88,23 @@ def cost_stage(cfg: RunConfig, loaded: LoadedModel, stage: StagePrinter, threads
     return (table if cfg.latency_budget is not None else MACS), table, target, path, reused
 
 
-def resolve_align(cfg: RunConfig, table: LatencyTable | None) -> int:
-    """``--align``: the one given, else the table's (``--align auto``), else 8."""
+def resolve_align(cfg: RunConfig, table: LatencyTable | None, geometry: ModelGeometry | None = None,
+                  cost: CostModel | None = None) -> int:
+    """``--align``: the one given, else the table's (``--align auto``), else 8.
+
+    With ``geometry`` and ``cost``, an automatic alignment is halved (not below 8) while the smallest
+    model it allows would miss the budget: auto picks the fastest alignment the budget can reach.
+    """
     if cfg.align is not None:
         return cfg.align
-    return table.align if table is not None else FALLBACK_ALIGN
+    if table is None:
+        return FALLBACK_ALIGN
+    align = table.align
+    if geometry is not None and cost is not None and cfg.method is not None and not METHODS[cfg.method].prunes_heads:
+        budget = cfg.solver_budget or cfg.budget
+        while align > FALLBACK_ALIGN and float(cost.total(geometry, min_widths(geometry, align))) > budget * float(cost.total(geometry)):
+            align //= 2
+    return align
 
 
 def cheapest_ratio(cfg: RunConfig, geometry: ModelGeometry, cost: CostModel) -> float:
