@@ -290,14 +290,17 @@ def choose_align(widths: Sequence[int], ms: Sequence[float], noise_ms: float, sh
     16, 32) is its mean height above the chord in units of ``a`` units' worth (the chord's slope
     times ``a``): about 1 when the class is padded, about 0 when it is not. The answer is the
     smallest alignment whose class and every coarser class stay below ``share``; a height within
-    ``noise_ms`` counts as none.
+    ``noise_ms`` counts as none, and a step of 64 whose cost is within twice the noise (a block
+    whose time is mostly call overhead) resolves nothing: the answer is then 8.
 
     Returns the alignment and the penalty of each class, for the table and the report.
     """
     if len(widths) != 9 or any(b - a != 8 for a, b in zip(widths, widths[1:])) or widths[0] % 64:
         raise ValueError("the alignment probe needs widths lo, lo+8, ..., lo+64 with lo a multiple of 64")
     lo, hi, t_lo, t_hi = widths[0], widths[-1], ms[0], ms[-1]
-    slope = max((t_hi - t_lo) / (hi - lo), 1e-12)
+    if t_hi - t_lo <= 2 * noise_ms:  # the step itself is lost in the noise (a block ruled by call overhead)
+        return ALIGN_CANDIDATES[0], {str(a): 0.0 for a in ALIGN_CANDIDATES[:-1]}
+    slope = (t_hi - t_lo) / (hi - lo)
     excess = {w: t - (t_lo + (w - lo) * slope) for w, t in zip(widths, ms)}
     penalties: dict[str, float] = {}
     for a in ALIGN_CANDIDATES[:-1]:

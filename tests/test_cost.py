@@ -65,6 +65,8 @@ def test_choose_align_finds_padding_and_ignores_noise() -> None:
     by16 = [10 + 0.01 * (-(-(w - 1536) // 16) * 16) for w in widths]
     assert choose_align(widths, by16, noise_ms=0.001)[0] == 16
     assert choose_align(widths, padded, noise_ms=5.0)[0] == 8  # differences within the noise do not count
+    flat = [10 + (0.3 if w % 64 else 0.0) for w in widths]  # call overhead: no step to resolve padding against
+    assert choose_align(widths, flat, noise_ms=0.05)[0] == 8
     with pytest.raises(ValueError):
         choose_align(widths[:-1], linear[:-1], 0.01)
 
