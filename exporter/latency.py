@@ -62,6 +62,15 @@ def machine_info(runtimes: Sequence[str] = ()) -> dict[str, Any]:
     }
 
 
+def _warm_up(runners: Mapping[str, Callable[[], Any]], runs: int, warmup: int) -> None:
+    """Check the round counts, then call every runner ``warmup`` times, untimed."""
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"need runs >= 1 and warmup >= 0; got {runs}, {warmup}")
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+
+
 def interleave(
     runners: Mapping[str, Callable[[], Any]], runs: int, warmup: int = 5, progress: bool = True, title: str = "timing",
 ) -> dict[str, list[float]]:
@@ -71,11 +80,7 @@ def interleave(
     on all of them. ``warmup`` calls of each come first and are not timed. A runner must finish
     its work before it returns (a GPU runner synchronises).
     """
-    if runs < 1 or warmup < 0:
-        raise ValueError(f"need runs >= 1 and warmup >= 0; got {runs}, {warmup}")
-    for run in runners.values():
-        for _ in range(warmup):
-            run()
+    _warm_up(runners, runs, warmup)
     names = list(runners)
     samples: dict[str, list[float]] = {name: [] for name in names}
     with progress_bar(title, total=runs, enabled=progress) as advance:
@@ -102,11 +107,7 @@ def interleave_paired(
 
     Returns (ratios by runner, reference timings in ms by reference name).
     """
-    if runs < 1 or warmup < 0:
-        raise ValueError(f"need runs >= 1 and warmup >= 0; got {runs}, {warmup}")
-    for run in runners.values():
-        for _ in range(warmup):
-            run()
+    _warm_up(runners, runs, warmup)
     names = list(reference)
     ratios: dict[str, list[float]] = {name: [] for name in names}
     bases: dict[str, list[float]] = {ref: [] for ref in set(reference.values())}

@@ -25,6 +25,7 @@ import torch
 from rich.console import Console
 
 from exporter.bench.figures import pyplot, save_png
+from exporter.held_out import torch_outputs
 from exporter.latency import machine_info
 from exporter.pipeline import RunConfig, load_images, resolve_defaults
 from exporter.recovery import RecoveryConfig, recover
@@ -47,12 +48,6 @@ SCHEDULES: dict[str, dict[str, float]] = {
 }
 
 
-def features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([model(c) for c in images.split(64)])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=400)
@@ -73,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = resolve_defaults(RunConfig("dinov2_s", 0.63, Path("/tmp/curve.onnx"), data=train, search_images=1024), False, "cpu")
     images = load_images(cfg, loaded)
     rt = Runtime(torch.device("cpu"))
-    dense_knn = knn_top1(features(loaded.model, bank[0]), bank[1], features(loaded.model, test[0]), test[1])
+    dense_knn = knn_top1(torch_outputs(loaded.model, bank[0]), bank[1], torch_outputs(loaded.model, test[0]), test[1])
     console.print(f"dense k-NN {dense_knn:.4f}")
     result = acp_search(loaded.model, loaded.geometry, images.pool, AcpConfig(budget=0.63, steps=cfg.search_steps), False, rt)
     plan = make_plan(loaded.geometry, result.scores, SolverConfig(0.63, 8), model="dinov2_s", img_size=args.img_size, method="acp")
@@ -89,13 +84,13 @@ def main(argv: list[str] | None = None) -> int:
 
         def on_step(done: int, model=pruned, config=config, curve=curve) -> None:
             if done % config.eval_every == 0 or done == config.steps:
-                curve.append((done, knn_top1(features(model, bank[0]), bank[1], features(model, test[0]), test[1])))
+                curve.append((done, knn_top1(torch_outputs(model, bank[0]), bank[1], torch_outputs(model, test[0]), test[1])))
 
-        start_knn = knn_top1(features(pruned, bank[0]), bank[1], features(pruned, test[0]), test[1])
+        start_knn = knn_top1(torch_outputs(pruned, bank[0]), bank[1], torch_outputs(pruned, test[0]), test[1])
         started = time.perf_counter()
         out = recover(pruned, loaded.model, images.pool, images.held_out, config, False, rt, on_step=on_step)
         fold_reweights(pruned)
-        kept_knn = knn_top1(features(pruned, bank[0]), bank[1], features(pruned, test[0]), test[1])
+        kept_knn = knn_top1(torch_outputs(pruned, bank[0]), bank[1], torch_outputs(pruned, test[0]), test[1])
         curve = [(0, start_knn), *curve]
         best_step, best_knn = max(curve, key=lambda c: c[1])
         rows.append({"schedule": name, "config": asdict(config), "seconds": time.perf_counter() - started,
