@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         out = CACHE / f"{device}-{row.effort}-{'data' if row.data else 'builtin'}-{row.budget:g}.onnx"
         cfg = RunConfig("dinov2_s", row.budget, out, effort=row.effort, data=train_dir if row.data else None, latency_runs=0)
+        shutil.rmtree(cfg.work_dir, ignore_errors=True)  # a row is timed from scratch, never resumed
         load = os.getloadavg()[0]
         start = time.perf_counter()
         report = run(cfg, console)
