@@ -35,16 +35,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from exporter.latency import interleave_paired, median_noise
+from exporter.timing import interleave_paired, median_noise
 from exporter.latency_targets import LatencyTarget
 from exporter.machine import cpu_identity
 from exporter.onnx_export import export_onnx
 from exporter.surgery import apply_plan
 from search.core.progress import progress_bar
 from search.families import get_family
-from search.latency_table import GROUPS, BlockCurves, LatencyTable, block_key, choose_align, fit_curve, fit_scale
-from search.macs import BlockWidths, ModelGeometry, describe, model_macs
-from search.plan import BlockPlan, Plan
+from search.budget.latency_table import GROUPS, BlockCurves, LatencyTable, block_key, choose_align, fit_curve, fit_scale
+from search.budget.macs import BlockWidths, ModelGeometry, describe, model_macs
+from search.budget.plan import BlockPlan, Plan
 
 CACHE_ENV = "PRUNE_EXPORT_CACHE"
 TABLE_VERSION = 3  # 3: each group's savings calibrated on a whole model cut in that group alone

@@ -15,19 +15,19 @@ from typing import Any
 import onnx
 import torch
 
-from exporter.latency import machine_info
+from exporter.timing import machine_info
 from exporter.onnx_macs import count_ops
 from exporter.report import block_rows
-from exporter.runtimes.stages import runtimes_report
+from exporter.stages.runtimes import runtimes_report
 from exporter.stages.config import RunConfig
 from exporter.stages.images import Images
 from exporter.stages.workdir import folder_bytes
-from search.acp import AcpConfig
+from search.methods.acp import AcpConfig
 from search.core.runtime import Runtime
-from search.heads import HeadTarget, total_heads
-from search.methods import SEARCHES_CHANNELS
-from search.models import LoadedModel
-from search.plan import Plan
+from search.methods.heads import HeadTarget, total_heads
+from search.methods.registry import SEARCHES_CHANNELS
+from search.models.load import LoadedModel
+from search.budget.plan import Plan
 
 SEARCHED = ("acp", "dsp", "dsp+acp")
 """The methods that run a search of --search-steps steps."""

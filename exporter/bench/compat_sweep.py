@@ -36,7 +36,7 @@ def check_name(name: str) -> tuple[str, str]:
     ``unchecked``: timm cannot build it on the meta device, so the CLI checks it once built for
     real; ``error``: an exception that is not a UserError, which the CLI would show as an internal error.
     """
-    from search.models import check_architecture
+    from search.models.load import check_architecture
 
     try:
         checked = check_architecture(name)

@@ -47,20 +47,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-import search.flatten_models  # noqa: F401  (registers flatten_deit_s with timm)
+import search.models.flatten.deit  # noqa: F401  (registers flatten_deit_s with timm)
 from exporter.bench.jitter import jitter
 from exporter.bench.crossover_report import markdown, plot
-from exporter.latency import LatencyResult, machine_info, measure_latency
+from exporter.timing import LatencyResult, machine_info, measure_latency
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_onnx_macs
 from exporter.surgery import apply_plan
-from exporter.validate import check_parity
-from search.allocate import SolverConfig, make_plan
+from exporter.parity import check_parity
+from search.budget.allocate import SolverConfig, make_plan
 from search.attention import TokenLayout, get_kind
 from search.core.atomic import atomic_path
 from search.core.errors import ParityError
-from search.importance import magnitude_scores
-from search.macs import ModelGeometry, describe, model_macs
+from search.methods.importance import magnitude_scores
+from search.budget.macs import ModelGeometry, describe, model_macs
 
 DEFAULT_OUT = Path("artifacts/bench")
 DEFAULT_WORK = Path(".cache/bench/crossover")

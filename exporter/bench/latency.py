@@ -45,7 +45,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from search.core.errors import ParityError, RuntimeLoadError
-from exporter.latency import LatencyResult, machine_info, measure_latency
+from exporter.timing import LatencyResult, machine_info, measure_latency
 from exporter.bench.head_plans import head_pruned_plans
 from exporter.bench.jitter import jitter
 from exporter.bench.latency_report import GOAL_ARTIFACTS, OPENVINO_ARTIFACTS, REFERENCE, comparison_lines, goal_lines, markdown, plot
@@ -57,12 +57,12 @@ from exporter.rewrites import optimize_portable
 from exporter.runtimes import openvino as openvino_runtime
 from exporter.runtimes.ort import make_session
 from exporter.surgery import apply_plan
-from exporter.validate import check_parity
-from search.allocate import SolverConfig, make_plan
+from exporter.parity import check_parity
+from search.budget.allocate import SolverConfig, make_plan
 from search.core.atomic import atomic_path
-from search.importance import magnitude_scores
-from search.macs import describe, model_macs
-from search.models import OFFLINE_ENV, load_model
+from search.methods.importance import magnitude_scores
+from search.budget.macs import describe, model_macs
+from search.models.load import OFFLINE_ENV, load_model
 
 DEFAULT_OUT = Path("artifacts/bench")
 DEFAULT_WORK = Path(".cache/bench")
@@ -248,7 +248,7 @@ class _Builder:
                       _fp32_parity(dense23, self.model, self.images))
 
     def torch_pruning(self) -> dict[str, Any]:
-        from search.baselines import torch_pruning_search
+        from search.methods.baselines import torch_pruning_search
 
         target = self.plans[TP_BUDGET].mac_ratio if TP_BUDGET in self.plans else TP_BUDGET
         example = torch.randn(1, *self.input_size)

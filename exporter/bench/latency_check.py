@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from exporter.bench.latency import _plain_export
-from exporter.latency import LatencyResult, machine_info, measure_latency
+from exporter.timing import LatencyResult, machine_info, measure_latency
 from search.core.atomic import atomic_path
-from search.models import OFFLINE_ENV, load_model
+from search.models.load import OFFLINE_ENV, load_model
 
 
 def paired(result: LatencyResult, num: str, den: str) -> dict[str, float]:

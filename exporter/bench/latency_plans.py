@@ -30,11 +30,11 @@ from typing import Any, Sequence
 from rich.console import Console
 
 from exporter.bench.latency import _plain_export
-from exporter.latency import machine_info, measure_latency
+from exporter.timing import machine_info, measure_latency
 from exporter.machine import describe_cpu
 from exporter.pipeline import RunConfig, run
 from search.core.atomic import atomic_path
-from search.models import OFFLINE_ENV, load_model
+from search.models.load import OFFLINE_ENV, load_model
 
 OUT = Path("artifacts/bench")
 WORK = Path(".cache/latency-plans")

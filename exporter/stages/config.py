@@ -8,9 +8,9 @@ from typing import Any
 from exporter.options import PRECISIONS, QUANTIZE, TARGETS  # noqa: F401  (imported from here by the pipeline)
 from exporter.runtimes import DEFAULT_RUNTIMES
 from exporter.stages.effort import Effort, resolve_effort
-from search.acp import AcpConfig
-from search.dsp import DspConfig
-from search.methods import HEAD_SHARE
+from search.methods.acp import AcpConfig
+from search.methods.dsp import DspConfig
+from search.methods.registry import HEAD_SHARE
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,13 @@ from dataclasses import dataclass
 
 import torch
 
-from exporter.checks import check_image_count, min_held_out
+from exporter.input_checks import check_image_count, min_held_out
 from exporter.recovery import HeldOut
 from exporter.stages.config import RunConfig
-from search.builtin_images import builtin_images, describe_builtin
+from search.images.builtin import builtin_images, describe_builtin
 from search.core.errors import OptionError
-from search.data import balanced_subset, image_folder, stack_images
-from search.models import LoadedModel
+from search.images.folders import balanced_subset, image_folder, stack_images
+from search.models.load import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -16,18 +16,18 @@ from typing import Any, Callable, ContextManager
 
 import torch
 
-from exporter.latency import interleave, measure_latency, median_noise
+from exporter.timing import interleave, measure_latency, median_noise
 from exporter.latency_model import latency_table
 from exporter.latency_targets import DEFAULT_TARGET, LatencyTarget, check_target_name, resolve_target
 from exporter.stages.config import RunConfig
-from search.allocate import min_widths
+from search.budget.allocate import min_widths
 from search.core.errors import BudgetError, OptionError
-from search.cost import MACS, CostModel, cost_ratio
-from search.latency_table import LatencyTable
-from search.macs import ModelGeometry
-from search.methods import METHODS
-from search.models import LoadedModel
-from search.plan import Plan
+from search.budget.cost import MACS, CostModel, cost_ratio
+from search.budget.latency_table import LatencyTable
+from search.budget.macs import ModelGeometry
+from search.methods.registry import METHODS
+from search.models.load import LoadedModel
+from search.budget.plan import Plan
 
 StagePrinter = Callable[[str], ContextManager[list[str]]]
 FALLBACK_ALIGN = 8

@@ -17,15 +17,15 @@ from exporter.stages.cache import cached_file, is_fresh, key_of
 from exporter.stages.config import RunConfig
 from exporter.stages.images import Images
 from exporter.stages.workdir import resumed_note
-from search.allocate import SolverConfig, head_plan, make_plan
+from search.budget.allocate import SolverConfig, head_plan, make_plan
 from search.core.atomic import atomic_path
 from search.core.runtime import Runtime
-from search.cost import MACS, CostModel
-from search.heads import HeadTarget, check_total, heads_for_budget, total_heads
-from search.macs import ModelGeometry
-from search.methods import METHODS, SEARCHES_CHANNELS, SearchInputs, head_budget
-from search.models import LoadedModel
-from search.plan import Plan
+from search.budget.cost import MACS, CostModel
+from search.methods.heads import HeadTarget, check_total, heads_for_budget, total_heads
+from search.budget.macs import ModelGeometry
+from search.methods.registry import METHODS, SEARCHES_CHANNELS, SearchInputs, head_budget
+from search.models.load import LoadedModel
+from search.budget.plan import Plan
 
 
 def sync(rt: Runtime) -> None:

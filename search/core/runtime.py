@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from search.choices import DEVICE_PATTERN, check_device_form
+from search.core.choices import DEVICE_PATTERN, check_device_form
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from torch import nn
 
 from search.attention import AttentionActivations, get_kind
 from search.families import get_family
-from search.macs import ModelGeometry
+from search.budget.macs import ModelGeometry
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from exporter.checks import MAX_SEED, check_image_count, check_seed, check_work_dir, min_held_out, replay_settings
+from exporter.input_checks import MAX_SEED, check_image_count, check_seed, check_work_dir, min_held_out, replay_settings
 from search.core.errors import DataError, OptionError, OutputPathError, PlanError, UserError
-from search.plan import Plan
+from search.budget.plan import Plan
 from search.core.runtime import resolve_device
 
 DEFAULTS = (0.63, 8)
@@ -61,7 +61,7 @@ def test_work_dir_taken_by_a_file(tmp_path: Path) -> None:
 
 @pytest.fixture
 def plan_file(tmp_path: Path) -> Path:
-    from search.macs import describe
+    from search.budget.macs import describe
     from tests.conftest import tiny_vit
 
     plan = Plan.dense("tiny", 32, describe(tiny_vit()))

@@ -30,11 +30,11 @@ import torch
 from torch import nn
 
 from search.attention import get_kind
-from search.cost import CostModel
+from search.budget.cost import CostModel
 from search.families import get_family
-from search.importance import BlockScores
-from search.macs import BlockWidths, ModelGeometry, block_macs
-from search.plan import KeptHeads
+from search.methods.importance import BlockScores
+from search.budget.macs import BlockWidths, ModelGeometry, block_macs
+from search.budget.plan import KeptHeads
 
 
 class Gates(Protocol):

@@ -25,7 +25,7 @@ from torch import nn
 
 from search.core.runtime import Runtime
 from search.families import family_of
-from search.gates import Gates
+from search.methods.gates import Gates
 
 
 def block_outputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Sequence
 
-from search.macs import BlockWidths, ModelGeometry, block_macs, model_macs
+from search.budget.macs import BlockWidths, ModelGeometry, block_macs, model_macs
 
 
 class CostModel(Protocol):

@@ -20,15 +20,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from search.acp import AcpConfig, acp_search
-from search.choices import HEAD_SHARE, METHOD_NAMES
+from search.methods.acp import AcpConfig, acp_search
+from search.core.choices import HEAD_SHARE, METHOD_NAMES
 from search.core.runtime import Runtime
-from search.cost import MACS, CostModel
-from search.dsp import DspConfig, dsp_search
-from search.heads import HeadTarget, head_magnitude_scores, top_heads
-from search.importance import BlockScores, magnitude_scores, random_scores
-from search.macs import BlockWidths, ModelGeometry
-from search.plan import KeptHeads
+from search.budget.cost import MACS, CostModel
+from search.methods.dsp import DspConfig, dsp_search
+from search.methods.heads import HeadTarget, head_magnitude_scores, top_heads
+from search.methods.importance import BlockScores, magnitude_scores, random_scores
+from search.budget.macs import BlockWidths, ModelGeometry
+from search.budget.plan import KeptHeads
 
 
 @dataclass(frozen=True)

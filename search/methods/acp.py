@@ -35,19 +35,19 @@ from typing import Callable
 import torch
 from torch import nn
 
-from search.activations import capture
-from search.attention_init import init_logits
-from search.distill import distill_step_loss
-from search.gate_loop import LoopConfig, train_gates
-from search.gate_optim import SharedScaleAdam
-from search.gates import ChannelGates, head_gated
-from search.importance import BlockScores
-from search.choices import DEFAULT_INDICATOR, DEFAULT_OPTIMISER, DEFAULT_WIDTHS, INDICATORS, OPTIMISERS, WIDTHS, check_choice
-from search.cost import MACS, CostModel
-from search.macs import BlockWidths, ModelGeometry
-from search.plan import KeptHeads
+from search.methods.activations import capture
+from search.methods.acp_init import init_logits
+from search.methods.distill import distill_step_loss
+from search.methods.gate_loop import LoopConfig, train_gates
+from search.methods.gate_optim import SharedScaleAdam
+from search.methods.gates import ChannelGates, head_gated
+from search.methods.importance import BlockScores
+from search.core.choices import DEFAULT_INDICATOR, DEFAULT_OPTIMISER, DEFAULT_WIDTHS, INDICATORS, OPTIMISERS, WIDTHS, check_choice
+from search.budget.cost import MACS, CostModel
+from search.budget.macs import BlockWidths, ModelGeometry
+from search.budget.plan import KeptHeads
 from search.core.runtime import Runtime, on_device
-from search.similarity import similarity_weights
+from search.methods.similarity import similarity_weights
 
 
 @dataclass(frozen=True)

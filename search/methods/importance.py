@@ -13,7 +13,7 @@ from torch import nn
 
 from search.attention import kind_of
 from search.families import family_of
-from search.macs import ModelGeometry
+from search.budget.macs import ModelGeometry
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from search.core.errors import PlanError
-from search.macs import BlockWidths, ModelGeometry, model_macs
+from search.budget.macs import BlockWidths, ModelGeometry, model_macs
 
 KeptHeads = tuple[tuple[int, ...], ...]
 """Per block, the sorted indices of the heads it keeps (empty: the block keeps no head)."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from search.activations import BlockActivations
-from search.importance import BlockScores
+from search.methods.activations import BlockActivations
+from search.methods.importance import BlockScores
 
 TOP_K = 4
 

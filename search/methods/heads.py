@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 from search.attention import kind_of
-from search.choices import HEAD_SCOPES
+from search.core.choices import HEAD_SCOPES
 from search.core.errors import BudgetError, OptionError
 from search.families import family_of
-from search.cost import MACS, CostModel
-from search.macs import BlockWidths, ModelGeometry
-from search.plan import KeptHeads
+from search.budget.cost import MACS, CostModel
+from search.budget.macs import BlockWidths, ModelGeometry
+from search.budget.plan import KeptHeads
 
 SCOPES = HEAD_SCOPES
 

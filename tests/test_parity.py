@@ -20,7 +20,7 @@ from search.core.errors import (
     ProviderUnavailableError,
 )
 from exporter.onnx_export import export_onnx
-from exporter.validate import available_providers, check_parity, make_session
+from exporter.parity import available_providers, check_parity, make_session
 from tests.conftest import tiny_vit
 
 

@@ -12,9 +12,9 @@ from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import torch
 
-from exporter.latency import measure_latency
+from exporter.timing import measure_latency
 from exporter.runtimes import InferenceRuntime, get_runtime
-from exporter.validate import ParityResult, check_parity
+from exporter.parity import ParityResult, check_parity
 
 StagePrinter = Callable[[str], ContextManager[list[str]]]
 

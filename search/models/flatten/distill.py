@@ -26,8 +26,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from search.core.progress import progress_bar
-from search.flatten_attention import FocusedLinearAttention
-from search.flatten_dinov2 import NEW_PARAMETERS, new_parameters_state
+from search.models.flatten.attention import FocusedLinearAttention
+from search.models.flatten.dinov2 import NEW_PARAMETERS, new_parameters_state
 
 @dataclass(frozen=True)
 class DistillConfig:
@@ -300,7 +300,7 @@ def fashion_mnist_train_images(
     """
     from PIL import Image
 
-    from search.fashion_mnist import idx_paths, read_idx, select_indices
+    from search.images.fashion_mnist import idx_paths, read_idx, select_indices
 
     images, labels = read_idx(*idx_paths("train"))
     chosen = select_indices(labels, train_per_class + held_out_per_class, seed)

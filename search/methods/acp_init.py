@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from search.activations import BlockActivations
+from search.methods.activations import BlockActivations
 from search.attention import kind_of
 from search.families import family_of
-from search.importance import BlockScores
+from search.methods.importance import BlockScores
 
 LOW, HIGH = 1.0, 4.0
 

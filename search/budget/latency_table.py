@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from search.core.errors import UserError
-from search.cost import interpolate, isotonic, total_of
-from search.macs import BlockGeometry, BlockWidths, ModelGeometry
+from search.budget.cost import interpolate, isotonic, total_of
+from search.budget.macs import BlockGeometry, BlockWidths, ModelGeometry
 
 FORMAT = "prune-export/latency-table"
 VERSION = 1

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from search.core.errors import DataError, OptionError, OutputPathError, PlanError
-from search.methods import SEARCHES_CHANNELS
-from search.plan import Plan
+from search.methods.registry import SEARCHES_CHANNELS
+from search.budget.plan import Plan
 from search.core.runtime import resolve_device
 
 if TYPE_CHECKING:
@@ -80,8 +80,8 @@ def check_head_options(cfg: RunConfig) -> None:
     - A ``--plan`` fixes the heads.
     - The DSP settings apply to dsp and dsp+acp only, the head share to dsp+acp without --heads.
     """
-    from search.heads import SCOPES
-    from search.methods import METHODS
+    from search.methods.heads import SCOPES
+    from search.methods.registry import METHODS
 
     given = cfg.head_options()
     if not given:
@@ -145,7 +145,7 @@ def replay_settings(
 
 def default_budget(method: str | None, heads: int | None, default: float) -> float:
     """The budget when --budget is left out: 1.0 (no constraint) for ``--heads`` with a heads-only method, else ``default``."""
-    from search.methods import METHODS
+    from search.methods.registry import METHODS
 
     known = METHODS.get(method) if method is not None else None
     if heads is not None and known is not None and known.prunes_heads and not known.prunes_channels:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from search.core.errors import UserError
-from search.macs import describe, model_macs
+from search.budget.macs import describe, model_macs
 
 INSTALL_HINT = "pip install 'prune-export[bench]'"
 

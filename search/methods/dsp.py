@@ -39,15 +39,15 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from search.choices import DSP_LR, DSP_T0, DSP_TF
+from search.core.choices import DSP_LR, DSP_T0, DSP_TF
 from search.core.errors import OptionError
 from search.core.runtime import Runtime, on_device
-from search.distill import distill_step_loss
-from search.gate_loop import LoopConfig, train_gates
-from search.gates import head_gated
-from search.heads import HeadTarget, layer_counts, top_heads, total_heads
-from search.macs import ModelGeometry
-from search.plan import KeptHeads
+from search.methods.distill import distill_step_loss
+from search.methods.gate_loop import LoopConfig, train_gates
+from search.methods.gates import head_gated
+from search.methods.heads import HeadTarget, layer_counts, top_heads, total_heads
+from search.budget.macs import ModelGeometry
+from search.budget.plan import KeptHeads
 
 EPS = float(torch.finfo(torch.float64).tiny)
 """Floor of 1 − p inside the log of the soft top-k: the smallest normal float64 (the paper's code, in float32, uses

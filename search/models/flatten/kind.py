@@ -49,11 +49,11 @@ from search.attention.base import (
     split_fused_qkv,
 )
 from search.core.errors import PlanError
-from search.flatten_attention import KERNEL_EPS, NORMALISER_EPS, FocusedLinearAttention
-from search.slicing import check_indices, slice_linear
+from search.models.flatten.attention import KERNEL_EPS, NORMALISER_EPS, FocusedLinearAttention
+from search.cut.slicing import check_indices, slice_linear
 
 if TYPE_CHECKING:
-    from search.plan import BlockPlan
+    from search.budget.plan import BlockPlan
 
 CHUNK_BYTES = 128 * 2**20
 

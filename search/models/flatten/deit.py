@@ -28,7 +28,7 @@ from timm.models.vision_transformer import VisionTransformer, init_weights_vit_t
 from torch import nn
 
 from search.core.errors import WeightsError
-from search.flatten_attention import FocusedLinearAttention
+from search.models.flatten.attention import FocusedLinearAttention
 
 LINEAR = "L"
 SOFTMAX = "S"

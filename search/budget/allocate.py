@@ -29,10 +29,10 @@ import torch
 
 from search.attention import get_kind
 from search.core.errors import BudgetError, PlanError
-from search.importance import BlockScores
-from search.cost import MACS, CostModel
-from search.macs import BlockWidths, ModelGeometry, model_macs
-from search.plan import BlockPlan, KeptHeads, Plan
+from search.methods.importance import BlockScores
+from search.budget.cost import MACS, CostModel
+from search.budget.macs import BlockWidths, ModelGeometry, model_macs
+from search.budget.plan import BlockPlan, KeptHeads, Plan
 
 GROUPS = ("qk", "v", "mlp")
 

