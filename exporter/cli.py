@@ -6,7 +6,7 @@ Progress goes to stderr and the summary table to stdout.
 
 Nothing here imports torch (or a module that does) at module level: ``--help`` and the checks of
 fixed values, the budget, the device's form and the runtimes answer before torch is imported. The
-choices and defaults the help shows come from torch-free modules (``search.choices``,
+choices and defaults the help shows come from torch-free modules (``search.core.choices``,
 ``exporter.options``). Set ``PRUNE_EXPORT_DEBUG=1`` to see the traceback of an internal error.
 """
 from __future__ import annotations

@@ -155,7 +155,7 @@ def measure_latency(
 
     All models get the same random input of shape (batch, *input_size) and a session of
     ``runtime`` on ``provider`` (its CPU when None) with ``threads`` threads: in ONNX Runtime
-    intra-op threads and no spinning (:func:`exporter.validate.make_session`), in OpenVINO
+    intra-op threads and no spinning (:func:`exporter.parity.make_session`), in OpenVINO
     INFERENCE_NUM_THREADS with the latency hint (:mod:`exporter.runtimes.openvino`).
 
     Raises:

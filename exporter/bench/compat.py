@@ -3,7 +3,7 @@
 Every family in :data:`FAMILIES` is tried the way a user would meet it, in seconds:
 
 - First its real model name goes through the architecture check the CLI makes before any weights
-  (:func:`search.models.check_architecture`, on the meta device, so a full-size model costs
+  (:func:`search.models.load.check_architecture`, on the meta device, so a full-size model costs
   nothing). A family prune-export cannot prune must be refused there: the bench then runs the CLI
   itself on that name (``prune-export NAME --random-init -o …``) and records its exit code and its
   one-line message.

@@ -19,7 +19,7 @@ file is checked against its PyTorch model in ONNX Runtime before it is timed; a 
 parity is reported and not timed. The four files of one size are timed in ONE interleaved run
 (batch 1, 2 intra-op threads, spinning off; medians), so their ratios share the machine's drift;
 that run is repeated in three passes, each in a fresh process, because the linear graph's latency
-moved between runs by more than within one (:func:`measure_size`). MACs are given twice: analytic (:mod:`search.macs`) and counted from the graph
+moved between runs by more than within one (:func:`measure_size`). MACs are given twice: analytic (:mod:`search.budget.macs`) and counted from the graph
 (:mod:`exporter.onnx_macs`).
 
 Outputs: crossover.md, .json and .png under ``artifacts/bench``.
@@ -143,7 +143,7 @@ def _paired(passes: Sequence[LatencyResult], name: str) -> dict[str, float]:
 
 
 def time_in_fresh_process(paths: dict[str, Path], **settings: Any) -> LatencyResult:
-    """:func:`exporter.latency.measure_latency` on ``paths``, run in a new (spawned) Python process."""
+    """:func:`exporter.timing.measure_latency` on ``paths``, run in a new (spawned) Python process."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(measure_latency, paths, **settings).result()
 

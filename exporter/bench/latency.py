@@ -111,7 +111,7 @@ QUICK = BenchConfig(
 class Artifact:
     """One ONNX file in the table and the figures that do not need timing.
 
-    ``macs`` is the analytic count (search.macs) of the model the file came from: contrib and
+    ``macs`` is the analytic count (search.budget.macs) of the model the file came from: contrib and
     int8 ops hide their MACs from the ONNX counter, and the arithmetic is the same in every form.
     """
 

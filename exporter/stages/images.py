@@ -28,7 +28,7 @@ def load_images(cfg: RunConfig, loaded: LoadedModel, device: torch.device | str 
 
     - --data: class-balanced images from the ImageFolder (fixed seed), held-out ones labelled;
     - no --data, real weights: augmented crops of the built-in photographs, so the search and the
-      recovery still distil the dense model on natural images (``search.builtin_images``);
+      recovery still distil the dense model on natural images (``search.images.builtin``);
     - no --data, random weights: fixed-seed Gaussian inputs, enough for parity and nothing more.
 
     The built-in crops are drawn on ``device`` (the training device) and returned on the CPU.

@@ -2,7 +2,7 @@
 
 With ``--latency-budget`` (or ``--target-runtime`` named with a MAC budget) the run first gets the
 target's latency table (``exporter.latency_model``; cached on disk), which prices the search and the
-solver (``search.cost``) and sets ``--align auto``. After export the pruned graph is timed against
+solver (``search.budget.cost``) and sets ``--align auto``. After export the pruned graph is timed against
 the dense one on the target, in one interleaved run, and the report's ``latency_model`` section
 puts the measured ratio beside the predicted one. If the measured ratio misses the latency budget
 by more than the run-to-run noise, the run re-plans once with the solver's budget scaled by the

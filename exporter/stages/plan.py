@@ -2,7 +2,7 @@
 
 A head-pruning method first chooses the heads (K from --heads, or from the budget), then, if it
 also cuts channels (dsp+acp), scores the channels of the kept heads; the solver meets the one
-budget either way. The budget is a share of a cost model's dense cost (``search.cost``): MACs, or
+budget either way. The budget is a share of a cost model's dense cost (``search.budget.cost``): MACs, or
 the latency the target's table predicts. A correction round (``exporter.stages.latency``) gives
 the solver a budget of its own and keeps the search's, so the finished search state is reused.
 """
@@ -38,7 +38,7 @@ def head_target(cfg: RunConfig, geometry: ModelGeometry, cost: CostModel = MACS)
     """K and the scope of a head-pruning method (None for the others).
 
     K is ``--heads``, or the largest K whose head-only model fits the budget: the whole budget for a
-    heads-only method, the head share of it for dsp+acp (``search.methods.head_budget``).
+    heads-only method, the head share of it for dsp+acp (``search.methods.registry.head_budget``).
     Raises OptionError or BudgetError (one line) when K is out of range or the budget out of reach.
     """
     if cfg.method is None or not METHODS[cfg.method].prunes_heads:

@@ -29,7 +29,7 @@ def parity_per_runtime(
     stage: StagePrinter, runtimes: Sequence[str], onnx_path: Path, model: torch.nn.Module, inputs: torch.Tensor,
     classifier: bool,
 ) -> dict[str, ParityResult]:
-    """:func:`exporter.validate.check_parity` of ``onnx_path`` in each runtime, one stage each.
+    """:func:`exporter.parity.check_parity` of ``onnx_path`` in each runtime, one stage each.
 
     Raises the first ParityError met, so a file that fails in any runtime is never written.
     """

@@ -1,7 +1,7 @@
 """The budget solver: share kept widths out across blocks so the plan fits a budget exactly.
 
-The budget is a fraction of a cost model's dense cost (``search.cost``): MACs by default, or the
-latency a measured table predicts on a target (``search.latency_table``). Starting from the dense
+The budget is a fraction of a cost model's dense cost (``search.budget.cost``): MACs by default, or the
+latency a measured table predicts on a target (``search.budget.latency_table``). Starting from the dense
 model, it removes one ``align``-sized chunk at a time from whichever (block, group) loses the least
 normalised importance per unit of cost saved, until cost ≤ budget × dense. Widths therefore differ
 between blocks, every pruned width is a multiple of ``align`` (GEMM kernels stay fast), and no

@@ -3,10 +3,10 @@
 Every place that used to count MACs to meet a budget (the acp budget term, the head count of the
 head-pruning methods, the width solver and its rounding) asks a :class:`CostModel` instead:
 
-- :data:`MACS` counts MACs exactly (``search.macs``), so a MAC budget behaves as it always did;
+- :data:`MACS` counts MACs exactly (``search.budget.macs``), so a MAC budget behaves as it always did;
 - :class:`LatencyTable` predicts milliseconds on one target (runtime, device, precision, batch,
   threads, machine) from block latencies measured over a grid of kept widths
-  (``search.latency_table``). ``exporter.latency_model`` times and caches the tables, because
+  (``search.budget.latency_table``). ``exporter.latency_model`` times and caches the tables, because
   timing needs the runtimes and ``search`` never imports ``exporter``.
 
 Both take integer widths (a plan) and soft widths: floats, or torch scalars whose gradient flows
@@ -44,7 +44,7 @@ class CostModel(Protocol):
 
 
 class MacCost:
-    """The analytic MAC count (``search.macs``): exact integers for integer widths."""
+    """The analytic MAC count (``search.budget.macs``): exact integers for integer widths."""
 
     name = "macs"
     unit = "MACs"

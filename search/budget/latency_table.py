@@ -11,7 +11,7 @@ where Δg(x) is the latency of the dense block with only group g at x, minus the
 latency at the dense width (each curve is its own reference, so the noise of one dense timing does
 not shift every curve). The q/k and v deltas are measured with all H heads and scale with the heads kept, since
 every op they change (projections, the q·k and attention·v products) runs once per head. Each
-curve is made non-decreasing (``search.cost.isotonic``) before use: noise never makes a cut look
+curve is made non-decreasing (``search.budget.cost.isotonic``) before use: noise never makes a cut look
 slower than no cut. Where a robust straight line explains a curve's medians to within their noise
 (a shared machine), the line is used instead of the medians (``fit_curve``).
 
@@ -31,7 +31,7 @@ measured saving (clamped to [0.5, 2]). A fifth whole model (q/k, v and MLP halve
 left out of the fit and checks it. ``additivity`` records each, before and after calibration.
 
 The table is plain data (JSON) and imports no torch: soft widths (torch scalars) pass through
-:func:`search.cost.interpolate` untouched, so acp's budget term is differentiable in latency too.
+:func:`search.budget.cost.interpolate` untouched, so acp's budget term is differentiable in latency too.
 """
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ class BlockCurves:
 
 @dataclass(frozen=True)
 class LatencyTable:
-    """Measured latency model of one geometry on one target; a :class:`search.cost.CostModel`.
+    """Measured latency model of one geometry on one target; a :class:`search.budget.cost.CostModel`.
 
     Attributes:
         key: the cache key (geometry, target, machine, grid), a hex digest.

@@ -97,7 +97,7 @@ class Plan:
         dense_macs: MACs of the dense model at batch 1.
         pruned_macs: MACs of the pruned model at batch 1 (≤ budget × dense_macs under a MAC budget).
         blocks: one BlockPlan per transformer block.
-        cost: what ``budget`` is a fraction of: ``macs``, or ``latency`` (a measured table, ``search.cost``).
+        cost: what ``budget`` is a fraction of: ``macs``, or ``latency`` (a measured table, ``search.budget.cost``).
         cost_ratio: under a latency budget, the latency ratio the table predicts (None for MACs).
         cost_table: under a latency budget, the key of the table it was solved with.
     """

@@ -1,6 +1,6 @@
 """The fixed values of the search options and their defaults, in one torch-free place.
 
-The search modules (``search.acp``, ``search.dsp``, ``search.heads``, ``search.methods``) take their
+The search modules (``search.methods.acp``, ``search.methods.dsp``, ``search.methods.heads``, ``search.methods.registry``) take their
 choices and defaults from here, and so does the command line, which must list them in ``--help``
 and refuse a bad value before it imports torch (``--help`` and argument errors answer in about a
 second). Nothing here may import torch or any module that does.
@@ -13,7 +13,7 @@ from typing import Sequence
 from search.core.errors import OptionError
 
 METHOD_NAMES: tuple[str, ...] = ("acp", "magnitude", "random", "dsp", "dsp+acp", "head-magnitude")
-"""Every selection method, in the order the help lists them (``search.methods.METHODS`` has the same keys)."""
+"""Every selection method, in the order the help lists them (``search.methods.registry.METHODS`` has the same keys)."""
 
 INDICATORS: tuple[str, ...] = ("free", "shared")
 DEFAULT_INDICATOR = "free"

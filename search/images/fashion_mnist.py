@@ -6,7 +6,7 @@ class-balanced subset as an image folder (``<out>/<class>/<index>.png``), the la
 reads, so that accuracy kept after pruning is measured on real images with real labels rather than
 on noise.
 
-    python -m search.fashion_mnist --split train --per-class 100 --out data/fmnist-train
+    python -m search.images.fashion_mnist --split train --per-class 100 --out data/fmnist-train
 """
 from __future__ import annotations
 
@@ -309,7 +309,7 @@ def write_image_folder(
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: write the folder and print its path."""
     parser = argparse.ArgumentParser(
-        prog="python -m search.fashion_mnist",
+        prog="python -m search.images.fashion_mnist",
         description="Write a class-balanced Fashion-MNIST subset as <out>/<class>/<index>.png.",
     )
     parser.add_argument("--split", choices=("train", "test"), default="train")

@@ -1,27 +1,27 @@
 """Automatic channel pruning for multi-head attention (Lee & Hwang, 2024): the ``acp`` method.
 
 1. Capture activations on a calibration batch; compute similarity weights and, unless turned off,
-   the attention-difference initial logits (``search.similarity``, ``search.attention_init``).
-2. Train the indicators (``search.gates``) with the dense weights frozen: the gated model is
+   the attention-difference initial logits (``search.methods.similarity``, ``search.methods.acp_init``).
+2. Train the indicators (``search.methods.gates``) with the dense weights frozen: the gated model is
    distilled from the dense one while a differentiable expected-cost term (MACs, or the latency a
-   measured table predicts on the target: ``search.cost``) pushes the soft widths down to the budget; the soft width of every group is where its gates settle. A
+   measured table predicts on the target: ``search.budget.cost``) pushes the soft widths down to the budget; the soft width of every group is where its gates settle. A
    polarisation term g(1-g), ramped up over the run, drives each gate to 0 or 1: without it the
    soft widths meet the budget by sliding every gate down together, and the hard cut at the end
    is a different model from the one the search optimised.
-3. Rank channels by similarity weight × indicator; ``search.allocate`` turns the ranking into an
+3. Rank channels by similarity weight × indicator; ``search.budget.allocate`` turns the ranking into an
    aligned Plan with MACs ≤ budget × dense exactly. The widths of that plan are either the soft
    widths the search converged to, rounded to the alignment under the budget (``widths="search"``),
    or re-derived greedily from the ranking (``widths="greedy"``); both are returned.
 
 The attention indicators are ``shared`` (one logit per channel index, the same in every head, so the
 soft model has the equal-removal structure of the cut) or ``free`` (one per head and channel, equal
-removal imposed only when the plan is cut); see ``search.gates``.
+removal imposed only when the plan is cut); see ``search.methods.gates``.
 
 With heads chosen first (``--method dsp+acp``), the search runs on the kept heads only: the
 activations are captured with the removed heads masked out, the removed heads' gates stay at 0, and
-the expected MACs count the kept heads (``search.gates``).
+the expected MACs count the kept heads (``search.methods.gates``).
 
-The loop (``search.gate_loop``, shared with DSP) checkpoints its state every ``checkpoint_every``
+The loop (``search.methods.gate_loop``, shared with DSP) checkpoints its state every ``checkpoint_every``
 steps, and a re-run with the same inputs resumes from the last checkpoint. Batches are drawn from
 a generator seeded by (seed, step), so a resumed run follows the same trajectory as an
 uninterrupted one.
@@ -67,7 +67,7 @@ class AcpConfig:
             (one per head and channel).
         widths: ``search`` (the plan's widths are the soft widths the search converged to, rounded
             under the budget) or ``greedy`` (re-derived from the ranking by the budget solver).
-        optimiser: ``shared-scale`` (``search.gate_optim``: steps in proportion to the gradients) or
+        optimiser: ``shared-scale`` (``search.methods.gate_optim``: steps in proportion to the gradients) or
             ``adam`` (per-logit scale; every gate of steady gradient sign moves alike).
         calib_images: images used for similarity weights and the initialisation.
         checkpoint_every: steps between checkpoints.

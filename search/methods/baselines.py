@@ -4,7 +4,7 @@ Torch-Pruning (1.6.1) traces the model into a dependency graph and prunes couple
 together by group magnitude. We let it prune head dimensions (the same count in every head, as
 our plans do) and MLP hidden units, keep the embedding dimension (our method never prunes it,
 so the comparison is like for like), and bisect its uniform pruning ratio until the analytic MAC
-count (``search.macs``, which includes the N²·d attention products) is within ``tolerance`` of
+count (``search.budget.macs``, which includes the N²·d attention products) is within ``tolerance`` of
 the target. The package is an optional extra, imported only here and only when called.
 """
 from __future__ import annotations
@@ -150,7 +150,7 @@ def torch_pruning_prune(
 
     Args:
         model: a dense timm VisionTransformer with timm's ``Attention``.
-        target_mac_ratio: fraction of the dense MACs to keep (search.macs count).
+        target_mac_ratio: fraction of the dense MACs to keep (search.budget.macs count).
         example_input: one input batch, for Torch-Pruning's tracing.
         round_to: kept widths are multiples of this.
 

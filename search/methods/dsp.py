@@ -11,7 +11,7 @@ The mask scales each head's output before the output projection (each attention 
 dense one with only the logits trainable (Adam, lr 0.5 as in the paper). The temperature T falls
 log-linearly from ``t0`` to ``tf`` over ``cooldown`` steps and is then held. A straight-through
 variant (``straight_through``) runs the hard top-k of the soft mask forward and the soft mask's
-gradient backward. The heads kept are the top-k of w in each scope (``search.heads``).
+gradient backward. The heads kept are the top-k of w in each scope (``search.methods.heads``).
 
 Defaults, for searches of tens of steps rather than the paper's thousands (BERT: T0 1000, Tf 1e-8):
 - ``t0 = 10``: with logits starting equal (0) and Gumbel noise of standard deviation 1.3, r/T is

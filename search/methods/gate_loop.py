@@ -67,7 +67,7 @@ def train_gates(
     state_path: Path | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> None:
-    """Train ``gates`` (a :class:`search.gates.Gates` module) over the frozen ``model``, in place.
+    """Train ``gates`` (a :class:`search.methods.gates.Gates` module) over the frozen ``model``, in place.
 
     Args:
         model: the dense model, on ``runtime.device``; frozen here.
@@ -82,7 +82,7 @@ def train_gates(
         on_step: called after every finished step (progress reporting, tests).
 
     The frozen model is the teacher; its targets for the whole pool are computed once when they fit
-    in memory (``search.distill.teacher_targets``) and handed to ``step_loss`` with each batch.
+    in memory (``search.methods.distill.teacher_targets``) and handed to ``step_loss`` with each batch.
     """
     model.eval()
     for p in model.parameters():

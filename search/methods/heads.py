@@ -3,14 +3,14 @@
 - **How many.** K heads in the whole model, given (``--heads K``) or derived from the budget
   (:func:`heads_for_budget`): the largest K whose *head-only* pruned model (every kept head whole,
   every MLP unit kept) keeps at most that fraction of the dense cost: MACs, or the latency a
-  measured table predicts on the target (``search.cost``), where a head's share of the time may
+  measured table predicts on the target (``search.budget.cost``), where a head's share of the time may
   differ from its share of the MACs (softmax, per-head overheads).
 - **Where** (the scope). ``layer``: every block keeps its share of K, fixed before the search
   (:func:`layer_counts`: K split in proportion to the blocks' head counts, by largest remainder;
   with equal blocks, the blocks that get one head more are the first ones). ``global``: the K best
   heads of the whole model wherever they are, so a block may keep every head or none.
 - **Which.** The K heads with the highest scores within their scope (:func:`top_heads`); ties go to
-  the lower head index. DSP scores heads by their learned logits (``search.dsp``); the
+  the lower head index. DSP scores heads by their learned logits (``search.methods.dsp``); the
   ``head-magnitude`` baseline by the squared L2 norm of the weights a head owns.
 
 A block that keeps no head loses its attention branch in surgery (``search.families``).

@@ -1,7 +1,7 @@
 """Importance scores: how much each (head, channel) and each MLP unit matters.
 
 Scores are kept apart from width allocation and from slicing (as in Torch-Pruning): a method only
-produces a ``BlockScores`` per block, and ``search.allocate`` turns scores into a Plan. Higher means
+produces a ``BlockScores`` per block, and ``search.budget.allocate`` turns scores into a Plan. Higher means
 more important. Scores need not be comparable across blocks; the allocator normalises them.
 """
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Selection methods: named ways of choosing what to keep, all ending in the same Plan.
 
-A method may first choose whole heads (``heads``: a head-pruning method, see ``search.heads``) and
+A method may first choose whole heads (``heads``: a head-pruning method, see ``search.methods.heads``) and
 then score channels (``score``: a ``ChannelChoice``, one ``BlockScores`` per block and, for a
-search, the widths it converged to); ``search.allocate.make_plan`` turns any method's choice into a
+search, the widths it converged to); ``search.budget.allocate.make_plan`` turns any method's choice into a
 Plan under the budget, on the kept heads only when heads were chosen.
-A method without ``score`` keeps its heads whole (``search.allocate.head_plan``).
+A method without ``score`` keeps its heads whole (``search.budget.allocate.head_plan``).
 
 - ``acp``, ``magnitude``, ``random``: channels of every head.
-- ``dsp``: heads only, learned by differentiable subset pruning (``search.dsp``).
+- ``dsp``: heads only, learned by differentiable subset pruning (``search.methods.dsp``).
 - ``dsp+acp``: heads by DSP first, then acp on the channels of the kept heads, under one budget.
 - ``head-magnitude``: heads only, the lowest-magnitude heads removed (the baseline DSP must beat).
 """
@@ -46,7 +46,7 @@ class SearchInputs:
         heads: how many heads a head-pruning method keeps, and over which scope (None for others).
         dsp: settings of the DSP head search.
         kept: the heads chosen by the method's head stage, once it ran (None: every head).
-        cost: what the budget is a fraction of (``search.cost``: MACs, or a measured latency table).
+        cost: what the budget is a fraction of (``search.budget.cost``: MACs, or a measured latency table).
     """
 
     model: nn.Module
@@ -136,7 +136,7 @@ def method_names() -> list[str]:
     return sorted(METHODS)
 
 
-assert set(METHODS) == set(METHOD_NAMES), "search.choices.METHOD_NAMES must list every method (the CLI checks against it)"
+assert set(METHODS) == set(METHOD_NAMES), "search.core.choices.METHOD_NAMES must list every method (the CLI checks against it)"
 
 
 def head_budget(method: str, budget: float, share: float = HEAD_SHARE) -> float:

@@ -1,7 +1,7 @@
 """FLatten DeiT: timm VisionTransformers whose blocks use focused linear or softmax attention.
 
 A pattern string picks the attention of each block: "L" for
-:class:`search.flatten_attention.FocusedLinearAttention`, "S" for timm's softmax ``Attention``.
+:class:`search.models.flatten.attention.FocusedLinearAttention`, "S" for timm's softmax ``Attention``.
 The default puts linear attention in the first half of the blocks (rounded up) and softmax in
 the rest, e.g. "LLLLLLSSSSSS" for 12 blocks: early blocks see the most redundant, local token
 mixing, where linear attention loses least.

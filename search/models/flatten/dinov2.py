@@ -1,15 +1,15 @@
 """FLatten DINOv2-S: real DINOv2 ViT-S/14 weights with focused linear attention in chosen blocks.
 
-``flatten_dinov2_s`` is ``dinov2_s`` (see :mod:`search.dinov2_weights`) with the blocks marked "L"
+``flatten_dinov2_s`` is ``dinov2_s`` (see :mod:`search.models.dinov2`) with the blocks marked "L"
 by a pattern (default "LLLLLLSSSSSS": the first half linear, as FLatten-Swin's LLSS) turned into
-:class:`search.flatten_attention.FocusedLinearAttention`. A linear block keeps the dense block's
+:class:`search.models.flatten.attention.FocusedLinearAttention`. A linear block keeps the dense block's
 q/k/v and proj weights; what focused linear attention adds has no pretrained value and is learnt
 here. Those *new parameters* are, per linear block, ``scale``, ``positional_encoding`` and the
 DWC's weight and bias (~100k values, almost all of them the positional encoding).
 
 **How they are learnt:** block-wise distillation on Fashion-MNIST train images, each linear block
 matching the dense block's attention branch on the teacher's own residual stream
-(:mod:`search.flatten_distill`).
+(:mod:`search.models.flatten.distill`).
 
 **Initialisation** makes a linear block start as plain focused linear attention: ``scale`` 0
 (softplus(0) = ln 2 for every channel; a uniform scale cancels in the normalised attention),
@@ -17,12 +17,12 @@ positional encoding 0, DWC weight and bias 0 (the DWC term is then absent).
 
 **Shipped weights.** ``search/models/flatten/weights/flatten_dinov2_s_<pattern>_<px>.safetensors`` holds the
 trained new parameters only (fp16), and a JSON beside it says how they were trained. Regenerate
-them with ``python -m search.flatten_dinov2 --train`` (deterministic for a given seed and thread
+them with ``python -m search.models.flatten.dinov2 --train`` (deterministic for a given seed and thread
 count). Because the blocks are trained independently, a file trained for a pattern serves every
 pattern whose linear blocks are a subset of its own. The positional encoding has one row per
 token at the trained size; at other sizes its patch rows are resampled over the patch grid like
 timm resamples an absolute position embedding (bicubic, no antialiasing, as DINOv2's own position
-embedding is resampled in :func:`search.dinov2_weights.create_dinov2_s`), and the class-token row
+embedding is resampled in :func:`search.models.dinov2.create_dinov2_s`), and the class-token row
 is kept.
 """
 from __future__ import annotations
@@ -222,7 +222,7 @@ def create_flatten_dinov2_s(
 ) -> VisionTransformer:
     """DINOv2 ViT-S/14 with real weights and focused linear attention where ``pattern`` says "L".
 
-    The dense weights come from :func:`search.dinov2_weights.create_dinov2_s`; the linear blocks'
+    The dense weights come from :func:`search.models.dinov2.create_dinov2_s`; the linear blocks'
     new parameters from the shipped file that covers the pattern (blocks are trained
     independently, so a file serves any subset of its linear blocks). At sizes other than the
     trained one the positional encodings are resampled over the patch grid.
@@ -253,13 +253,13 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"FLatten weights {path} are missing; regenerate them with `python -m search.flatten_dinov2 --train`")
+        raise WeightsError(f"FLatten weights {path} are missing; regenerate them with `python -m search.models.flatten.dinov2 --train`")
     try:
         return {k: v.float() for k, v in load_file(str(path)).items()}
     except Exception as exc:
         raise WeightsError(
             f"FLatten weights {path} are corrupt ({type(exc).__name__}); regenerate them with "
-            "`python -m search.flatten_dinov2 --train`"
+            "`python -m search.models.flatten.dinov2 --train`"
         ) from None
 
 
@@ -286,10 +286,10 @@ def record_json(record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m search.flatten_dinov2 --train``: train and write the shipped FLatten weights."""
+    """``python -m search.models.flatten.dinov2 --train``: train and write the shipped FLatten weights."""
     from search.models.flatten.distill import DistillConfig, class_token_cosine, fashion_mnist_train_images, train_new_parameters
 
-    parser = argparse.ArgumentParser(prog="python -m search.flatten_dinov2", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m search.models.flatten.dinov2", description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", action="store_true", help="train the new parameters and write the weights file")
     parser.add_argument("--pattern", default=DEFAULT_PATTERN)
     parser.add_argument("--img-size", type=int, default=DEFAULT_IMG_SIZE)
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         "optimiser": "AdamW, linear warm-up then cosine decay to 0",
         "images": {
             "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist), train split only",
-            "selection": f"search.fashion_mnist.select_indices(seed={args.seed}), split per class with "
+            "selection": f"search.images.fashion_mnist.select_indices(seed={args.seed}), split per class with "
                          f"numpy default_rng({args.seed + 1})",
             "train": result.train_images,
             "held_out": result.held_out_images,
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(result.seconds, 1),
         "threads": args.threads,
         "torch": torch.__version__,
-        "command": "python -m search.flatten_dinov2 " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": "python -m search.models.flatten.dinov2 " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
     }
     _save(result.state, record, path)
     for b in result.blocks:

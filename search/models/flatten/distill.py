@@ -1,4 +1,4 @@
-"""Block-wise distillation of FLatten DINOv2-S's new parameters (``python -m search.flatten_dinov2 --train``).
+"""Block-wise distillation of FLatten DINOv2-S's new parameters (``python -m search.models.flatten.dinov2 --train``).
 
 Every linear block is trained on its own, on the dense teacher's input to that block (the
 teacher's residual stream), so that its attention branch ``ls1(attn(norm1(x)))``, what the block
@@ -8,7 +8,7 @@ reach the residual stream. Block-wise means no block sees another student block'
 are independent (they could run in parallel, and each block's result does not depend on which other
 blocks are linear), and nothing accumulates. The images are Fashion-MNIST *train* images; the test
 split is the quality bench's evaluation set and is never read here. Only the new parameters train
-(``search.flatten_dinov2.new_parameter_names``); the pretrained weights stay frozen.
+(``search.models.flatten.dinov2.new_parameter_names``); the pretrained weights stay frozen.
 """
 from __future__ import annotations
 
@@ -292,7 +292,7 @@ def fashion_mnist_train_images(
     """Class-balanced Fashion-MNIST *train*-split images, preprocessed like ``--data`` images.
 
     Picks ``train_per_class + held_out_per_class`` images of each class with
-    :func:`search.fashion_mnist.select_indices` (seeded), splits each class's picks at random
+    :func:`search.images.fashion_mnist.select_indices` (seeded), splits each class's picks at random
     into the two sets, and applies the model's timm evaluation transform to the RGB images.
 
     Returns:

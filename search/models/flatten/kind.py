@@ -1,4 +1,4 @@
-"""Focused linear attention (FLatten): the kind for :class:`search.flatten_attention.FocusedLinearAttention`.
+"""Focused linear attention (FLatten): the kind for :class:`search.models.flatten.attention.FocusedLinearAttention`.
 
 - **Shape.** As softmax, plus the side of the depthwise conv (DWC) that runs on v over the patch grid.
 - **MACs.** qkv N·D·H·(2·d_qk + d_v); per head kᵀv and q·(kᵀv), N·d_qk·d_v each; the normaliser
