@@ -43,8 +43,9 @@ from exporter.surgery import apply_plan
 from search.core.progress import progress_bar
 from search.families import get_family
 from search.budget.latency_table import GROUPS, BlockCurves, LatencyTable, block_key, choose_align, fit_curve, fit_scale
-from search.budget.macs import BlockWidths, ModelGeometry, describe, model_macs
-from search.budget.plan import BlockPlan, Plan
+from search.budget.macs import ModelGeometry, describe, model_macs
+from search.cut.blocks import BlockPlan, BlockWidths
+from search.budget.plan import Plan
 
 CACHE_ENV = "PRUNE_EXPORT_CACHE"
 TABLE_VERSION = 3  # 3: each group's savings calibrated on a whole model cut in that group alone

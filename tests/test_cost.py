@@ -14,7 +14,8 @@ from search.methods.gates import ChannelGates
 from search.methods.heads import heads_for_budget, head_only_widths, layer_counts
 from search.methods.importance import magnitude_scores
 from search.budget.latency_table import BlockCurves, Curve, LatencyTable, LatencyTableError, choose_align, fit_curve
-from search.budget.macs import BlockWidths, ModelGeometry, describe, model_macs
+from search.budget.macs import ModelGeometry, describe, model_macs
+from search.cut.blocks import BlockWidths
 from search.budget.plan import Plan
 
 

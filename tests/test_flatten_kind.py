@@ -29,7 +29,8 @@ from search.models.flatten.attention import FocusedLinearAttention
 from search.methods.gates import ChannelGates, gated
 from search.methods.importance import BlockScores, magnitude_scores
 from search.budget.macs import describe, model_macs
-from search.budget.plan import BlockPlan, Plan
+from search.budget.plan import Plan
+from search.cut.blocks import BlockPlan
 from search.core.runtime import Runtime
 from tests.test_cli import FAST, invoke
 

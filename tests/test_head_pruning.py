@@ -25,7 +25,8 @@ from search.families.vit import AttentionlessBlock
 from search.methods.gates import head_gated
 from search.methods.importance import random_scores
 from search.budget.macs import ModelGeometry, describe, model_macs
-from search.budget.plan import KeptHeads, Plan
+from search.budget.plan import Plan
+from search.cut.blocks import KeptHeads
 from tests.conftest import tiny_vit
 from tests.test_cli import FAST, assert_clean_failure, invoke
 from tests.test_flatten_kind import tiny_flatten

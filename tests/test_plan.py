@@ -12,7 +12,8 @@ from search.methods.importance import random_scores
 from search.budget.macs import describe
 from search.attention import get_kind
 from search.budget.macs import model_macs
-from search.budget.plan import VERSION, BlockPlan, Plan
+from search.budget.plan import VERSION, Plan
+from search.cut.blocks import BlockPlan
 from tests.conftest import tiny_vit
 
 

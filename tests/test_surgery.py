@@ -12,7 +12,8 @@ from search.budget.allocate import SolverConfig, make_plan
 from search.core.errors import PlanError
 from search.methods.importance import random_scores
 from search.budget.macs import describe, model_macs
-from search.budget.plan import BlockPlan, Plan
+from search.budget.plan import Plan
+from search.cut.blocks import BlockPlan
 
 
 @torch.no_grad()

@@ -51,7 +51,8 @@ from search.core.runtime import Runtime
 from search.methods.gates import ChannelGates, gated
 from search.methods.importance import BlockScores, magnitude_scores
 from search.budget.macs import describe, model_macs
-from search.budget.plan import BlockPlan, Plan
+from search.budget.plan import Plan
+from search.cut.blocks import BlockPlan
 from search.cut.slicing import slice_linear
 from tests.conftest import tiny_vit
 

@@ -42,7 +42,7 @@ from search.core.errors import UnknownModelError
 from search.cut.slicing import slice_linear
 
 if TYPE_CHECKING:
-    from search.budget.plan import BlockPlan
+    from search.cut.blocks import BlockPlan
 
 CHUNK_BYTES = 256 * 2**20
 

@@ -31,8 +31,9 @@ from search.attention import get_kind
 from search.core.errors import BudgetError, PlanError
 from search.methods.importance import BlockScores
 from search.budget.cost import MACS, CostModel
-from search.budget.macs import BlockWidths, ModelGeometry, model_macs
-from search.budget.plan import BlockPlan, KeptHeads, Plan
+from search.budget.macs import ModelGeometry, model_macs
+from search.cut.blocks import BlockPlan, BlockWidths, KeptHeads
+from search.budget.plan import Plan
 
 GROUPS = ("qk", "v", "mlp")
 

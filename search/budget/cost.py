@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Sequence
 
-from search.budget.macs import BlockWidths, ModelGeometry, block_macs, model_macs
+from search.budget.macs import ModelGeometry, block_macs, model_macs
+from search.cut.blocks import BlockWidths
 
 
 class CostModel(Protocol):

@@ -42,7 +42,8 @@ from typing import Any, Sequence
 
 from search.core.errors import UserError
 from search.budget.cost import interpolate, isotonic, total_of
-from search.budget.macs import BlockGeometry, BlockWidths, ModelGeometry
+from search.budget.macs import BlockGeometry, ModelGeometry
+from search.cut.blocks import BlockWidths
 
 FORMAT = "prune-export/latency-table"
 VERSION = 1

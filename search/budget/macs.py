@@ -16,16 +16,7 @@ from torch import nn
 
 from search.attention import AttentionShape, TokenLayout, get_kind, kind_of
 from search.families import family_of, get_family
-
-
-@dataclass(frozen=True)
-class BlockWidths:
-    """Kept widths of one transformer block: heads, q/k and v channels per head, MLP units."""
-
-    heads: int
-    qk: int
-    v: int
-    mlp: int
+from search.cut.blocks import BlockWidths
 
 
 @dataclass(frozen=True)

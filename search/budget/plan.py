@@ -21,10 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from search.core.errors import PlanError
-from search.budget.macs import BlockWidths, ModelGeometry, model_macs
-
-KeptHeads = tuple[tuple[int, ...], ...]
-"""Per block, the sorted indices of the heads it keeps (empty: the block keeps no head)."""
+from search.budget.macs import ModelGeometry, model_macs
+from search.cut.blocks import BlockPlan, BlockWidths
 
 FORMAT = "prune-export/plan"
 VERSION = 2
@@ -40,48 +38,20 @@ def _check_indices(what: str, indices: tuple[int, ...], size: int) -> None:
         raise PlanError(f"{what} index out of range [0, {size})")
 
 
-@dataclass(frozen=True)
-class BlockPlan:
-    """Kept parts of one block.
-
-    Attributes:
-        heads: kept head indices; empty when the block keeps no head (its attention branch goes).
-        qk: per kept head, the kept q/k channel indices (q and k go together: q·k sums over them).
-        v: per kept head, the kept v channel indices (and the matching input columns of proj).
-        mlp: kept MLP hidden units (rows of fc1, columns of fc2).
-    """
-
-    heads: tuple[int, ...]
-    qk: tuple[tuple[int, ...], ...]
-    v: tuple[tuple[int, ...], ...]
-    mlp: tuple[int, ...]
-
-    @property
-    def widths(self) -> BlockWidths:
-        """Kept widths; a block without heads keeps 0 q/k and 0 v channels."""
-        if not self.heads:
-            return BlockWidths(heads=0, qk=0, v=0, mlp=len(self.mlp))
-        return BlockWidths(heads=len(self.heads), qk=len(self.qk[0]), v=len(self.v[0]), mlp=len(self.mlp))
-
-    @property
-    def shared_indices(self) -> bool:
-        """True when every kept head keeps the same q/k and the same v indices (trivially, when none is kept)."""
-        return len(set(self.qk)) <= 1 and len(set(self.v)) <= 1
-
-    def check(self, index: int, geometry: ModelGeometry) -> None:
-        """Raise PlanError unless this block plan fits block ``index`` of ``geometry``."""
-        g = geometry.blocks[index]
-        name = f"block {index}"
-        if self.heads:
-            _check_indices(f"{name} heads", self.heads, g.attention.num_heads)
-        for group, rows, size in (("qk", self.qk, g.attention.qk_dim), ("v", self.v, g.attention.v_dim)):
-            if len(rows) != len(self.heads):
-                raise PlanError(f"{name} has {len(rows)} {group} rows for {len(self.heads)} kept heads")
-            if len({len(r) for r in rows}) > 1:
-                raise PlanError(f"{name} keeps unequal {group} counts across heads; every head must keep the same number")
-            for h, r in zip(self.heads, rows):
-                _check_indices(f"{name} head {h} {group}", r, size)
-        _check_indices(f"{name} mlp", self.mlp, g.mlp_hidden)
+def _check_block(block: BlockPlan, index: int, geometry: ModelGeometry) -> None:
+    """Raise PlanError unless ``block`` fits block ``index`` of ``geometry``."""
+    g = geometry.blocks[index]
+    name = f"block {index}"
+    if block.heads:
+        _check_indices(f"{name} heads", block.heads, g.attention.num_heads)
+    for group, rows, size in (("qk", block.qk, g.attention.qk_dim), ("v", block.v, g.attention.v_dim)):
+        if len(rows) != len(block.heads):
+            raise PlanError(f"{name} has {len(rows)} {group} rows for {len(block.heads)} kept heads")
+        if len({len(r) for r in rows}) > 1:
+            raise PlanError(f"{name} keeps unequal {group} counts across heads; every head must keep the same number")
+        for h, r in zip(block.heads, rows):
+            _check_indices(f"{name} head {h} {group}", r, size)
+    _check_indices(f"{name} mlp", block.mlp, g.mlp_hidden)
 
 
 @dataclass(frozen=True)
@@ -133,7 +103,7 @@ class Plan:
         if len(self.blocks) != len(geometry.blocks):
             raise PlanError(f"plan has {len(self.blocks)} blocks, the model has {len(geometry.blocks)}")
         for i, block in enumerate(self.blocks):
-            block.check(i, geometry)
+            _check_block(block, i, geometry)
         dense, pruned = model_macs(geometry), model_macs(geometry, self.widths())
         if (dense, pruned) != (self.dense_macs, self.pruned_macs):
             raise PlanError(

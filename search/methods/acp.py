@@ -44,8 +44,8 @@ from search.methods.gates import ChannelGates, head_gated
 from search.methods.importance import BlockScores
 from search.core.choices import DEFAULT_INDICATOR, DEFAULT_OPTIMISER, DEFAULT_WIDTHS, INDICATORS, OPTIMISERS, WIDTHS, check_choice
 from search.budget.cost import MACS, CostModel
-from search.budget.macs import BlockWidths, ModelGeometry
-from search.budget.plan import KeptHeads
+from search.budget.macs import ModelGeometry
+from search.cut.blocks import BlockWidths, KeptHeads
 from search.core.runtime import Runtime, on_device
 from search.methods.similarity import similarity_weights
 

@@ -47,7 +47,7 @@ from search.methods.gate_loop import LoopConfig, train_gates
 from search.methods.gates import head_gated
 from search.methods.heads import HeadTarget, layer_counts, top_heads, total_heads
 from search.budget.macs import ModelGeometry
-from search.budget.plan import KeptHeads
+from search.cut.blocks import KeptHeads
 
 EPS = float(torch.finfo(torch.float64).tiny)
 """Floor of 1 − p inside the log of the soft top-k: the smallest normal float64 (the paper's code, in float32, uses

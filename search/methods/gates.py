@@ -33,8 +33,8 @@ from search.attention import get_kind
 from search.budget.cost import CostModel
 from search.families import get_family
 from search.methods.importance import BlockScores
-from search.budget.macs import BlockWidths, ModelGeometry, block_macs
-from search.budget.plan import KeptHeads
+from search.budget.macs import ModelGeometry, block_macs
+from search.cut.blocks import BlockWidths, KeptHeads
 
 
 class Gates(Protocol):

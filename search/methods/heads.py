@@ -28,8 +28,8 @@ from search.core.choices import HEAD_SCOPES
 from search.core.errors import BudgetError, OptionError
 from search.families import family_of
 from search.budget.cost import MACS, CostModel
-from search.budget.macs import BlockWidths, ModelGeometry
-from search.budget.plan import KeptHeads
+from search.budget.macs import ModelGeometry
+from search.cut.blocks import BlockWidths, KeptHeads
 
 SCOPES = HEAD_SCOPES
 

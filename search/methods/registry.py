@@ -27,8 +27,8 @@ from search.budget.cost import MACS, CostModel
 from search.methods.dsp import DspConfig, dsp_search
 from search.methods.heads import HeadTarget, head_magnitude_scores, top_heads
 from search.methods.importance import BlockScores, magnitude_scores, random_scores
-from search.budget.macs import BlockWidths, ModelGeometry
-from search.budget.plan import KeptHeads
+from search.budget.macs import ModelGeometry
+from search.cut.blocks import BlockWidths, KeptHeads
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ from search.models.flatten.attention import KERNEL_EPS, NORMALISER_EPS, FocusedL
 from search.cut.slicing import check_indices, slice_linear
 
 if TYPE_CHECKING:
-    from search.budget.plan import BlockPlan
+    from search.cut.blocks import BlockPlan
 
 CHUNK_BYTES = 128 * 2**20
 
