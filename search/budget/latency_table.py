@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from search.core.atomic import atomic_path
 from search.core.errors import UserError
 from search.budget.cost import interpolate, isotonic, total_of
 from search.budget.macs import BlockGeometry, ModelGeometry
@@ -229,8 +230,6 @@ class LatencyTable:
         return {"format": FORMAT, "version": VERSION, **asdict(self)}
 
     def save(self, path: Path) -> None:
-        from search.core.atomic import atomic_path
-
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")

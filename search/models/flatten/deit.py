@@ -29,6 +29,7 @@ from torch import nn
 
 from search.core.errors import WeightsError
 from search.models.flatten.attention import FocusedLinearAttention
+from search.models.registry import timm_model
 
 LINEAR = "L"
 SOFTMAX = "S"
@@ -46,9 +47,6 @@ _DEIT_BASES = {
     "flatten_deit_s": "deit_small_patch16_224",
     "flatten_deit_b": "deit_base_patch16_224",
 }
-FLATTEN_MODELS: tuple[str, ...] = tuple(_DEIT_BASES)
-"""The registered FLatten model names."""
-
 
 
 def default_pattern(depth: int) -> str:
@@ -149,18 +147,21 @@ def _create(name: str, pretrained: bool, pattern: Optional[str], **kwargs: Any) 
     return flatten_vit(_DEIT_BASES[name], pattern, pretrained_cfg=cfg.to_dict(remove_source=True), **kwargs)
 
 
+@timm_model(pattern=True)
 @register_model
 def flatten_deit_t(pretrained: bool = False, pattern: Optional[str] = None, **kwargs: Any) -> VisionTransformer:
     """FLatten DeiT-tiny: DeiT-T/16 at 224 px (width 192, 12 blocks, 3 heads)."""
     return _create("flatten_deit_t", pretrained, pattern, **kwargs)
 
 
+@timm_model(pattern=True)
 @register_model
 def flatten_deit_s(pretrained: bool = False, pattern: Optional[str] = None, **kwargs: Any) -> VisionTransformer:
     """FLatten DeiT-small: DeiT-S/16 at 224 px (width 384, 12 blocks, 6 heads)."""
     return _create("flatten_deit_s", pretrained, pattern, **kwargs)
 
 
+@timm_model(pattern=True)
 @register_model
 def flatten_deit_b(pretrained: bool = False, pattern: Optional[str] = None, **kwargs: Any) -> VisionTransformer:
     """FLatten DeiT-base: DeiT-B/16 at 224 px (width 768, 12 blocks, 12 heads)."""

