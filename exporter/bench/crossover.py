@@ -60,7 +60,7 @@ from search.attention import TokenLayout, get_kind
 from search.core.atomic import atomic_path
 from search.core.errors import ParityError
 from search.methods.importance import magnitude_scores
-from search.budget.macs import ModelGeometry, describe, model_macs
+from search.budget.macs import ModelGeometry, describe, model_macs, parameter_count
 
 DEFAULT_OUT = Path("artifacts/bench")
 DEFAULT_WORK = Path(".cache/bench/crossover")
@@ -124,10 +124,6 @@ def build(attention: str, px: int, seed: int) -> nn.Module:
     return jitter(model, seed).eval()
 
 
-def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _parity(path: Path, model: nn.Module, images: torch.Tensor) -> dict[str, Any]:
     try:
         return asdict(check_parity(path, model, images, classifier=True))
@@ -182,7 +178,7 @@ def measure_size(px: int, runs: int, warmup: int, cfg: CrossoverConfig, work: Pa
             rows[name] = {
                 "model": name, "attention": attention, "budget": budget, "px": px,
                 "timm_name": SOFTMAX_MODEL if attention == "softmax" else f"{LINEAR_MODEL} pattern={LINEAR_PATTERN}",
-                "analytic_macs": analytic, "onnx_macs": count_onnx_macs(path), "params": _params(model),
+                "analytic_macs": analytic, "onnx_macs": count_onnx_macs(path), "params": parameter_count(model),
                 "mac_ratio_to_reference": analytic / reference_macs,
                 "mac_ratio_to_own_dense": plan.mac_ratio if budget != 1.0 else 1.0,
                 "parity": _parity(path, model, images), "path": str(path),

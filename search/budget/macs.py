@@ -93,3 +93,8 @@ def describe(model: nn.Module) -> ModelGeometry:
         family=family.name, layout=family.layout(model), embed_dim=int(model.embed_dim),
         fixed_macs=family.fixed_macs(model), blocks=tuple(blocks),
     )
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Every parameter of ``model``, counted once: the size figure reports and benches give beside the MACs."""
+    return sum(p.numel() for p in model.parameters())
