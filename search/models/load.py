@@ -2,9 +2,9 @@
 
 Names resolve in this order: a name registered in ``search.models.registry`` (a bundled real model
 such as ``dinov2_s``, an alias such as ``deit_b``, a FLatten model), then any timm model name that
-builds a prunable VisionTransformer. Importing this module imports every file that registers names. A timm model that prune-export cannot
-prune is refused in one line naming its class, block, MLP or attention, before any weights are
-read (its architecture is checked on the meta device first). Weights come from ``--checkpoint``, then
+builds a prunable VisionTransformer; importing this module imports every file that registers
+names. A timm model that prune-export cannot prune is refused in one line naming its class, block,
+MLP or attention, before any weights are read (its architecture is checked on the meta device first). Weights come from ``--checkpoint``, then
 timm's pretrained weights (local cache, then the hub when it is reachable), then ``--random-init``.
 A model on random weights is marked as such everywhere downstream, because its accuracy figures
 mean nothing.
