@@ -59,7 +59,7 @@ class Artifact:
     parity: dict[str, Any]
 
 
-def _plain_export(model: nn.Module, path: Path, input_size: tuple[int, int, int]) -> Path:
+def plain_export(model: nn.Module, path: Path, input_size: tuple[int, int, int]) -> Path:
     """What a user would ship without this tool: torch.onnx.export at opset 17, nothing else."""
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
@@ -136,7 +136,7 @@ class ArtifactBuilder:
         self.artifacts.append(Artifact(name, target, budget, path, macs, params, parity))
 
     def reference(self) -> None:
-        path = self._file(REFERENCE, lambda p: _plain_export(self.model, p, self.input_size))
+        path = self._file(REFERENCE, lambda p: plain_export(self.model, p, self.input_size))
         self._add(REFERENCE, "dense plain export", 1.0, path, self.dense_macs, parameter_count(self.model),
                   _fp32_parity(path, self.model, self.images))
 

@@ -38,7 +38,7 @@ def _check_indices(what: str, indices: tuple[int, ...], size: int) -> None:
         raise PlanError(f"{what} index out of range [0, {size})")
 
 
-def _check_block(block: BlockPlan, index: int, geometry: ModelGeometry) -> None:
+def check_block(block: BlockPlan, index: int, geometry: ModelGeometry) -> None:
     """Raise PlanError unless ``block`` fits block ``index`` of ``geometry``."""
     g = geometry.blocks[index]
     name = f"block {index}"
@@ -103,7 +103,7 @@ class Plan:
         if len(self.blocks) != len(geometry.blocks):
             raise PlanError(f"plan has {len(self.blocks)} blocks, the model has {len(geometry.blocks)}")
         for i, block in enumerate(self.blocks):
-            _check_block(block, i, geometry)
+            check_block(block, i, geometry)
         dense, pruned = model_macs(geometry), model_macs(geometry, self.widths())
         if (dense, pruned) != (self.dense_macs, self.pruned_macs):
             raise PlanError(
