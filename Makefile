@@ -33,7 +33,7 @@ test-all: install
 	$(PY) -m pytest -q
 
 $(FMNIST)/train$(PER_CLASS)/manifest.json: | system $(STAMP)
-	$(PY) -m search.fashion_mnist --split train --per-class $(PER_CLASS) --out $(FMNIST)/train$(PER_CLASS)
+	$(PY) -m search.images.fashion_mnist --split train --per-class $(PER_CLASS) --out $(FMNIST)/train$(PER_CLASS)
 
 ## The main job: prune real DINOv2-S weights on real images with the default method (acp) and steps,
 ## export, validate, report in $(DEMO)/ (git ignores it; artifacts/sample/ holds a committed report).

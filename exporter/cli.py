@@ -6,7 +6,7 @@ Progress goes to stderr and the summary table to stdout.
 
 Nothing here imports torch (or a module that does) at module level: ``--help`` and the checks of
 fixed values, the budget, the device's form and the runtimes answer before torch is imported. The
-choices and defaults the help shows come from torch-free modules (``search.choices``,
+choices and defaults the help shows come from torch-free modules (``search.core.choices``,
 ``exporter.options``). Set ``PRUNE_EXPORT_DEBUG=1`` to see the traceback of an internal error.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from exporter.options import (
     BUDGET_PANEL, DEFAULT_ALIGN, DEFAULT_BUDGET, EFFORTS, EXPORT_PANEL, HEADS_PANEL, MODEL_PANEL, OUTPUT_PANEL, PRECISIONS, QUANTIZE,
     QUANTIZE_MODES, RECOVERY_PANEL, RUNTIME_NAMES, SEARCH_PANEL, TARGETS,
 )
-from search.choices import (
+from search.core.choices import (
     DEFAULT_INDICATOR, DEFAULT_OPTIMISER, DEFAULT_WIDTHS, DEVICE_FORMS, DSP_LR, DSP_T0, DSP_TF, HEAD_SCOPES, HEAD_SHARE,
     INDICATORS, METHOD_NAMES, OPTIMISERS, WIDTHS, check_choice, check_device_form,
 )
@@ -242,7 +242,7 @@ def prune_export(
 
         runtime_names = parse_runtimes(runtimes)
         # Everything above answers before torch is imported; the run's own modules import it.
-        from exporter.checks import default_budget, replay_settings
+        from exporter.input_checks import default_budget, replay_settings
         from exporter.pipeline import RunConfig, run
         from exporter.report import print_summary
 

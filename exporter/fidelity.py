@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from search.knn import knn_predict
+from exporter.knn import knn_predict
 
 NEIGHBOURS = 20
 """k of the neighbour agreement, as in the k-NN accuracy (DINO's protocol)."""

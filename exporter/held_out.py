@@ -16,7 +16,7 @@ from torch import nn
 from exporter.fidelity import fidelity
 from exporter.runtimes.ort import make_session
 from exporter.stages.images import Images
-from search.knn import knn_top1
+from exporter.knn import knn_top1
 
 CHUNK = 32
 

@@ -1,14 +1,14 @@
-"""Time a model's parts on a latency target and keep the result as a table (``search.latency_table``).
+"""Time a model's parts on a latency target and keep the result as a table (``search.budget.latency_table``).
 
 What is timed, all in ONE interleaved run, each part right beside its reference (the dense block,
 or the dense whole model) so that each part is known as a ratio to a reference timed milliseconds
-away (``exporter.latency.interleave_paired``: a shared machine's noise cancels in the pair):
+away (``exporter.timing.interleave_paired``: a shared machine's noise cancels in the pair):
 
 - for every distinct block shape, the dense block and the block with one group's width varied over
   a grid (heads 0..H at dense channels, q/k and v per head in steps of 8, MLP units at about a
   dozen widths), each a graph from the block's token input to its output;
 - the MLP at every multiple of 8 across one step of 64 near half its width: the alignment probe
-  behind ``--align auto`` (``search.latency_table.choose_align``);
+  behind ``--align auto`` (``search.budget.latency_table.choose_align``);
 - the fixed parts: the model without any block (patch embedding, final norm, head);
 - the dense whole model, and two pruned whole models (channels halved; half the heads), whose
   measured latency against the parts' prediction is the additivity check the report shows.
@@ -35,16 +35,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from exporter.latency import interleave_paired, median_noise
+from exporter.timing import interleave_paired, median_noise
 from exporter.latency_targets import LatencyTarget
 from exporter.machine import cpu_identity
 from exporter.onnx_export import export_onnx
 from exporter.surgery import apply_plan
 from search.core.progress import progress_bar
 from search.families import get_family
-from search.latency_table import GROUPS, BlockCurves, LatencyTable, block_key, choose_align, fit_curve, fit_scale
-from search.macs import BlockWidths, ModelGeometry, describe, model_macs
-from search.plan import BlockPlan, Plan
+from search.budget.latency_table import GROUPS, BlockCurves, LatencyTable, block_key, choose_align, fit_curve, fit_scale
+from search.budget.macs import ModelGeometry, describe, model_macs
+from search.cut.blocks import BlockPlan, BlockWidths
+from search.budget.plan import Plan
 
 CACHE_ENV = "PRUNE_EXPORT_CACHE"
 TABLE_VERSION = 3  # 3: each group's savings calibrated on a whole model cut in that group alone

@@ -26,7 +26,7 @@ from exporter.serve import JSON_KEYS, decode
 
 TOOL = "prune-export"
 CROP_MODE = "center"
-"""timm's default evaluation crop, the one ``search.data.image_folder`` builds: shorter side to size/crop_pct, centre crop."""
+"""timm's default evaluation crop, the one ``search.images.folders.image_folder`` builds: shorter side to size/crop_pct, centre crop."""
 
 
 def tool_version() -> str:

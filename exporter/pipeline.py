@@ -17,13 +17,13 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from exporter.checks import check_run_inputs, unused_pixels_warning
+from exporter.input_checks import check_run_inputs, unused_pixels_warning
 from exporter.onnx_export import export_onnx
 from exporter.held_out import describe_quality, held_out_quality
 from exporter.onnx_macs import count_onnx_macs
 from exporter.report import write_outputs
 from exporter.runtimes import require_runtimes
-from exporter.runtimes.stages import latency_per_runtime, parity_per_runtime
+from exporter.stages.runtimes import latency_per_runtime, parity_per_runtime
 from exporter.stages.artifact import build_artifact, describe_parity
 from exporter.stages.cache import Stages, cached_file, key_of, weights_key
 from exporter.stages.config import PRECISIONS, QUANTIZE, TARGETS, RunConfig, resolve_defaults
@@ -38,9 +38,9 @@ from exporter.summary import SEARCHED, RunResults, build_report
 from search.core.atomic import ensure_writable_dir
 from search.core.errors import OutputPathError, UserError
 from search.core.runtime import Runtime, runtime
-from search.cost import cost_ratio
-from search.methods import METHODS, SEARCHES_CHANNELS
-from search.models import load_model
+from search.budget.cost import cost_ratio
+from search.methods.registry import METHODS, SEARCHES_CHANNELS
+from search.models.load import load_model
 
 __all__ = ["Images", "RunConfig", "load_images", "resolve_defaults", "run"]
 

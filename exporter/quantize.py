@@ -30,7 +30,7 @@ from search.core.errors import ExportError, ParityError
 from exporter.rewrites.graph import GraphView, topological_sort
 from exporter.rewrites.unflatten_gemm import unflatten_gemm
 from exporter.fidelity import sample_cosines
-from exporter.validate import make_session, require_finite
+from exporter.parity import make_session, require_finite
 from search.core.atomic import ensure_writable_dir
 
 MIN_MEAN_COSINE = 0.99

@@ -24,9 +24,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from exporter.fidelity import relation_agreement
 from exporter.reweight import HeadReweight, UnitScale
-from search.gate_loop import batch_indices
+from search.methods.gate_loop import batch_indices
 from search.core.atomic import atomic_path
-from search.distill import DistillStudent, distill_loss, distill_targets, distill_step_loss, teacher_targets
+from search.methods.distill import DistillStudent, distill_loss, distill_targets, distill_step_loss, teacher_targets
 from search.core.progress import progress_bar
 from search.core.runtime import Runtime, on_device
 

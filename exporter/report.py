@@ -21,8 +21,8 @@ from exporter.report_text import (  # noqa: F401  (re-exported: the report's ren
 from search.core.atomic import atomic_path, atomic_paths
 
 if TYPE_CHECKING:
-    from search.macs import ModelGeometry
-    from search.plan import Plan
+    from search.budget.macs import ModelGeometry
+    from search.budget.plan import Plan
 
 
 def report_paths(onnx_path: Path) -> dict[str, Path]:

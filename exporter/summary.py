@@ -15,19 +15,20 @@ from typing import Any
 import onnx
 import torch
 
-from exporter.latency import machine_info
+from exporter.timing import machine_info
 from exporter.onnx_macs import count_ops
 from exporter.report import block_rows
-from exporter.runtimes.stages import runtimes_report
+from exporter.stages.runtimes import runtimes_report
 from exporter.stages.config import RunConfig
 from exporter.stages.images import Images
 from exporter.stages.workdir import folder_bytes
-from search.acp import AcpConfig
+from search.methods.acp import AcpConfig
 from search.core.runtime import Runtime
-from search.heads import HeadTarget, total_heads
-from search.methods import SEARCHES_CHANNELS
-from search.models import LoadedModel
-from search.plan import Plan
+from search.methods.heads import HeadTarget, total_heads
+from search.methods.registry import SEARCHES_CHANNELS
+from search.models.load import LoadedModel
+from search.budget.macs import parameter_count
+from search.budget.plan import Plan
 
 SEARCHED = ("acp", "dsp", "dsp+acp")
 """The methods that run a search of --search-steps steps."""
@@ -87,10 +88,6 @@ class RunResults:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _search_section(r: RunResults) -> dict[str, Any]:
     cfg, acp, target, geometry = r.cfg, r.acp, r.target, r.loaded.geometry
     section: dict[str, Any] = {"method": cfg.method, "device": str(r.runtime.device), "ranks": r.runtime.world_size}
@@ -111,7 +108,7 @@ def build_report(r: RunResults) -> dict[str, Any]:
     """The report dict of a finished run (before its files are written)."""
     cfg, loaded, plan = r.cfg, r.loaded, r.plan
     out, work = Path(cfg.output), cfg.work_dir
-    dense_params, pruned_params = _params(loaded.model), _params(r.pruned)
+    dense_params, pruned_params = parameter_count(loaded.model), parameter_count(r.pruned)
     onnx_dense, onnx_pruned = r.graph_macs
     first = cfg.runtimes[0]
     parity_notes = {"inputs": r.images.label, "reference": "PyTorch pruned model", "graph": "portable fp32"}

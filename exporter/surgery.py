@@ -13,8 +13,8 @@ from torch import nn
 
 from search.attention import get_kind
 from search.families import family_of
-from search.macs import ModelGeometry, describe
-from search.plan import Plan
+from search.budget.macs import ModelGeometry, describe
+from search.budget.plan import Plan
 
 
 def apply_plan(model: nn.Module, plan: Plan, geometry: ModelGeometry | None = None) -> nn.Module:

@@ -4,7 +4,7 @@ On CUDA a small model at batch 1 spends more time launching kernels than running
 code that cares about latency captures the forward into a CUDA graph and replays it, and so does
 this timer, so that a latency budget on ``torch-cuda`` is measured the way it would be served.
 Each runner does one forward and returns once the device is done (it synchronises), which is
-what :func:`exporter.latency.interleave` needs to time it.
+what :func:`exporter.timing.interleave` needs to time it.
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ from pathlib import Path
 os.environ["PRUNE_EXPORT_OFFLINE"] = "1"
 from exporter.bench.quality import knn_of, CACHE
 from exporter.quantize import quantize_int8
-from search.data import image_folder, stack_images, balanced_subset
-from search.models import load_model
+from search.images.folders import image_folder, stack_images, balanced_subset
+from search.models.load import load_model
 lm = load_model("dinov2_s", img_size=112)
 root = Path(".cache/fashion-mnist")
 bank = stack_images(image_folder(root / "bank200", lm.data_config))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from search.acp import AcpConfig
+from search.methods.acp import AcpConfig
 from tests.conftest import tiny_vit
 
 CONFIG = AcpConfig(budget=0.6, steps=8, batch_size=8, lr=0.1, calib_images=4, checkpoint_every=3, seed=3)

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 from search.core.runtime import runtime
-from search.dsp import dsp_search
-from search.macs import describe
+from search.methods.dsp import dsp_search
+from search.budget.macs import describe
 from tests.test_dsp import DDP_CONFIG, DDP_TARGET, ddp_case
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from search.acp import acp_search
-from search.allocate import SolverConfig, make_plan
-from search.macs import describe
+from search.methods.acp import acp_search
+from search.budget.allocate import SolverConfig, make_plan
+from search.budget.macs import describe
 from search.core.runtime import runtime
 from tests.acp_case import CONFIG, case
 

@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from search.acp import acp_search
-from search.gate_loop import batch_indices
-from search.activations import capture
-from search.allocate import SolverConfig, make_plan
-from search.attention_init import attention_differences, init_logits
-from search.gates import ChannelGates, gated
-from search.macs import describe, model_macs
-from search.plan import Plan
+from search.methods.acp import acp_search
+from search.methods.gate_loop import batch_indices
+from search.methods.activations import capture
+from search.budget.allocate import SolverConfig, make_plan
+from search.methods.acp_init import attention_differences, init_logits
+from search.methods.gates import ChannelGates, gated
+from search.budget.macs import describe, model_macs
+from search.budget.plan import Plan
 from search.core.runtime import Runtime
-from search.similarity import redundancy, similarity_weights
+from search.methods.similarity import redundancy, similarity_weights
 from tests.acp_case import CONFIG, case
 from tests.conftest import tiny_vit
 

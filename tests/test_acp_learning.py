@@ -12,13 +12,13 @@ import dataclasses
 import pytest
 import torch
 
-from search.acp import AcpConfig, AcpResult, acp_search
-from search.allocate import SolverConfig, make_plan, round_widths, solve_widths
+from search.methods.acp import AcpConfig, AcpResult, acp_search
+from search.budget.allocate import SolverConfig, make_plan, round_widths, solve_widths
 from search.core.errors import OptionError
 from search.core.runtime import Runtime
-from search.gates import ChannelGates
-from search.importance import random_scores
-from search.macs import describe, model_macs
+from search.methods.gates import ChannelGates
+from search.methods.importance import random_scores
+from search.budget.macs import describe, model_macs
 from tests.conftest import tiny_vit
 
 CPU = Runtime(torch.device("cpu"))

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from search.allocate import SolverConfig, make_plan, min_widths, solve_widths
+from search.budget.allocate import SolverConfig, make_plan, min_widths, solve_widths
 from search.core.errors import BudgetError
-from search.importance import BlockScores, magnitude_scores, random_scores
-from search.macs import describe, model_macs
+from search.methods.importance import BlockScores, magnitude_scores, random_scores
+from search.budget.macs import describe, model_macs
 
 
 @pytest.mark.parametrize("budget", [0.3, 0.45, 0.5, 0.63, 0.8, 0.95, 1.0])

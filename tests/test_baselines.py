@@ -9,10 +9,10 @@ import torch
 
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_onnx_macs
-from exporter.validate import check_parity
-from search.baselines import INSTALL_HINT, BaselineError, torch_pruning_prune, torch_pruning_search
+from exporter.parity import check_parity
+from search.methods.baselines import INSTALL_HINT, BaselineError, torch_pruning_prune, torch_pruning_search
 from search.core.errors import UserError
-from search.macs import describe, model_macs
+from search.budget.macs import describe, model_macs
 
 tp = pytest.importorskip("torch_pruning", reason=f"torch-pruning is not installed; {INSTALL_HINT}")
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from exporter.bench.ablation import DENSE_FINAL, markdown, summarise, variants, verdict, BenchConfig
-from exporter.checks import check_acp_options
+from exporter.input_checks import check_acp_options
 from exporter.pipeline import RunConfig
-from search.acp import AcpConfig
+from search.methods.acp import AcpConfig
 
 
 def _row(name, budget, seed, before, after):

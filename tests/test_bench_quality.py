@@ -30,7 +30,7 @@ def test_the_head_pruning_rows_make_valid_runs():
     from dataclasses import replace
     from pathlib import Path
 
-    from exporter.checks import check_head_options
+    from exporter.input_checks import check_head_options
     from exporter.pipeline import RunConfig
 
     by_name = {r.name: r for r in rows(quick=True)}

@@ -9,7 +9,7 @@ import torch
 
 from exporter.stages.config import RunConfig, resolve_defaults
 from exporter.stages.effort import resolve_effort
-from search.builtin_images import PHOTOS, builtin_images, load_photos
+from search.images.builtin import PHOTOS, builtin_images, load_photos
 from tests.test_cli import FAST, invoke
 
 CONFIG = {"input_size": (3, 48, 64), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}

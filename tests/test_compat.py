@@ -25,16 +25,16 @@ from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_onnx_macs
 from exporter.rewrites.expand_sizes import fold_expand_sizes
 from exporter.surgery import apply_plan
-from search.activations import capture
-from search.allocate import head_plan
-from search.attention_init import attention_differences
+from search.methods.activations import capture
+from search.budget.allocate import head_plan
+from search.methods.acp_init import attention_differences
 from search.attention import kind_of
 from search.core.errors import UnknownModelError
 from search.families import prepare
 from search.families.beit import BeitAttentionlessBlock
 from search.families.vit import AttentionlessBlock
-from search.macs import describe, model_macs
-from search.models import check_architecture, load_model
+from search.budget.macs import describe, model_macs
+from search.models.load import check_architecture, load_model
 from tests.conftest import tiny_vit
 from tests.test_head_pruning import _head_masked
 

@@ -7,15 +7,16 @@ import json
 import pytest
 import torch
 
-from search.allocate import SolverConfig, make_plan, min_widths, round_widths, solve_widths
+from search.budget.allocate import SolverConfig, make_plan, min_widths, round_widths, solve_widths
 from search.core.errors import BudgetError
-from search.cost import MACS, cost_ratio, interpolate, isotonic
-from search.gates import ChannelGates
-from search.heads import heads_for_budget, head_only_widths, layer_counts
-from search.importance import magnitude_scores
-from search.latency_table import BlockCurves, Curve, LatencyTable, LatencyTableError, choose_align, fit_curve
-from search.macs import BlockWidths, ModelGeometry, describe, model_macs
-from search.plan import Plan
+from search.budget.cost import MACS, cost_ratio, interpolate, isotonic
+from search.methods.gates import ChannelGates
+from search.methods.heads import heads_for_budget, head_only_widths, layer_counts
+from search.methods.importance import magnitude_scores
+from search.budget.latency_table import BlockCurves, Curve, LatencyTable, LatencyTableError, choose_align, fit_curve
+from search.budget.macs import ModelGeometry, describe, model_macs
+from search.cut.blocks import BlockWidths
+from search.budget.plan import Plan
 
 
 def test_interpolate_is_piecewise_linear_and_extends_the_end_segments() -> None:

@@ -14,9 +14,9 @@ import torch
 from exporter.recovery import HeldOut, RecoveryConfig, recover
 from exporter.reweight import add_reweights, fold_reweights
 from exporter.surgery import apply_plan
-from search.acp import AcpConfig, acp_search
-from search.allocate import SolverConfig, make_plan
-from search.macs import describe
+from search.methods.acp import AcpConfig, acp_search
+from search.budget.allocate import SolverConfig, make_plan
+from search.budget.macs import describe
 from search.core.runtime import Runtime, on_device
 from tests.conftest import tiny_vit
 from tests.test_cli import FAST, invoke

@@ -9,8 +9,8 @@ import pytest
 import timm
 import torch
 
-from search import dinov2_weights
-from search.dinov2_weights import (
+from search.models import dinov2 as dinov2_weights
+from search.models.dinov2 import (
     ONNX_BACKBONE_OUTPUT,
     TIMM_MODEL_NAME,
     create_dinov2_s,

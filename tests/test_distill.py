@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-from search.distill import block_outputs, distill_loss
+from search.methods.distill import block_outputs, distill_loss
 
 
 def test_backbone_loss_is_zero_at_the_teacher_and_positive_elsewhere():

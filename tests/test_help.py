@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from exporter.cli import MODELS_HELP, app
 from exporter.options import PANELS, PRECISIONS, QUANTIZE, QUANTIZE_MODES, RUNTIME_NAMES, TARGETS
-from search.choices import DEVICE_FORMS, HEAD_SCOPES, INDICATORS, METHOD_NAMES, OPTIMISERS, WIDTHS
+from search.core.choices import DEVICE_FORMS, HEAD_SCOPES, INDICATORS, METHOD_NAMES, OPTIMISERS, WIDTHS
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXED = {
@@ -81,7 +81,7 @@ def test_the_help_shows_the_panels_and_lists_every_choice(monkeypatch):
 
 
 def test_the_model_help_names_every_bundled_model_and_alias():
-    from search.models import known_names
+    from search.models.load import known_names
 
     for name in known_names():
         assert re.search(rf"\b{re.escape(name)}\b", MODELS_HELP), name
@@ -90,9 +90,9 @@ def test_the_model_help_names_every_bundled_model_and_alias():
 
 def test_the_torch_free_choices_match_the_modules_that_use_them():
     from exporter.runtimes import RUNTIMES
-    from search.acp import AcpConfig
-    from search.dsp import DspConfig
-    from search.methods import METHODS
+    from search.methods.acp import AcpConfig
+    from search.methods.dsp import DspConfig
+    from search.methods.registry import METHODS
 
     assert set(METHOD_NAMES) == set(METHODS) and tuple(RUNTIME_NAMES) == tuple(RUNTIMES)
     d = AcpConfig(budget=0.5)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from search.core.errors import DataError
-from search.knn import knn_predict, knn_top1
+from exporter.knn import knn_predict, knn_top1
 
 
 def _clusters(rows_per_class: int, classes: int, dim: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,9 +15,10 @@ from exporter.latency_model import TableSpec, block_at, latency_table, plan_part
 from exporter.latency_targets import resolve_target
 from exporter.torch_timing import torch_runner
 from search.core.errors import OptionError
-from search.cost import cost_ratio
-from search.latency_table import LatencyTable
-from search.macs import BlockWidths, describe
+from search.budget.cost import cost_ratio
+from search.budget.latency_table import LatencyTable
+from search.budget.macs import describe
+from search.cut.blocks import BlockWidths
 from tests.conftest import tiny_vit
 
 QUICK = TableSpec(runs=3, warmup=1, mlp_points=4, channel_points=3, head_points=3)

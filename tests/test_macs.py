@@ -7,9 +7,9 @@ import timm
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_onnx_macs
 from exporter.surgery import apply_plan
-from search.allocate import SolverConfig, make_plan
-from search.importance import random_scores
-from search.macs import describe, model_macs
+from search.budget.allocate import SolverConfig, make_plan
+from search.methods.importance import random_scores
+from search.budget.macs import describe, model_macs
 
 
 def _graph_macs(model, tmp_path, name):

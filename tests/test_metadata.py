@@ -2,7 +2,7 @@
 
 One CLI run on timm's tiny test_vit with an ImageFolder; the file's metadata alone then drives the
 preprocessing (``exporter.serve``), which must give the same tensors as the pipeline's own
-(timm's evaluation transform through ``search.data.image_folder``), and the same outputs in ONNX
+(timm's evaluation transform through ``search.images.folders.image_folder``), and the same outputs in ONNX
 Runtime and OpenVINO.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from PIL import Image
 from exporter.cli import info_app, main
 from exporter.metadata import TOOL, read_metadata, tool_version
 from exporter.serve import ort_metadata, preprocess, run_images
-from search.data import image_folder
+from search.images.folders import image_folder
 from typer.testing import CliRunner
 
 from tests.test_cli import FAST, invoke

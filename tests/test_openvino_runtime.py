@@ -28,12 +28,12 @@ from search.core.errors import (
     RuntimeUnavailableError,
     UnknownRuntimeError,
 )
-from exporter.latency import measure_latency
+from exporter.timing import measure_latency
 from exporter.onnx_export import export_onnx
 from exporter.report import markdown
 from exporter.runtimes import RUNTIMES, get_runtime, parse_runtimes, require_runtimes
 from exporter.runtimes import openvino as ov_runtime
-from exporter.validate import check_parity
+from exporter.parity import check_parity
 from tests.conftest import tiny_vit
 from tests.test_cli import FAST, assert_clean_failure
 

@@ -15,10 +15,10 @@ from exporter.ort_target import FUSED, OrtTargetConfig, optimize_for_ort
 from exporter.rewrites.fuse_attention import fuse_attention
 from exporter.rewrites.unflatten_gemm import unflatten_gemm
 from exporter.surgery import apply_plan
-from exporter.validate import check_parity
-from search.allocate import SolverConfig, make_plan
-from search.importance import random_scores
-from search.macs import describe
+from exporter.parity import check_parity
+from search.budget.allocate import SolverConfig, make_plan
+from search.methods.importance import random_scores
+from search.budget.macs import describe
 from tests.conftest import TINY_VARIANTS, tiny_vit
 
 INPUT = (3, 32, 32)

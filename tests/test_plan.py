@@ -6,13 +6,14 @@ import json
 
 import pytest
 
-from search.allocate import SolverConfig, make_plan
+from search.budget.allocate import SolverConfig, make_plan
 from search.core.errors import PlanError
-from search.importance import random_scores
-from search.macs import describe
+from search.methods.importance import random_scores
+from search.budget.macs import describe
 from search.attention import get_kind
-from search.macs import model_macs
-from search.plan import VERSION, BlockPlan, Plan
+from search.budget.macs import model_macs
+from search.budget.plan import VERSION, Plan, check_block
+from search.cut.blocks import BlockPlan
 from tests.conftest import tiny_vit
 
 
@@ -43,7 +44,7 @@ def test_unequal_counts_across_heads_are_rejected(plan, geometry):
     b = plan.blocks[0]
     bad = dataclasses.replace(b, qk=(b.qk[0][:-1],) + b.qk[1:])
     with pytest.raises(PlanError, match="unequal qk counts"):
-        bad.check(0, geometry)
+        check_block(bad, 0, geometry)
 
 
 @pytest.mark.parametrize(
@@ -59,7 +60,7 @@ def test_unequal_counts_across_heads_are_rejected(plan, geometry):
 )
 def test_malformed_blocks_are_rejected(plan, geometry, mutate, message):
     with pytest.raises(PlanError, match=message):
-        mutate(plan.blocks[0]).check(0, geometry)
+        check_block(mutate(plan.blocks[0]), 0, geometry)
 
 
 def test_false_mac_figures_are_rejected(plan, geometry):
@@ -95,7 +96,7 @@ def test_dense_plan_keeps_everything(geometry):
 def test_a_block_may_keep_no_head_and_then_counts_no_attention_mac(geometry):
     dense = Plan.dense("tiny", 32, geometry)
     empty = dataclasses.replace(dense.blocks[0], heads=(), qk=(), v=())
-    empty.check(0, geometry)
+    check_block(empty, 0, geometry)
     assert empty.widths.heads == empty.widths.qk == empty.widths.v == 0 and empty.shared_indices
     widths = (empty.widths,) + dense.widths()[1:]
     plan = dataclasses.replace(dense, method="dsp", blocks=(empty,) + dense.blocks[1:], pruned_macs=model_macs(geometry, widths))

@@ -15,10 +15,10 @@ from exporter.onnx_macs import count_ops
 from exporter.quantize import ApproxParityError, approx_parity, convert_fp16, quantize_int8
 from exporter.rewrites import optimize_portable
 from exporter.surgery import apply_plan
-from exporter.validate import check_parity
-from search.allocate import SolverConfig, make_plan
-from search.importance import random_scores
-from search.macs import describe
+from exporter.parity import check_parity
+from search.budget.allocate import SolverConfig, make_plan
+from search.methods.importance import random_scores
+from search.budget.macs import describe
 from tests.conftest import tiny_vit
 
 INPUT = (3, 32, 32)

@@ -8,9 +8,9 @@ import torch
 
 from exporter.reweight import HeadReweight, UnitScale, add_reweights, fold_reweights
 from exporter.surgery import apply_plan
-from search.allocate import SolverConfig, make_plan
-from search.importance import random_scores
-from search.macs import describe
+from search.budget.allocate import SolverConfig, make_plan
+from search.methods.importance import random_scores
+from search.budget.macs import describe
 
 
 def _pruned(model):

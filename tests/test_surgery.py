@@ -8,11 +8,12 @@ import torch
 
 from search.attention.softmax import PrunedAttention
 from exporter.surgery import apply_plan
-from search.allocate import SolverConfig, make_plan
+from search.budget.allocate import SolverConfig, make_plan
 from search.core.errors import PlanError
-from search.importance import random_scores
-from search.macs import describe, model_macs
-from search.plan import BlockPlan, Plan
+from search.methods.importance import random_scores
+from search.budget.macs import describe, model_macs
+from search.budget.plan import Plan
+from search.cut.blocks import BlockPlan
 
 
 @torch.no_grad()

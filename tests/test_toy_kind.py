@@ -28,10 +28,10 @@ from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_onnx_macs
 from exporter.reweight import HeadReweight, UnitScale, add_reweights, fold_reweights
 from exporter.surgery import apply_plan
-from exporter.validate import check_parity
-from search.acp import AcpConfig, acp_search
-from search.activations import capture
-from search.allocate import SolverConfig, make_plan
+from exporter.parity import check_parity
+from search.methods.acp import AcpConfig, acp_search
+from search.methods.activations import capture
+from search.budget.allocate import SolverConfig, make_plan
 from search.attention import (
     AttentionActivations,
     AttentionKind,
@@ -46,13 +46,14 @@ from search.attention import (
     register_kind,
     split_fused_qkv,
 )
-from search.attention_init import attention_differences
+from search.methods.acp_init import attention_differences
 from search.core.runtime import Runtime
-from search.gates import ChannelGates, gated
-from search.importance import BlockScores, magnitude_scores
-from search.macs import describe, model_macs
-from search.plan import BlockPlan, Plan
-from search.slicing import slice_linear
+from search.methods.gates import ChannelGates, gated
+from search.methods.importance import BlockScores, magnitude_scores
+from search.budget.macs import describe, model_macs
+from search.budget.plan import Plan
+from search.cut.blocks import BlockPlan
+from search.cut.slicing import slice_linear
 from tests.conftest import tiny_vit
 
 NAME = "toy-elu-linear"

@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from exporter.checks import unused_pixels_warning
+from exporter.input_checks import unused_pixels_warning
 from exporter.stages.workdir import human_bytes, resumed_note
 from search.core.errors import OptionError
 from tests.test_cli import FAST, invoke

@@ -39,17 +39,17 @@ import torch
 from rich.console import Console
 
 from exporter.bench.quality import knn_of, matches_row, torch_pruning_row
-from exporter.latency import machine_info
+from exporter.timing import machine_info
 from exporter.onnx_export import export_onnx
 from exporter.pipeline import RunConfig, load_images, run
 from exporter.recovery import RecoveryConfig, recover
-from search.acp import INDICATORS, OPTIMISERS, WIDTHS, AcpConfig
+from search.methods.acp import INDICATORS, OPTIMISERS, WIDTHS, AcpConfig
 from search.core.atomic import atomic_path
 from search.core.progress import progress_bar
 from search.core.runtime import Runtime
-from search.data import image_folder, stack_images
-from search.fashion_mnist import write_image_folder
-from search.models import load_model
+from search.images.folders import image_folder, stack_images
+from search.images.fashion_mnist import write_image_folder
+from search.models.load import load_model
 from exporter.machine import describe_cpu
 
 OUT = Path("artifacts/bench")

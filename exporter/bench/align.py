@@ -34,7 +34,7 @@ from rich.console import Console
 from timm.layers import Mlp
 from torch import nn
 
-from exporter.latency import machine_info, measure_latency
+from exporter.timing import machine_info, measure_latency
 from search.attention.softmax import PrunedAttention
 from search.core.atomic import atomic_path
 from exporter.machine import describe_cpu

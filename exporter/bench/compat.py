@@ -3,7 +3,7 @@
 Every family in :data:`FAMILIES` is tried the way a user would meet it, in seconds:
 
 - First its real model name goes through the architecture check the CLI makes before any weights
-  (:func:`search.models.check_architecture`, on the meta device, so a full-size model costs
+  (:func:`search.models.load.check_architecture`, on the meta device, so a full-size model costs
   nothing). A family prune-export cannot prune must be refused there: the bench then runs the CLI
   itself on that name (``prune-export NAME --random-init -o …``) and records its exit code and its
   one-line message.
@@ -141,11 +141,11 @@ def _prune_tiny(family: Family, work: Path) -> dict[str, Any]:
     from exporter.onnx_export import export_onnx
     from exporter.onnx_macs import count_onnx_macs
     from exporter.surgery import apply_plan
-    from exporter.validate import check_parity
-    from search.allocate import SolverConfig, make_plan
+    from exporter.parity import check_parity
+    from search.budget.allocate import SolverConfig, make_plan
     from search.families import prepare
-    from search.importance import magnitude_scores
-    from search.macs import describe, model_macs
+    from search.methods.importance import magnitude_scores
+    from search.budget.macs import describe, model_macs
 
     torch.manual_seed(0)
     model = timm.create_model(family.example, pretrained=False, **{**TINY, **family.tiny}).eval()
@@ -178,7 +178,7 @@ def _prune_tiny(family: Family, work: Path) -> dict[str, Any]:
 
 def try_family(family: Family, work: Path) -> Outcome:
     """Refuse ``family`` as the CLI would, or prune its tiny form end to end; never raises."""
-    from search.models import check_architecture
+    from search.models.load import check_architecture
 
     work.mkdir(parents=True, exist_ok=True)
     try:

@@ -2,7 +2,7 @@
 
 The compatibility table (:mod:`exporter.bench.compat`) shows one example per family. This sweep backs
 its claim for every name timm registers: each is built on the meta device and put through
-:func:`search.models.check_architecture`, which must accept it or refuse it with a
+:func:`search.models.load.check_architecture`, which must accept it or refuse it with a
 :class:`search.core.errors.UserError` (one line, exit 2 in the CLI), never another exception. With
 ``--prune``, each accepted name is then built in the compatibility bench's tiny form (where its
 constructor takes those overrides) and pruned, exported and checked like a table row.
@@ -36,7 +36,7 @@ def check_name(name: str) -> tuple[str, str]:
     ``unchecked``: timm cannot build it on the meta device, so the CLI checks it once built for
     real; ``error``: an exception that is not a UserError, which the CLI would show as an internal error.
     """
-    from search.models import check_architecture
+    from search.models.load import check_architecture
 
     try:
         checked = check_architecture(name)

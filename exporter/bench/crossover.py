@@ -19,7 +19,7 @@ file is checked against its PyTorch model in ONNX Runtime before it is timed; a 
 parity is reported and not timed. The four files of one size are timed in ONE interleaved run
 (batch 1, 2 intra-op threads, spinning off; medians), so their ratios share the machine's drift;
 that run is repeated in three passes, each in a fresh process, because the linear graph's latency
-moved between runs by more than within one (:func:`measure_size`). MACs are given twice: analytic (:mod:`search.macs`) and counted from the graph
+moved between runs by more than within one (:func:`measure_size`). MACs are given twice: analytic (:mod:`search.budget.macs`) and counted from the graph
 (:mod:`exporter.onnx_macs`).
 
 Outputs: crossover.md, .json and .png under ``artifacts/bench``.
@@ -47,20 +47,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-import search.flatten_models  # noqa: F401  (registers flatten_deit_s with timm)
+import search.models.flatten.deit  # noqa: F401  (registers flatten_deit_s with timm)
 from exporter.bench.jitter import jitter
 from exporter.bench.crossover_report import markdown, plot
-from exporter.latency import LatencyResult, machine_info, measure_latency
+from exporter.timing import LatencyResult, machine_info, measure_latency
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_onnx_macs
 from exporter.surgery import apply_plan
-from exporter.validate import check_parity
-from search.allocate import SolverConfig, make_plan
+from exporter.parity import check_parity
+from search.budget.allocate import SolverConfig, make_plan
 from search.attention import TokenLayout, get_kind
 from search.core.atomic import atomic_path
 from search.core.errors import ParityError
-from search.importance import magnitude_scores
-from search.macs import ModelGeometry, describe, model_macs
+from search.methods.importance import magnitude_scores
+from search.budget.macs import ModelGeometry, describe, model_macs, parameter_count
 
 DEFAULT_OUT = Path("artifacts/bench")
 DEFAULT_WORK = Path(".cache/bench/crossover")
@@ -124,10 +124,6 @@ def build(attention: str, px: int, seed: int) -> nn.Module:
     return jitter(model, seed).eval()
 
 
-def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _parity(path: Path, model: nn.Module, images: torch.Tensor) -> dict[str, Any]:
     try:
         return asdict(check_parity(path, model, images, classifier=True))
@@ -143,7 +139,7 @@ def _paired(passes: Sequence[LatencyResult], name: str) -> dict[str, float]:
 
 
 def time_in_fresh_process(paths: dict[str, Path], **settings: Any) -> LatencyResult:
-    """:func:`exporter.latency.measure_latency` on ``paths``, run in a new (spawned) Python process."""
+    """:func:`exporter.timing.measure_latency` on ``paths``, run in a new (spawned) Python process."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(measure_latency, paths, **settings).result()
 
@@ -182,7 +178,7 @@ def measure_size(px: int, runs: int, warmup: int, cfg: CrossoverConfig, work: Pa
             rows[name] = {
                 "model": name, "attention": attention, "budget": budget, "px": px,
                 "timm_name": SOFTMAX_MODEL if attention == "softmax" else f"{LINEAR_MODEL} pattern={LINEAR_PATTERN}",
-                "analytic_macs": analytic, "onnx_macs": count_onnx_macs(path), "params": _params(model),
+                "analytic_macs": analytic, "onnx_macs": count_onnx_macs(path), "params": parameter_count(model),
                 "mac_ratio_to_reference": analytic / reference_macs,
                 "mac_ratio_to_own_dense": plan.mac_ratio if budget != 1.0 else 1.0,
                 "parity": _parity(path, model, images), "path": str(path),

@@ -41,7 +41,7 @@ def markdown(report: dict[str, Any]) -> str:
         "process. `ms` is the median over passes of each pass's median; `ratio` is that over softmax dense's at the same",
         "size; `per pass` gives each pass's ratio; `paired` is the median (quartiles) of per-round ratios, passes pooled. Every file",
         f"passed parity against its PyTorch model ({cfg['parity_images']} random images) before it was timed, unless",
-        "the parity column says otherwise. MACs: analytic (search.macs) and counted from the graph (exporter.onnx_macs).",
+        "the parity column says otherwise. MACs: analytic (search.budget.macs) and counted from the graph (exporter.onnx_macs).",
         f"Command: `{report['command']}` ({report['wall_s'] / 60:.1f} min). {_load(report)}".rstrip(),
         "",
         "## Where linear attention wins",

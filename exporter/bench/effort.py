@@ -32,13 +32,13 @@ from rich.console import Console
 
 from exporter.bench.quality import knn_of, matches_row
 from exporter.bench.figures import pyplot, save_png
-from exporter.latency import machine_info
+from exporter.timing import machine_info
 from exporter.pipeline import RunConfig, run
 from exporter.stages.effort import EFFORTS, resolve_effort
 from search.core.atomic import atomic_path
-from search.data import image_folder, stack_images
-from search.fashion_mnist import write_image_folder
-from search.models import load_model
+from search.images.folders import image_folder, stack_images
+from search.images.fashion_mnist import write_image_folder
+from search.models.load import load_model
 
 OUT = Path("artifacts/bench")
 CACHE = Path(".cache/effort-bench")

@@ -39,14 +39,14 @@ from exporter.pipeline import RunConfig, load_images, resolve_defaults, run
 from exporter.recovery import RecoveryConfig, recover
 from exporter.reweight import add_reweights
 from exporter.surgery import apply_plan
-from search.acp import AcpConfig, acp_search
-from search.gate_loop import batch_indices
+from search.methods.acp import AcpConfig, acp_search
+from search.methods.gate_loop import batch_indices
 from search.core.atomic import atomic_path
-from search.distill import DistillStudent, distill_step_loss
+from search.methods.distill import DistillStudent, distill_step_loss
 from search.core.errors import UserError
-from search.macs import describe
-from search.models import load_model
-from search.plan import Plan
+from search.budget.macs import describe
+from search.models.load import load_model
+from search.budget.plan import Plan
 from search.core.runtime import Runtime
 
 TIMED_STEPS = 12
@@ -180,8 +180,8 @@ def torch_latency(dense: nn.Module, pruned: nn.Module, input_size: Sequence[int]
 
 def ort_cuda_latency(dense_onnx: Path, pruned_onnx: Path, input_size: Sequence[int]) -> dict[str, Any]:
     """ONNX Runtime CUDA latency, or why there is none."""
-    from exporter.latency import measure_latency
-    from exporter.validate import available_providers
+    from exporter.timing import measure_latency
+    from exporter.parity import available_providers
 
     if "CUDAExecutionProvider" not in available_providers():
         return {"available": False, "note": "this onnxruntime build has no CUDAExecutionProvider (onnxruntime-gpu is not "
@@ -243,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     import onnxruntime as ort
 
-    from exporter.validate import available_providers
+    from exporter.parity import available_providers
 
     args.work.mkdir(parents=True, exist_ok=True)
     out_onnx = args.work / "dinov2_s_0.63.onnx"

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from search.allocate import SolverConfig, head_plan, make_plan
+from search.budget.allocate import SolverConfig, head_plan, make_plan
 from search.core.errors import BudgetError
-from search.heads import HeadTarget, head_magnitude_scores, heads_for_budget, top_heads, total_heads
-from search.importance import magnitude_scores
-from search.macs import ModelGeometry
-from search.methods import head_budget
-from search.plan import Plan
+from search.methods.heads import HeadTarget, head_magnitude_scores, heads_for_budget, top_heads, total_heads
+from search.methods.importance import magnitude_scores
+from search.budget.macs import ModelGeometry
+from search.methods.registry import head_budget
+from search.budget.plan import Plan
 
 
 def head_pruned_plans(model: nn.Module, geometry: ModelGeometry, budget: float, *, name: str, img_size: int,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from search.flatten_attention import FocusedLinearAttention
+from search.models.flatten.attention import FocusedLinearAttention
 
 
 def jitter(model: nn.Module, seed: int) -> nn.Module:

@@ -17,7 +17,8 @@ off), so their ratios share the machine's drift. For the focus model the OpenVIN
 reference and the 0.63 fp32 and int8 artifacts again on OpenVINO's CPU plugin, in their own
 interleaved run (same threads, latency hint, f32), against the same reference run in OpenVINO;
 without openvino installed the column says so. Every artifact is checked for parity first:
-fp32 ones against PyTorch, int8 ones with the cosine/top-1 check. Outputs: latency.md, .json and
+fp32 ones against PyTorch, int8 ones with the cosine/top-1 check (the artifacts are built in
+``exporter.bench.latency_artifacts``). Outputs: latency.md, .json and
 .png in ``artifacts/bench``, with the machine and an ORT profile by op type for DeiT-B.
 
     python -m exporter.bench.latency [--quick] [--out artifacts/bench] [--keep]
@@ -26,47 +27,32 @@ from __future__ import annotations
 
 import argparse
 import collections
-import io
 import json
-import os
 import shutil
 import statistics
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnxruntime as ort
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from torch import nn
 
-from search.core.errors import ParityError, RuntimeLoadError
-from exporter.latency import LatencyResult, machine_info, measure_latency
-from exporter.bench.head_plans import head_pruned_plans
-from exporter.bench.jitter import jitter
+from exporter.bench.latency_artifacts import TP_BUDGET, ArtifactBuilder
 from exporter.bench.latency_report import GOAL_ARTIFACTS, OPENVINO_ARTIFACTS, REFERENCE, comparison_lines, goal_lines, markdown, plot
-from exporter.onnx_export import export_onnx
+from exporter.fidelity import sample_cosines
 from exporter.onnx_macs import count_ops
-from exporter.ort_target import FUSED, optimize_for_ort
-from exporter.quantize import approx_parity, quantize_int8
-from exporter.rewrites import optimize_portable
 from exporter.runtimes import openvino as openvino_runtime
 from exporter.runtimes.ort import make_session
-from exporter.surgery import apply_plan
-from exporter.validate import check_parity
-from search.allocate import SolverConfig, make_plan
+from exporter.timing import LatencyResult, machine_info, measure_latency
 from search.core.atomic import atomic_path
-from search.importance import magnitude_scores
-from search.macs import describe, model_macs
-from search.models import OFFLINE_ENV, load_model
+from search.core.errors import RuntimeLoadError
 
 DEFAULT_OUT = Path("artifacts/bench")
 DEFAULT_WORK = Path(".cache/bench")
-TP_BUDGET = 0.63
 
 
 @dataclass(frozen=True)
@@ -107,158 +93,6 @@ QUICK = BenchConfig(
 )
 
 
-@dataclass(frozen=True)
-class Artifact:
-    """One ONNX file in the table and the figures that do not need timing.
-
-    ``macs`` is the analytic count (search.macs) of the model the file came from: contrib and
-    int8 ops hide their MACs from the ONNX counter, and the arithmetic is the same in every form.
-    """
-
-    name: str
-    target: str
-    budget: float | None
-    path: Path
-    macs: int
-    params: int
-    parity: dict[str, Any]
-
-
-def _plain_export(model: nn.Module, path: Path, input_size: tuple[int, int, int]) -> Path:
-    """What a user would ship without this tool: torch.onnx.export at opset 17, nothing else."""
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (torch.randn(2, *input_size),), buffer, dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
-    with atomic_path(path) as temp:
-        temp.write_bytes(buffer.getvalue())
-    return path
-
-
-def _opset23_export(model: nn.Module, path: Path, input_size: tuple[int, int, int]) -> Path:
-    """torch's dynamo exporter at opset 23, which emits the standard ``Attention`` op for SDPA."""
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            model.eval(), (torch.randn(2, *input_size),), dynamo=True, opset_version=23, verbose=False,
-            input_names=["input"], output_names=["output"], dynamic_shapes=({0: torch.export.Dim("batch")},),
-        )
-    with atomic_path(path) as temp:
-        program.save(str(temp))
-    return path
-
-
-def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _fp32_parity(path: Path, model: nn.Module, images: torch.Tensor) -> dict[str, Any]:
-    try:
-        result = check_parity(path, model, images, classifier=True)
-        return {"kind": "fp32 vs PyTorch", **asdict(result)}
-    except ParityError as err:
-        return {"kind": "fp32 vs PyTorch", "passed": False, "error": str(err)}
-
-
-def _int8_parity(path: Path, reference: Path, images: torch.Tensor) -> dict[str, Any]:
-    try:
-        # Random weights give near-flat logits whose top-1 flips under any noise: the bench gates on
-        # the cosine only and reports top-1 agreement as information.
-        figures = approx_parity(path, reference, images, classifier=True, min_top1_agreement=0.0)
-        return {"kind": "int8 vs fp32 ONNX (cosine, top-1)", **figures}
-    except ParityError as err:
-        return {"kind": "int8 vs fp32 ONNX (cosine, top-1)", "passed": False, "error": str(err),
-                **getattr(err, "figures", {})}
-
-
-class _Builder:
-    """Builds (or, with ``reuse``, finds) every artifact of one model under ``work``."""
-
-    def __init__(self, name: str, cfg: BenchConfig, work: Path, reuse: bool, console: Console) -> None:
-        os.environ.setdefault(OFFLINE_ENV, "1")
-        loaded = load_model(name, random_init=True)
-        if not loaded.random_weights:
-            console.print(f"[yellow]{name}: found real weights; the bench still jitters biases[/]")
-        self.name = name
-        self.model = jitter(loaded.model, cfg.seed)
-        self.timm_name = loaded.timm_name
-        self.input_size = tuple(loaded.data_config["input_size"])
-        self.geometry = describe(self.model)
-        self.dense_macs = model_macs(self.geometry)
-        self.cfg = cfg
-        self.work = work / name
-        self.work.mkdir(parents=True, exist_ok=True)
-        self.reuse = reuse
-        self.images = torch.randn(8, *self.input_size, generator=torch.Generator().manual_seed(cfg.seed + 1))
-        self.artifacts: list[Artifact] = []
-        self.plans: dict[float, Any] = {}
-
-    def _file(self, stem: str, build: Callable[[Path], Path]) -> Path:
-        path = self.work / f"{stem}.onnx"
-        if not (self.reuse and path.exists()):
-            build(path)
-        return path
-
-    def _add(self, name: str, target: str, budget: float | None, path: Path, macs: int, params: int, parity: dict[str, Any]) -> None:
-        self.artifacts.append(Artifact(name, target, budget, path, macs, params, parity))
-
-    def reference(self) -> None:
-        path = self._file(REFERENCE, lambda p: _plain_export(self.model, p, self.input_size))
-        self._add(REFERENCE, "dense plain export", 1.0, path, self.dense_macs, _params(self.model),
-                  _fp32_parity(path, self.model, self.images))
-
-    def budget(self, budget: float, extras: bool) -> None:
-        config = SolverConfig(budget, align=8)
-        plan = make_plan(self.geometry, magnitude_scores(self.model), config, model=self.timm_name,
-                         img_size=self.input_size[-1], method="magnitude")
-        self.plans[budget] = plan
-        pruned = apply_plan(self.model, plan)
-        params, macs = _params(pruned), plan.pruned_macs
-        tag = f"{budget:g}"
-        portable = self._file(f"portable-{tag}", lambda p: export_onnx(pruned, p, self.input_size))
-        heads = self.geometry.blocks[0].attention.num_heads
-        ort_path = self._file(f"ort-{tag}", lambda p: optimize_for_ort(portable, p, heads, self.geometry.embed_dim, self.cfg.threads))
-        int8 = self._file(f"int8-{tag}", lambda p: quantize_int8(portable, p))
-        self._add(f"portable@{tag}", "portable", budget, portable, macs, params, _fp32_parity(portable, pruned, self.images))
-        self._add(f"ort@{tag}", "ort", budget, ort_path, macs, params, _fp32_parity(ort_path, pruned, self.images))
-        self._add(f"int8@{tag}", "int8", budget, int8, macs, params, _int8_parity(int8, portable, self.images))
-        if extras:
-            rewritten = self._file(f"portable-rewritten-{tag}", lambda p: optimize_portable(portable, p))
-            self._add(f"portable-rewritten@{tag}", "portable + standard-op rewrites", budget, rewritten, macs, params,
-                      _fp32_parity(rewritten, pruned, self.images))
-            fused = self._file(f"ort-fused-{tag}", lambda p: optimize_for_ort(
-                portable, p, heads, self.geometry.embed_dim, self.cfg.threads, config=FUSED))
-            self._add(f"ort-fused@{tag}", "ort, every fusion", budget, fused, macs, params, _fp32_parity(fused, pruned, self.images))
-            calibration = torch.randn(16, *self.input_size, generator=torch.Generator().manual_seed(7)).numpy()
-            static = self._file(f"int8-static-{tag}", lambda p: quantize_int8(portable, p, "static", calibration))
-            self._add(f"int8-static@{tag}", "int8 static (random calibration)", budget, static, macs, params,
-                      _int8_parity(static, portable, self.images))
-            op23 = self._file(f"opset23-{tag}", lambda p: _opset23_export(pruned, p, self.input_size))
-            self._add(f"opset23@{tag}", "opset-23 Attention (dynamo)", budget, op23, macs, params, _fp32_parity(op23, pruned, self.images))
-            for row, head_plan_ in head_pruned_plans(self.model, self.geometry, budget, name=self.timm_name,
-                                                     img_size=self.input_size[-1]).items():
-                cut = apply_plan(self.model, head_plan_)
-                path = self._file(row.replace("@", "-"), lambda p, cut=cut: export_onnx(cut, p, self.input_size))
-                self._add(row, "portable, head-pruned (heads by magnitude; the shape dsp gives)", head_plan_.budget,
-                          path, head_plan_.pruned_macs, _params(cut), _fp32_parity(path, cut, self.images))
-            dense23 = self._file("opset23-dense", lambda p: _opset23_export(self.model, p, self.input_size))
-            self._add("opset23-dense", "opset-23 Attention, dense", 1.0, dense23, self.dense_macs, _params(self.model),
-                      _fp32_parity(dense23, self.model, self.images))
-
-    def torch_pruning(self) -> dict[str, Any]:
-        from search.baselines import torch_pruning_search
-
-        target = self.plans[TP_BUDGET].mac_ratio if TP_BUDGET in self.plans else TP_BUDGET
-        example = torch.randn(1, *self.input_size)
-        pruned, result = torch_pruning_search(self.model, target, example, round_to=8)
-        portable = self._file("tp-portable", lambda p: export_onnx(pruned, p, self.input_size))
-        self._add(f"tp@{target:.3f}", "Torch-Pruning 1.6.1, portable", TP_BUDGET, portable, result.macs, _params(pruned),
-                  _fp32_parity(portable, pruned, self.images))
-        return {"target_mac_ratio": target, **asdict(result), "mac_ratio": result.mac_ratio}
-
-
 def _paired_ratios(result: LatencyResult, name: str) -> dict[str, float]:
     """Median and quartiles of the per-round ratio to the reference (same round, adjacent runs)."""
     ratios = [a / b for a, b in zip(result.samples_ms[name], result.samples_ms[REFERENCE])]
@@ -292,8 +126,6 @@ def profile_by_op(path: Path, threads: int, runs: int = 5, batch: int = 1) -> di
     return {op: us / runs / 1e3 for op, us in totals.most_common()}
 
 
-
-
 def confirm(paths: dict[str, Path], input_size: tuple[int, ...], cfg: BenchConfig) -> dict[str, Any]:
     """The goal check: reference and the 0.63 artifacts alone, in one interleaved run per batch.
 
@@ -314,11 +146,6 @@ def confirm(paths: dict[str, Path], input_size: tuple[int, ...], cfg: BenchConfi
 
 
 OPENVINO_INSTALL = "pip install 'prune-export[openvino]'"
-
-
-def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
-    return float((np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
 
 
 def openvino_latency(paths: dict[str, Path], images: torch.Tensor, input_size: tuple[int, ...], cfg: BenchConfig) -> dict[str, Any]:
@@ -345,7 +172,7 @@ def openvino_latency(paths: dict[str, Path], images: torch.Tensor, input_size: t
             continue
         session = make_session(path, cfg.threads)
         expected = session.run(None, {session.get_inputs()[0].name: batch})[0]
-        out["cosine_to_ort"][name] = _min_cosine(got, expected)
+        out["cosine_to_ort"][name] = float(sample_cosines(got, expected).min())
     if REFERENCE not in models:
         out["status"] = "reference cannot run"
         return out
@@ -361,7 +188,7 @@ def openvino_latency(paths: dict[str, Path], images: torch.Tensor, input_size: t
     return out
 
 
-def _time_model(builder: _Builder, cfg: BenchConfig, console: Console) -> dict[str, Any]:
+def _time_model(builder: ArtifactBuilder, cfg: BenchConfig, console: Console) -> dict[str, Any]:
     models = {a.name: a.path for a in builder.artifacts}
     timings = {}
     for batch, runs_by_model in ((1, cfg.runs_b1), (8, cfg.runs_b8)):
@@ -403,7 +230,7 @@ def run(cfg: BenchConfig, out: Path, work: Path, reuse: bool, command: str, cons
         task = progress.add_task("bench", total=len(cfg.models))
         for name in cfg.models:
             progress.update(task, description=f"{name}: building")
-            builder = _Builder(name, cfg, work, reuse, console)
+            builder = ArtifactBuilder(name, cfg.seed, cfg.threads, work, reuse, console)
             builder.reference()
             for budget in cfg.budgets:
                 builder.budget(budget, extras=cfg.extras and name == cfg.focus and budget == TP_BUDGET)

@@ -27,12 +27,12 @@ from exporter.latency_targets import resolve_target
 from exporter.onnx_export import export_onnx
 from exporter.stages.latency import measure_pair
 from exporter.surgery import apply_plan
-from search.allocate import SolverConfig, make_plan
+from search.budget.allocate import SolverConfig, make_plan
 from search.core.atomic import atomic_path
 from search.core.errors import BudgetError
-from search.cost import cost_ratio
-from search.importance import magnitude_scores
-from search.models import OFFLINE_ENV, load_model
+from search.budget.cost import cost_ratio
+from search.methods.importance import magnitude_scores
+from search.models.load import OFFLINE_ENV, load_model
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-from exporter.bench.latency import _plain_export
-from exporter.latency import LatencyResult, machine_info, measure_latency
+from exporter.bench.latency_artifacts import plain_export
+from exporter.timing import LatencyResult, machine_info, measure_latency
 from search.core.atomic import atomic_path
-from search.models import OFFLINE_ENV, load_model
+from search.models.load import OFFLINE_ENV, load_model
 
 
 def paired(result: LatencyResult, num: str, den: str) -> dict[str, float]:
@@ -38,7 +38,7 @@ def check(onnx_path: Path, model: str, random_init: bool, runs: int, threads: in
     os.environ.setdefault(OFFLINE_ENV, "1")
     loaded = load_model(model, random_init=random_init)
     input_size = tuple(loaded.data_config["input_size"])
-    plain = _plain_export(loaded.model, onnx_path.with_suffix(".work") / "plain-dense.onnx", input_size)
+    plain = plain_export(loaded.model, onnx_path.with_suffix(".work") / "plain-dense.onnx", input_size)
     files = {"plain": plain, "dense-export": onnx_path.with_suffix(".work") / "dense.onnx", "pruned": onnx_path}
     load = os.getloadavg()
     result = measure_latency(files, batch=1, threads=threads, runs=runs, warmup=3, input_size=input_size)

@@ -29,12 +29,12 @@ from typing import Any, Sequence
 
 from rich.console import Console
 
-from exporter.bench.latency import _plain_export
-from exporter.latency import machine_info, measure_latency
+from exporter.bench.latency_artifacts import plain_export
+from exporter.timing import machine_info, measure_latency
 from exporter.machine import describe_cpu
 from exporter.pipeline import RunConfig, run
 from search.core.atomic import atomic_path
-from search.models import OFFLINE_ENV, load_model
+from search.models.load import OFFLINE_ENV, load_model
 
 OUT = Path("artifacts/bench")
 WORK = Path(".cache/latency-plans")
@@ -91,7 +91,7 @@ def time_rows(model: str, rows: list[dict[str, Any]], threads: int, runs: int) -
     os.environ.setdefault(OFFLINE_ENV, "1")
     loaded = load_model(model, random_init=model != "dinov2_s")
     input_size = tuple(loaded.data_config["input_size"])
-    plain = _plain_export(loaded.model, WORK / f"{model}-plain.onnx", input_size)
+    plain = plain_export(loaded.model, WORK / f"{model}-plain.onnx", input_size)
     files = {PLAIN: plain, **{r["row"]: Path(r["path"]) for r in rows}}
     result = measure_latency(files, batch=1, threads=threads, runs=runs, warmup=3, input_size=input_size)
     for r in rows:

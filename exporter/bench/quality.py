@@ -34,18 +34,18 @@ from rich.table import Table
 
 from exporter.bench.equal_latency import equal_latency_run, latency_summary
 from exporter.bench.figures import pyplot, save_png
-from exporter.latency import machine_info
+from exporter.timing import machine_info
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_onnx_macs
 from exporter.pipeline import RunConfig, load_images, run
 from exporter.recovery import RecoveryConfig, recover
-from exporter.validate import make_session
+from exporter.parity import make_session
 from search.core.atomic import atomic_path
 from search.core.errors import UserError
-from search.data import image_folder, stack_images
-from search.fashion_mnist import write_image_folder
-from search.knn import knn_top1
-from search.models import load_model
+from search.images.folders import image_folder, stack_images
+from search.images.fashion_mnist import write_image_folder
+from exporter.knn import knn_top1
+from search.models.load import load_model
 from search.core.progress import progress_bar
 from search.core.runtime import Runtime
 from exporter.machine import describe_cpu
@@ -140,7 +140,7 @@ def _slug(name: str) -> str:
 
 def torch_pruning_row(cfg: BenchConfig, train_dir: Path, budget: float, out_dir: Path) -> tuple[Path, dict[str, Any]]:
     """The peer: Torch-Pruning at matched MACs, then the same recovery as every other row."""
-    from search.baselines import torch_pruning_prune
+    from search.methods.baselines import torch_pruning_prune
 
     loaded = load_model("dinov2_s", img_size=cfg.img_size)
     example = torch.randn(1, *loaded.data_config["input_size"])

@@ -26,19 +26,19 @@ from rich.console import Console
 
 from exporter.bench.figures import pyplot, save_png
 from exporter.held_out import torch_outputs
-from exporter.latency import machine_info
+from exporter.timing import machine_info
 from exporter.pipeline import RunConfig, load_images, resolve_defaults
 from exporter.recovery import RecoveryConfig, recover
 from exporter.reweight import add_reweights, fold_reweights
 from exporter.surgery import apply_plan
-from search.allocate import SolverConfig, make_plan
-from search.acp import AcpConfig, acp_search
+from search.budget.allocate import SolverConfig, make_plan
+from search.methods.acp import AcpConfig, acp_search
 from search.core.atomic import atomic_path
 from search.core.runtime import Runtime
-from search.data import image_folder, stack_images
-from search.fashion_mnist import write_image_folder
-from search.knn import knn_top1
-from search.models import load_model
+from search.images.folders import image_folder, stack_images
+from search.images.fashion_mnist import write_image_folder
+from exporter.knn import knn_top1
+from search.models.load import load_model
 
 OUT = Path("artifacts/bench")
 SCHEDULES: dict[str, dict[str, float]] = {

@@ -11,8 +11,8 @@ from exporter.ort_target import optimize_for_ort
 from exporter.quantize import approx_parity, convert_fp16, quantize_int8
 from exporter.stages.config import RunConfig
 from exporter.stages.images import Images
-from exporter.validate import check_parity
-from search.macs import ModelGeometry
+from exporter.parity import check_parity
+from search.budget.macs import ModelGeometry
 
 
 def describe_parity(parity: dict[str, Any]) -> str:

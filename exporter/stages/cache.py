@@ -16,7 +16,7 @@ from rich.console import Console
 
 from exporter.stages.config import RunConfig
 from search.core.atomic import atomic_path
-from search.models import LoadedModel
+from search.models.load import LoadedModel
 
 
 def key_of(**fields: Any) -> str:

@@ -8,9 +8,9 @@ from typing import Any
 from exporter.options import PRECISIONS, QUANTIZE, TARGETS  # noqa: F401  (imported from here by the pipeline)
 from exporter.runtimes import DEFAULT_RUNTIMES
 from exporter.stages.effort import Effort, resolve_effort
-from search.acp import AcpConfig
-from search.dsp import DspConfig
-from search.methods import HEAD_SHARE
+from search.methods.acp import AcpConfig
+from search.methods.dsp import DspConfig
+from search.methods.registry import HEAD_SHARE
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class RunConfig:
         model: bundled name, alias or timm ViT name.
         budget: fraction of dense MACs to keep, in (0, 1].
         output: the ONNX file to write.
-        method: selection method (see ``search.methods``); None means acp for real weights (on --data,
+        method: selection method (see ``search.methods.registry``); None means acp for real weights (on --data,
             or on the built-in photographs without it) and magnitude for random weights, which hold
             nothing a search or a recovery could keep.
         align: kept widths are multiples of this; None (``--align auto``) takes the latency table's
@@ -63,12 +63,12 @@ class RunConfig:
             are also the report's top-level "parity" and "latency".
         opset: ONNX opset.
         heads: head-pruning methods: K, the heads kept in the whole model; None derives K from the
-            budget (``search.heads.heads_for_budget``). With a heads-only method (dsp,
+            budget (``search.methods.heads.heads_for_budget``). With a heads-only method (dsp,
             head-magnitude) the budget is then no constraint and must be 1.0.
         heads_scope: ``layer`` (each block keeps its share of K) or ``global`` (the best K anywhere).
         head_share: dsp+acp without ``heads``: the fraction of the MAC cut taken by removing heads.
         dsp_t0, dsp_tf, dsp_cooldown, dsp_lr, dsp_straight_through: DSP search settings; None
-            (False) for :class:`search.dsp.DspConfig`'s defaults.
+            (False) for :class:`search.methods.dsp.DspConfig`'s defaults.
         keep_work: keep the work directory after a successful run. The command line removes it
             unless --keep-work; callers of ``exporter.pipeline.run`` (the benches) keep it by default.
         latency_budget: set when the budget is a share of the dense latency on the target (then

@@ -6,7 +6,7 @@ device, because the device decides what a minute buys:
 
 - **CPU** (2 cores is the machine sized for): ``default`` fits a dinov2_s run at 224 px in under
   half an hour. The teacher's outputs are computed once per pool image and reused
-  (``search.distill.TeacherTargets``), which takes a third off every step, and that third is spent
+  (``search.methods.distill.TeacherTargets``), which takes a third off every step, and that third is spent
   on more recovery steps. ``fast`` is a few minutes' check; ``best`` is for a long lunch.
 - **CUDA**: a batch of 16 leaves the GPU waiting on kernel launches, so batches are larger and the
   step counts are those that took DINOv2-S from 1.8-5.9 points below dense to within half a point

@@ -5,13 +5,13 @@ from dataclasses import dataclass
 
 import torch
 
-from exporter.checks import check_image_count, min_held_out
+from exporter.input_checks import check_image_count, min_held_out
 from exporter.recovery import HeldOut
 from exporter.stages.config import RunConfig
-from search.builtin_images import builtin_images, describe_builtin
+from search.images.builtin import builtin_images, describe_builtin
 from search.core.errors import OptionError
-from search.data import balanced_subset, image_folder, stack_images
-from search.models import LoadedModel
+from search.images.folders import balanced_subset, image_folder, stack_images
+from search.models.load import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ def load_images(cfg: RunConfig, loaded: LoadedModel, device: torch.device | str 
 
     - --data: class-balanced images from the ImageFolder (fixed seed), held-out ones labelled;
     - no --data, real weights: augmented crops of the built-in photographs, so the search and the
-      recovery still distil the dense model on natural images (``search.builtin_images``);
+      recovery still distil the dense model on natural images (``search.images.builtin``);
     - no --data, random weights: fixed-seed Gaussian inputs, enough for parity and nothing more.
 
     The built-in crops are drawn on ``device`` (the training device) and returned on the CPU.

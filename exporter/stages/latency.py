@@ -2,7 +2,7 @@
 
 With ``--latency-budget`` (or ``--target-runtime`` named with a MAC budget) the run first gets the
 target's latency table (``exporter.latency_model``; cached on disk), which prices the search and the
-solver (``search.cost``) and sets ``--align auto``. After export the pruned graph is timed against
+solver (``search.budget.cost``) and sets ``--align auto``. After export the pruned graph is timed against
 the dense one on the target, in one interleaved run, and the report's ``latency_model`` section
 puts the measured ratio beside the predicted one. If the measured ratio misses the latency budget
 by more than the run-to-run noise, the run re-plans once with the solver's budget scaled by the
@@ -16,18 +16,18 @@ from typing import Any, Callable, ContextManager
 
 import torch
 
-from exporter.latency import interleave, measure_latency, median_noise
+from exporter.timing import interleave, measure_latency, median_noise
 from exporter.latency_model import latency_table
 from exporter.latency_targets import DEFAULT_TARGET, LatencyTarget, check_target_name, resolve_target
 from exporter.stages.config import RunConfig
-from search.allocate import min_widths
+from search.budget.allocate import min_widths
 from search.core.errors import BudgetError, OptionError
-from search.cost import MACS, CostModel, cost_ratio
-from search.latency_table import LatencyTable
-from search.macs import ModelGeometry
-from search.methods import METHODS
-from search.models import LoadedModel
-from search.plan import Plan
+from search.budget.cost import MACS, CostModel, cost_ratio
+from search.budget.latency_table import LatencyTable
+from search.budget.macs import ModelGeometry
+from search.methods.registry import METHODS
+from search.models.load import LoadedModel
+from search.budget.plan import Plan
 
 StagePrinter = Callable[[str], ContextManager[list[str]]]
 FALLBACK_ALIGN = 8

@@ -2,7 +2,7 @@
 
 A head-pruning method first chooses the heads (K from --heads, or from the budget), then, if it
 also cuts channels (dsp+acp), scores the channels of the kept heads; the solver meets the one
-budget either way. The budget is a share of a cost model's dense cost (``search.cost``): MACs, or
+budget either way. The budget is a share of a cost model's dense cost (``search.budget.cost``): MACs, or
 the latency the target's table predicts. A correction round (``exporter.stages.latency``) gives
 the solver a budget of its own and keeps the search's, so the finished search state is reused.
 """
@@ -17,15 +17,15 @@ from exporter.stages.cache import cached_file, is_fresh, key_of
 from exporter.stages.config import RunConfig
 from exporter.stages.images import Images
 from exporter.stages.workdir import resumed_note
-from search.allocate import SolverConfig, head_plan, make_plan
+from search.budget.allocate import SolverConfig, head_plan, make_plan
 from search.core.atomic import atomic_path
 from search.core.runtime import Runtime
-from search.cost import MACS, CostModel
-from search.heads import HeadTarget, check_total, heads_for_budget, total_heads
-from search.macs import ModelGeometry
-from search.methods import METHODS, SEARCHES_CHANNELS, SearchInputs, head_budget
-from search.models import LoadedModel
-from search.plan import Plan
+from search.budget.cost import MACS, CostModel
+from search.methods.heads import HeadTarget, check_total, heads_for_budget, total_heads
+from search.budget.macs import ModelGeometry
+from search.methods.registry import METHODS, SEARCHES_CHANNELS, SearchInputs, head_budget
+from search.models.load import LoadedModel
+from search.budget.plan import Plan
 
 
 def sync(rt: Runtime) -> None:
@@ -38,7 +38,7 @@ def head_target(cfg: RunConfig, geometry: ModelGeometry, cost: CostModel = MACS)
     """K and the scope of a head-pruning method (None for the others).
 
     K is ``--heads``, or the largest K whose head-only model fits the budget: the whole budget for a
-    heads-only method, the head share of it for dsp+acp (``search.methods.head_budget``).
+    heads-only method, the head share of it for dsp+acp (``search.methods.registry.head_budget``).
     Raises OptionError or BudgetError (one line) when K is out of range or the budget out of reach.
     """
     if cfg.method is None or not METHODS[cfg.method].prunes_heads:

@@ -18,8 +18,8 @@ from exporter.stages.workdir import resumed_note
 from exporter.surgery import apply_plan
 from search.core.atomic import atomic_path
 from search.core.runtime import Runtime
-from search.models import LoadedModel
-from search.plan import Plan
+from search.models.load import LoadedModel
+from search.budget.plan import Plan
 
 
 def recovery_config(cfg: RunConfig) -> RecoveryConfig:

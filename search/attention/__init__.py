@@ -1,7 +1,8 @@
 """Attention kinds, one file per kind; see ``search.attention.base`` for what a kind owns.
 
 Importing this package imports every kind module in it, and each registers itself, so a new kind
-is a new file here and no other code changes.
+is a new file here and no other code changes. A kind that belongs to one model may live beside it
+instead and register when that model's package is imported: FLatten's is ``search.models.flatten.kind``.
 """
 from __future__ import annotations
 

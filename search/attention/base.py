@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from search.core.errors import UnknownModelError
 
 if TYPE_CHECKING:
-    from search.plan import BlockPlan
+    from search.cut.blocks import BlockPlan
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from search.attention.base import (
 from search.core.errors import PlanError
 
 if TYPE_CHECKING:
-    from search.plan import BlockPlan
+    from search.cut.blocks import BlockPlan
 
 
 class RemovedAttention(nn.Module):

@@ -39,10 +39,10 @@ from search.attention.base import (
     split_fused_qkv,
 )
 from search.core.errors import UnknownModelError
-from search.slicing import slice_linear
+from search.cut.slicing import slice_linear
 
 if TYPE_CHECKING:
-    from search.plan import BlockPlan
+    from search.cut.blocks import BlockPlan
 
 CHUNK_BYTES = 256 * 2**20
 

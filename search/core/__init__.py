@@ -1,1 +1,2 @@
-"""The base utilities every stage uses: user-facing errors, atomic writes, progress bars and the runtime (device, DDP)."""
+"""The bottom layer every stage uses: user-facing errors, atomic writes, progress bars, the runtime (device, DDP)
+and the torch-free option values the command line lists (``choices``). It imports nothing else of the project."""

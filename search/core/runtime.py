@@ -15,7 +15,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from search.choices import DEVICE_PATTERN, check_device_form
+from search.core.choices import DEVICE_PATTERN, check_device_form
+from search.core.errors import OptionError
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,6 @@ def resolve_device(name: str) -> torch.device:
     Raises:
         OptionError: the name is malformed, there is no GPU for ``cuda``, or N is not a GPU index here.
     """
-    from search.core.errors import OptionError
-
     check_device_form(name)
     match = DEVICE_PATTERN.fullmatch(name)
     assert match is not None

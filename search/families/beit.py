@@ -112,7 +112,7 @@ class BeitFamily(VisionTransformerFamily):
                 raise UnknownModelError(f"block {i} is a {type(block).__name__}; prune-export supports BEiT's Block")
             if isinstance(block.attn, BeitAttention):
                 raise ValueError("BEiT's attention must be put in the softmax form first: load it through "
-                                 "search.models (which calls search.families.prepare)")
+                                 "search.models.load (which calls search.families.prepare)")
             mlp = block.mlp
             if type(mlp) is not Mlp or "Norm" in type(getattr(mlp, "norm", nn.Identity())).__name__:
                 raise UnknownModelError(

@@ -24,7 +24,7 @@ from search.attention.base import TokenLayout
 from search.attention.removed import RemovedAttention
 from search.core.errors import UnknownModelError
 from search.families.base import ModelFamily, register_family
-from search.slicing import slice_linear
+from search.cut.slicing import slice_linear
 
 
 class AttentionlessBlock(nn.Module):

@@ -1,0 +1,272 @@
+"""Model names and weights: from what the user types to a dense timm model with real weights.
+
+Names resolve in this order: a name registered in ``search.models.registry`` (a bundled real model
+such as ``dinov2_s``, an alias such as ``deit_b``, a FLatten model), then any timm model name that
+builds a prunable VisionTransformer; importing this module imports every file that registers
+names. A timm model that prune-export cannot prune is refused in one line naming its class, block,
+MLP or attention, before any weights are read (its architecture is checked on the meta device first). Weights come from ``--checkpoint``, then
+timm's pretrained weights (local cache, then the hub when it is reachable), then ``--random-init``.
+A model on random weights is marked as such everywhere downstream, because its accuracy figures
+mean nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import timm
+import torch
+from torch import nn
+
+from search.budget.macs import ModelGeometry, describe
+from search.core.errors import UnknownModelError, WeightsError
+from search.families import prepare
+from search.models import dinov2 as _dinov2  # noqa: F401  (each import registers the names its file defines)
+from search.models.flatten import deit as _flatten_deit  # noqa: F401
+from search.models.flatten import dinov2 as _flatten_dinov2  # noqa: F401
+from search.models.registry import known_names, lookup, pattern_names
+
+OFFLINE_ENV = "PRUNE_EXPORT_OFFLINE"
+HUB_HOST = "huggingface.co"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A dense model ready for search, and where its weights came from.
+
+    Attributes:
+        model: the dense model in eval mode.
+        name: the name the user typed.
+        timm_name: the timm architecture.
+        img_size: input resolution (square).
+        weights: weights source, e.g. ``checkpoint:/path``, ``pretrained:timm``, ``random-init``.
+        random_weights: True when the weights are random; accuracy figures are then meaningless.
+        data_config: timm preprocessing (input_size, mean, std, interpolation, crop_pct).
+        geometry: the model's geometry, read once here and passed on to every stage.
+    """
+
+    model: nn.Module = field(repr=False)
+    name: str
+    timm_name: str
+    img_size: int
+    weights: str
+    random_weights: bool
+    data_config: dict[str, Any]
+    geometry: ModelGeometry = field(repr=False)
+
+    @property
+    def is_classifier(self) -> bool:
+        return int(getattr(self.model, "num_classes", 0)) > 0
+
+
+def resolve_name(name: str) -> str:
+    """The timm architecture for ``name``; UnknownModelError with close matches otherwise."""
+    entry = lookup(name)
+    if entry is not None:
+        return entry.timm_name
+    if timm.is_model(name):
+        return name
+    candidates = known_names() + timm.list_models(["vit_*", "deit*"])
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else f"try one of {', '.join(known_names())} or a timm ViT name"
+    raise UnknownModelError(f"unknown model '{name}'; {hint}")
+
+
+def _hub_reachable() -> bool:
+    if os.environ.get(OFFLINE_ENV):
+        return False
+    try:
+        socket.getaddrinfo(HUB_HOST, 443)
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Make huggingface_hub read its cache only, so an offline machine fails fast instead of retrying."""
+    import huggingface_hub.constants as hub
+
+    before = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = before
+
+
+def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    for key in ("model_ema", "state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError("it holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.pth``/``.pt`` (read with weights_only) or ``.safetensors`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint {path} does not exist; give the path of a state-dict file, or use --random-init")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise WeightsError(f"checkpoint {path} is corrupt or not a PyTorch state dict ({reason})") from None
+
+
+def _load_checkpoint(model: nn.Module, path: Path) -> None:
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state = read_checkpoint(path)
+    try:
+        state = checkpoint_filter_fn(state, model)
+    except Exception:
+        pass
+    missing, unexpected = [], []
+    try:
+        result = model.load_state_dict(state, strict=False)
+        missing, unexpected = result.missing_keys, result.unexpected_keys
+    except RuntimeError as exc:
+        raise WeightsError(f"checkpoint {path} does not fit this model: {str(exc).splitlines()[1].strip()[:200]}") from None
+    if missing or unexpected:
+        raise WeightsError(
+            f"checkpoint {path} does not fit this model: {len(missing)} missing keys "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); "
+            "check the model name"
+        )
+
+
+def _build(timm_name: str, pretrained: bool, img_size: int | None, pattern: str | None = None) -> nn.Module:
+    kwargs: dict[str, Any] = {} if img_size is None else {"img_size": img_size}
+    if pattern is None:
+        return timm.create_model(timm_name, pretrained=pretrained, **kwargs)
+    try:
+        return timm.create_model(timm_name, pretrained=pretrained, pattern=pattern, **kwargs)
+    except ValueError as exc:
+        raise UnknownModelError(f"--pattern {pattern}: {exc}") from None
+
+
+def _create(timm_name: str, pretrained: bool, img_size: int | None, pattern: str | None = None) -> nn.Module:
+    """The timm model; UnknownModelError when timm cannot build it with these arguments (e.g. ``--img-size``)."""
+    try:
+        return _build(timm_name, pretrained, img_size, pattern)
+    except (TypeError, AssertionError) as exc:
+        size = f" at --img-size {img_size}" if img_size is not None else ""
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UnknownModelError(f"timm cannot build {timm_name}{size} ({reason}); choose another model or size") from None
+
+
+def _describe(model: nn.Module, timm_name: str) -> ModelGeometry:
+    """Put ``model`` in its family's form (in place) and read its geometry; a refusal names the model (UnknownModelError)."""
+    prepare(model)
+    try:
+        return describe(model)
+    except UnknownModelError as exc:
+        raise UnknownModelError(f"{timm_name}: {exc}") from None
+
+
+def check_architecture(timm_name: str, img_size: int | None = None, pattern: str | None = None) -> bool:
+    """Refuse a model prune-export cannot prune before any weights are read, built or fetched.
+
+    The architecture is built on the meta device (shapes only, no memory, no initialisation), so a
+    billion-parameter model is refused as fast as a small one. A model that cannot be built there is
+    checked once it is built for real instead: False is returned then, True when it was checked.
+
+    Raises:
+        UnknownModelError: timm cannot build it at ``img_size``, or its family, a block, its MLP or
+            its attention is not one prune-export can prune.
+    """
+    try:
+        with torch.device("meta"):
+            skeleton = _create(timm_name, False, img_size, pattern)
+    except UnknownModelError:
+        raise
+    except Exception:  # e.g. an op the meta device lacks; the model is checked again once built
+        return False
+    _describe(skeleton, timm_name)
+    return True
+
+
+def _pretrained(timm_name: str, img_size: int | None, pattern: str | None) -> nn.Module | None:
+    """timm's pretrained weights from the cache, or from the hub when reachable; None if neither."""
+    try:
+        if not _hub_reachable():
+            with _hub_offline():
+                return _create(timm_name, True, img_size, pattern)
+        return _create(timm_name, True, img_size, pattern)
+    except (OSError, RuntimeError, ValueError, WeightsError):
+        return None
+
+
+def _data_config(model: nn.Module, img_size: int) -> dict[str, Any]:
+    cfg = timm.data.resolve_data_config({}, model=model)
+    cfg["input_size"] = (3, img_size, img_size)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def load_model(
+    name: str,
+    checkpoint: Path | None = None,
+    random_init: bool = False,
+    img_size: int | None = None,
+    pattern: str | None = None,
+) -> LoadedModel:
+    """Build the dense model for ``name`` with the best weights available.
+
+    Args:
+        name: a bundled name, an alias, or a timm ViT name.
+        checkpoint: a state dict to load instead of pretrained weights.
+        random_init: allow random weights when neither a checkpoint nor pretrained weights exist.
+        img_size: input resolution; defaults to the model's own.
+        pattern: for FLatten models, "L" (focused linear) or "S" (softmax) attention per block.
+
+    Raises:
+        UnknownModelError: the name is unknown, timm cannot build it at ``img_size``, or it is not a
+            model prune-export can prune (refused before any weights are read).
+        WeightsError: no weights could be had, or the checkpoint is missing, corrupt or does not fit.
+    """
+    timm_name = resolve_name(name)
+    entry = lookup(name)
+    if pattern is not None and not (entry is not None and entry.pattern):
+        raise UnknownModelError(
+            f"--pattern chooses softmax or linear attention per block of a FLatten model "
+            f"({', '.join(pattern_names())}); {name} has no such choice"
+        )
+    bundled = entry if entry is not None and entry.bundled else None
+    if bundled is None:
+        check_architecture(timm_name, img_size, pattern)
+    if bundled is not None and checkpoint is None:
+        size = img_size or bundled.img_size
+        create_args = (size, pattern) if bundled.pattern else (size,)
+        model, weights, random = bundled.create(*create_args), f"bundled:{bundled.weights}", False
+    elif checkpoint is not None:
+        size = img_size or (bundled.img_size if bundled else None)
+        model = _create(timm_name, False, size, pattern)
+        _load_checkpoint(model, Path(checkpoint))
+        weights, random = f"checkpoint:{Path(checkpoint).resolve()}", False
+    else:
+        model = _pretrained(timm_name, img_size, pattern)
+        weights, random = "pretrained:timm", False
+        if model is None:
+            if not random_init:
+                raise WeightsError(
+                    f"no pretrained weights for {timm_name} (offline and not in the local cache); "
+                    "pass --checkpoint PATH, or --random-init for a latency-only run"
+                )
+            model, weights, random = _create(timm_name, False, img_size, pattern), "random-init", True
+    model.eval()
+    geometry = _describe(model, timm_name)
+    size = int(model.patch_embed.img_size[0])
+    return LoadedModel(model, name, timm_name, size, weights, random, _data_config(model, size), geometry)
