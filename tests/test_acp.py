@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from search.acp import acp_search
-from search.gate_loop import batch_indices
+from search.train_loop import batch_indices
 from search.activations import capture
 from search.allocate import SolverConfig, make_plan
 from search.attention_init import attention_differences, init_logits
