@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from search.core.errors import UserError
+from search.families import family_of
 from search.macs import describe, model_macs
 
 INSTALL_HINT = "pip install 'prune-export[bench]'"
@@ -49,7 +50,8 @@ def _torch_pruning():
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    return [block.attn for block in model.blocks]
+    family = family_of(model)
+    return [family.attention(block) for block in family.blocks(model)]
 
 
 def _prune_once(model: nn.Module, ratio: float, example_input: torch.Tensor, round_to: int) -> nn.Module:

@@ -24,7 +24,7 @@ from torch import nn
 
 from search import flatten_models
 from search.core.errors import UnknownModelError, WeightsError
-from search.families import prepare
+from search.families import family_of, prepare
 from search.macs import ModelGeometry, describe
 
 ALIASES: dict[str, str] = {
@@ -116,7 +116,7 @@ class LoadedModel:
 
     @property
     def is_classifier(self) -> bool:
-        return int(getattr(self.model, "num_classes", 0)) > 0
+        return family_of(self.model).classes(self.model) > 0
 
 
 def known_names() -> list[str]:
@@ -327,5 +327,5 @@ def load_model(
             model, weights, random = _create(timm_name, False, img_size, pattern), "random-init", True
     model.eval()
     geometry = _describe(model, timm_name)
-    size = int(model.patch_embed.img_size[0])
+    size = family_of(model).input_size(model)[-1]
     return LoadedModel(model, name, timm_name, size, weights, random, _data_config(model, size), geometry)

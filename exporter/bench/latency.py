@@ -60,6 +60,7 @@ from exporter.surgery import apply_plan
 from exporter.validate import check_parity
 from search.allocate import SolverConfig, make_plan
 from search.core.atomic import atomic_path
+from search.families import family_of
 from search.importance import magnitude_scores
 from search.macs import describe, model_macs
 from search.models import OFFLINE_ENV, load_model
@@ -218,7 +219,7 @@ class _Builder:
         params, macs = _params(pruned), plan.pruned_macs
         tag = f"{budget:g}"
         portable = self._file(f"portable-{tag}", lambda p: export_onnx(pruned, p, self.input_size))
-        heads = self.geometry.blocks[0].attention.num_heads
+        heads = family_of(pruned).head_counts(pruned)
         ort_path = self._file(f"ort-{tag}", lambda p: optimize_for_ort(portable, p, heads, self.geometry.embed_dim, self.cfg.threads))
         int8 = self._file(f"int8-{tag}", lambda p: quantize_int8(portable, p))
         self._add(f"portable@{tag}", "portable", budget, portable, macs, params, _fp32_parity(portable, pruned, self.images))
