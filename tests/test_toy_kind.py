@@ -38,6 +38,7 @@ from search.attention import (
     AttentionShape,
     GateValues,
     HeadWeights,
+    MeasurableKind,
     TokenLayout,
     get_kind,
     head_rows,
@@ -101,7 +102,7 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.reshape(b, n, heads, c // heads).transpose(1, 2)
 
 
-class ToyLinearKind(AttentionKind):
+class ToyLinearKind(MeasurableKind):
     """The kind for :class:`ToyLinearAttention`.
 
     - MACs: qkv N·D·H·(2·d_qk + d_v), kᵀv and q·(kᵀv) H·N·d_qk·d_v each, the normaliser H·N·d_qk, proj N·H·d_v·D.

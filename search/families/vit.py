@@ -47,6 +47,8 @@ class AttentionlessBlock(nn.Module):
         super().__init__()
         self.post_norm = isinstance(block, ResPostBlock)
         out = kind_of(block.attn).reweight_target(block.attn)  # the layer after the merged heads
+        if out is None:
+            raise ValueError(f"{type(block.attn).__name__} has no output layer: its block has no attention branch to drop")
         self.attn_bias: nn.Parameter | None = None
         if out.bias is not None or self.post_norm:
             bias = out.bias.detach().clone() if out.bias is not None else out.weight.new_zeros(out.out_features)
