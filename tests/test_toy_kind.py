@@ -55,6 +55,7 @@ from search.macs import describe, model_macs
 from search.plan import BlockPlan, Plan
 from search.slicing import slice_linear
 from tests.conftest import tiny_vit
+from tests.test_kind_contract import DIM, EXAMPLES, HEADS, check_cutting, check_measuring
 
 NAME = "toy-elu-linear"
 EPS = 1e-6
@@ -198,6 +199,21 @@ KIND = _register()
 PATTERN = "TST"  # T: toy, S: timm's softmax Attention
 
 
+def _example() -> ToyLinearAttention:
+    """A toy module for the kind contract (tests/test_kind_contract.py), non-zero biases included."""
+    torch.manual_seed(0)
+    module = ToyLinearAttention(DIM, HEADS, DIM // HEADS, DIM // HEADS)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return module.eval()
+
+
+EXAMPLES.setdefault(NAME, _example)  # every registered kind has an example there
+
+
 def toy_vit(pattern: str = PATTERN, seed: int = 0) -> nn.Module:
     """A tiny timm ViT (4 heads of 16, a register token) with toy attention where ``pattern`` says T."""
     model = tiny_vit(depth=len(pattern), num_heads=4, embed_dim=64, reg_tokens=1)
@@ -218,6 +234,11 @@ def test_registration_is_once_per_process_and_claims_only_the_toy_class() -> Non
     model = toy_vit()
     assert [kind_of(b.attn).name for b in model.blocks] == [NAME, "softmax", NAME]
     assert not KIND.matches(tiny_vit().blocks[0].attn)  # timm's Attention stays softmax
+
+
+def test_the_toy_kind_keeps_the_kind_contract() -> None:
+    check_cutting(KIND, _example)
+    check_measuring(KIND, _example)
 
 
 def test_describe_reads_the_toy_blocks_through_the_kind() -> None:
