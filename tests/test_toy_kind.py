@@ -8,7 +8,8 @@ for a toy kind, ELU linear attention without a DWC (a classic linear transformer
 
 puts it into a tiny timm VisionTransformer next to a softmax block, and runs describe, the planner
 (magnitude scores), surgery, ONNX export, parity in ONNX Runtime and the analytic-against-graph
-MAC count on it, plus the search's gates, capture, attention differences and reweights. Nothing
+MAC count on it, plus the search's gates, capture, attention differences (the kind contract of
+tests/test_kind_contract.py) and reweights. Nothing
 outside this file knows the kind.
 
 Registration happens once per process (``_register`` is idempotent) and the kind recognises only
@@ -30,7 +31,6 @@ from exporter.reweight import HeadReweight, UnitScale, add_reweights, fold_rewei
 from exporter.surgery import apply_plan
 from exporter.validate import check_parity
 from search.acp import AcpConfig, acp_search
-from search.activations import capture
 from search.allocate import SolverConfig, make_plan
 from search.attention import (
     AttentionActivations,
@@ -47,7 +47,6 @@ from search.attention import (
     register_kind,
     split_fused_qkv,
 )
-from search.attention_init import attention_differences
 from search.core.runtime import Runtime
 from search.gates import ChannelGates, gated
 from search.importance import BlockScores, magnitude_scores
@@ -290,37 +289,6 @@ def test_surgery_equals_the_dense_model_gated_to_zero() -> None:
     with torch.no_grad():
         got = apply_plan(model, plan)(x)
     assert torch.allclose(got, reference, atol=1e-5), (got - reference).abs().max()
-
-
-def _attention_output(attn: nn.Module, x: torch.Tensor, qk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    handles = KIND.gate(attn, lambda: (qk, v))
-    try:
-        return attn(x)
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@torch.no_grad()
-def test_attention_differences_equal_removing_one_channel() -> None:
-    model = toy_vit()
-    x = torch.randn(2, 3, 32, 32)
-    acts = capture(model, describe(model), x)
-    diffs = attention_differences(model, 2, acts[2])
-    attn = model.blocks[2].attn
-    tokens = []
-    hook = attn.register_forward_pre_hook(lambda _m, inputs: tokens.append(inputs[0]))
-    model(x)
-    hook.remove()
-    ones = torch.ones(4, 16)
-    base = _attention_output(attn, tokens[0], ones, ones)
-    for head, ch in ((0, 3), (3, 15), (1, 0)):
-        off = ones.clone()
-        off[head, ch] = 0.0
-        change = _attention_output(attn, tokens[0], off, ones) - base
-        assert change.pow(2).sum().item() == pytest.approx(diffs.qk[head, ch].item(), rel=1e-3)
-        change = _attention_output(attn, tokens[0], ones, off) - base
-        assert change.pow(2).sum().item() == pytest.approx(diffs.v[head, ch].item(), rel=1e-4)
 
 
 def test_acp_search_and_reweights_run_through_the_toy_kind() -> None:
