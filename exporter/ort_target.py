@@ -29,7 +29,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import onnx
 import onnxruntime as ort
@@ -73,7 +73,24 @@ class OrtTargetConfig:
 FUSED = OrtTargetConfig(fuse_attention=True, unflatten_gemm=True, transformers_optimizer=True)
 
 
-def _transformers_optimize(model: onnx.ModelProto, num_heads: int, hidden_size: int) -> onnx.ModelProto:
+def optimizer_widths(num_heads: int | Sequence[int], hidden_size: int) -> tuple[int, int]:
+    """The (num_heads, hidden_size) to hand ORT's transformers optimizer for blocks of ``num_heads`` heads.
+
+    It takes one head count for the whole model and asserts that it divides the width; it reads it
+    only in its attention fusion, which we switch off (step 2 fuses attention, every block with its
+    own heads). So a model whose blocks all keep the same count that divides the width gets it, and
+    any other (head pruning leaves counts that differ, or that do not divide the width) gets (0, 0),
+    the optimizer's "not given".
+    """
+    counts = {num_heads} if isinstance(num_heads, int) else set(num_heads)
+    if len(counts) == 1:
+        heads = counts.pop()
+        if heads > 0 and hidden_size % heads == 0:
+            return heads, hidden_size
+    return 0, 0
+
+
+def _transformers_optimize(model: onnx.ModelProto, num_heads: int | Sequence[int], hidden_size: int) -> onnx.ModelProto:
     """Python fusions of ORT's transformers optimizer; its own attention fusion stays off (ours ran)."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
@@ -84,9 +101,10 @@ def _transformers_optimize(model: onnx.ModelProto, num_heads: int, hidden_size: 
     logger = logging.getLogger("onnxruntime.transformers")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    heads, width = optimizer_widths(num_heads, hidden_size)
     try:
         optimized = optimize_model(
-            model, model_type="vit", num_heads=num_heads, hidden_size=hidden_size,
+            model, model_type="vit", num_heads=heads, hidden_size=width,
             optimization_options=options, opt_level=0, use_gpu=False,
         )
     finally:
@@ -111,7 +129,7 @@ def _offline_optimize(model: onnx.ModelProto, level: OfflineLevel, threads: int,
 def optimize_for_ort(
     src: Path,
     dst: Path,
-    num_heads: int,
+    num_heads: int | Sequence[int],
     hidden_size: int,
     threads: int = 1,
     config: OrtTargetConfig = OrtTargetConfig(),
@@ -121,7 +139,7 @@ def optimize_for_ort(
     Args:
         src: a portable export (``exporter.onnx_export.export_onnx``).
         dst: where the optimized graph goes; written atomically, after the ONNX checker.
-        num_heads: attention heads per block (the transformers optimizer needs them).
+        num_heads: attention heads of every block, in block order (or one count for all); see :func:`optimizer_widths`.
         hidden_size: token width (embed dim).
         threads: intra-op threads of the session that runs the offline optimization.
         config: which steps run; the default is the fastest combination measured here.

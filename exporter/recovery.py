@@ -8,7 +8,8 @@ loop watches a held-out metric, not the loss, and keeps the best state:
   that geometry; unlike a k-NN score on a few hundred images (a few points of noise per
   evaluation, too coarse to pick a checkpoint by) it is label-free and its n²/2 pairs make it steady;
 - classifiers: the held-out distillation loss (negated, so higher is better).
-State is checkpointed every ``checkpoint_every`` steps and a re-run resumes from it; batches are
+The loop is :mod:`search.methods.train_loop`'s skeleton (the gate searches run it too): state is checkpointed
+every ``checkpoint_every`` steps and a re-run resumes from it; batches are
 drawn by (seed, step), so a resumed run follows the uninterrupted trajectory.
 """
 from __future__ import annotations
@@ -16,19 +17,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from exporter.fidelity import relation_agreement
 from exporter.reweight import HeadReweight, UnitScale
-from search.methods.gate_loop import batch_indices
-from search.core.atomic import atomic_path
-from search.methods.distill import DistillStudent, distill_loss, distill_targets, distill_step_loss, teacher_targets
-from search.core.progress import progress_bar
 from search.core.runtime import Runtime, on_device
+from search.methods.distill import DistillStudent, distill_loss, distill_step_loss, distill_targets, teacher_targets
+from search.methods.train_loop import BestState, LoopConfig, freeze, optimise, parallel, resume, run_steps
+
+RECOVERY_SEED_OFFSET = 7919
+"""Added to the seed for recovery's batches, so that they are not the search's batches of the same seed."""
 
 
 @dataclass(frozen=True)
@@ -164,57 +165,45 @@ def _recover(
     state_path: Path | None,
     on_step: Callable[[int], None] | None,
 ) -> RecoveryResult:
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    freeze(teacher)
     for p in student.parameters():
         p.requires_grad_(True)
     optimiser = torch.optim.AdamW(_param_groups(student, config))
     evaluate = Evaluator(teacher, held_out, classifier, runtime)
     metric, initial = evaluate.metric, evaluate(student)
     history: list[tuple[int, float]] = [(0, initial)]
-    best_step, best_value = 0, initial
-    best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
-    start = 0
-    if state_path is not None and state_path.is_file():
-        state = torch.load(state_path, map_location=runtime.device, weights_only=True)
+    best = BestState(student, 0, initial)
+
+    def restore(state: dict[str, Any]) -> None:
         student.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
-        start, best_step, best_value = int(state["step"]), int(state["best_step"]), float(state["best_value"])
-        best_state, history = state["best_model"], [tuple(h) for h in state["history"]]
+        best.step, best.value, best.state = int(state["best_step"]), float(state["best_value"]), state["best_model"]
+        history[:] = [tuple(h) for h in state["history"]]
+
+    start = resume(state_path, runtime, restore)
     images = images.to(runtime.device)
     targets = teacher_targets(teacher, images, classifier, runtime) if start < config.steps else None
-    trained: nn.Module = DistillStudent(student, classifier)
-    if runtime.distributed:
-        trained = DistributedDataParallel(trained)
-    with progress_bar("recovery", total=config.steps, completed=start, enabled=runtime.is_main) as advance:
-        for step in range(start, config.steps):
-            student.train()
-            idx = runtime.shard(batch_indices(len(images), config.batch_size, config.seed + 7919, step)).to(images.device)
-            loss = distill_step_loss(teacher, trained, images[idx], classifier, runtime, None if targets is None else targets[idx])
-            for group in optimiser.param_groups:
-                group["lr"] = group["peak_lr"] * lr_factor(step, config)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            done = step + 1
-            if done % config.eval_every == 0 or done == config.steps:
-                value = evaluate(student)
-                history.append((done, value))
-                if value > best_value:
-                    best_step, best_value = done, value
-                    best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
-            if state_path is not None and runtime.is_main and (done % config.checkpoint_every == 0 or done == config.steps):
-                with atomic_path(state_path) as tmp:
-                    torch.save(
-                        {"step": done, "model": student.state_dict(), "optimiser": optimiser.state_dict(),
-                         "best_step": best_step, "best_value": best_value, "best_model": best_state, "history": history},
-                        tmp,
-                    )
-            advance(f"loss {loss.item():.4f}  {metric} best {best_value:.4f}@{best_step}")
-            if on_step is not None:
-                on_step(done)
-    student.load_state_dict(best_state)
-    student.eval()
-    return RecoveryResult(metric=metric, history=tuple(history), best_step=best_step, best_value=best_value)
+    trained = parallel(DistillStudent(student, classifier), runtime)
 
+    def step(index: int, idx: torch.Tensor) -> str:
+        student.train()
+        loss = distill_step_loss(teacher, trained, images[idx], classifier, runtime, None if targets is None else targets[idx])
+        for group in optimiser.param_groups:
+            group["lr"] = group["peak_lr"] * lr_factor(index, config)
+        optimise(optimiser, loss)
+        done = index + 1
+        if done % config.eval_every == 0 or done == config.steps:
+            value = evaluate(student)
+            history.append((done, value))
+            best.offer(student, done, value)
+        return f"loss {loss.item():.4f}  {metric} best {best.value:.4f}@{best.step}"
+
+    def snapshot() -> dict[str, Any]:
+        return {"model": student.state_dict(), "optimiser": optimiser.state_dict(), "best_step": best.step,
+                "best_value": best.value, "best_model": best.state, "history": history}
+
+    loop = LoopConfig("recovery", config.steps, config.batch_size, config.seed + RECOVERY_SEED_OFFSET, config.checkpoint_every)
+    run_steps(loop, len(images), images.device, runtime, start, step, snapshot, state_path, on_step)
+    best.restore(student)
+    student.eval()
+    return RecoveryResult(metric=metric, history=tuple(history), best_step=best.step, best_value=best.value)

@@ -32,3 +32,14 @@ def test_vit() -> torch.nn.Module:
     """timm's own registered test model: 6 blocks, width 64, 160 px."""
     torch.manual_seed(0)
     return timm.create_model("test_vit", pretrained=False).eval()
+
+
+SLOW_TIMEOUT = 1800
+"""Seconds a test marked slow may run (minutes on real models); every other test gets pyproject's timeout."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give slow tests their longer limit, unless a test sets its own."""
+    for item in items:
+        if item.get_closest_marker("slow") is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from search.methods.acp import acp_search
-from search.methods.gate_loop import batch_indices
+from search.methods.train_loop import batch_indices
 from search.methods.activations import capture
 from search.budget.allocate import SolverConfig, make_plan
 from search.methods.acp_init import attention_differences, init_logits

@@ -1,6 +1,8 @@
 """The distillation loss: zero at the teacher, and it sees drift in any block and in the class token."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
@@ -51,3 +53,18 @@ def test_classifier_loss_is_kl_on_logits():
     logits = torch.randn(3, 10)
     assert distill_loss(logits, logits, classifier=True).item() == pytest.approx(0.0, abs=1e-6)
     assert distill_loss(logits, logits.flip(-1), classifier=True).item() > 0
+
+
+def test_classifier_loss_is_the_kl_of_the_teacher_to_the_student_per_image():
+    """A loss that only grows with the logits' distance (MSE on logits or on probabilities) fails here.
+
+    Teacher logits (0, ln 3) give p = (1/4, 3/4); a student at (5, 5) gives q = (1/2, 1/2).
+    KL(p‖q) = ¼·ln ½ + ¾·ln 3/2 ≈ 0.1308 (KL(q‖p) ≈ 0.1438, MSE on logits ≈ 12.9, on
+    probabilities 0.0625); the second image matches, and the mean is over the images.
+    """
+    teacher = torch.tensor([[0.0, math.log(3.0)], [1.0, 2.0]])
+    student = torch.tensor([[5.0, 5.0], [1.0, 2.0]])
+    expected = (0.25 * math.log(0.5) + 0.75 * math.log(1.5)) / 2
+    assert distill_loss(student, teacher, classifier=True).item() == pytest.approx(expected, rel=1e-5)
+    # A shift of the logits changes no probability, so it changes no KL (it would change an MSE).
+    assert distill_loss(student - 7.0, teacher + 3.0, classifier=True).item() == pytest.approx(expected, rel=1e-5)

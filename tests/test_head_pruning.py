@@ -18,7 +18,7 @@ from exporter.surgery import apply_plan
 from exporter.parity import check_parity
 from search.budget.allocate import SolverConfig, head_plan, make_plan
 from search.attention import get_kind
-from search.attention.base import AttentionKind
+from search.attention.base import MeasurableKind
 from search.attention.removed import RemovedAttention
 from search.families import get_family
 from search.families.vit import AttentionlessBlock
@@ -110,7 +110,7 @@ def test_flatten_head_surgery_equals_the_heads_masked_to_zero(pattern, heads):
         family, masks = get_family(geometry.family), _masks(geometry, heads)
         handles = []
         for i, block in enumerate(family.blocks(model)):
-            handles += AttentionKind.head_gate(get_kind(geometry.blocks[i].kind), family.attention(block), lambda i=i: masks[i])
+            handles += MeasurableKind.head_gate(get_kind(geometry.blocks[i].kind), family.attention(block), lambda i=i: masks[i])
         with torch.no_grad():
             output_only = model(x)
         for h in handles:

@@ -11,12 +11,13 @@ import torch
 from search.core.errors import ExportError
 from exporter.onnx_export import export_onnx
 from exporter.onnx_macs import count_ops
-from exporter.ort_target import FUSED, OrtTargetConfig, optimize_for_ort
+from exporter.ort_target import FUSED, OrtTargetConfig, optimize_for_ort, optimizer_widths
 from exporter.rewrites.fuse_attention import fuse_attention
 from exporter.rewrites.unflatten_gemm import unflatten_gemm
 from exporter.surgery import apply_plan
 from exporter.parity import check_parity
-from search.budget.allocate import SolverConfig, make_plan
+from search.budget.allocate import SolverConfig, head_plan, make_plan
+from search.families import get_family
 from search.methods.importance import random_scores
 from search.budget.macs import describe
 from tests.conftest import TINY_VARIANTS, tiny_vit
@@ -140,3 +141,25 @@ def test_outputs_are_numpy_close_across_targets(exported, tmp_path: Path) -> Non
         path = optimize_for_ort(src, tmp_path / f"{name}.onnx", num_heads=4, hidden_size=64, config=config)
         outs.append(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0])
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-4, rtol=1e-3)
+
+
+def test_transformers_optimizer_gets_one_head_count_only_when_every_block_shares_it():
+    assert optimizer_widths(4, 64) == (4, 64)
+    assert optimizer_widths((4, 4, 4), 64) == (4, 64)
+    assert optimizer_widths((3, 4), 64) == (0, 0)  # head pruning: blocks differ
+    assert optimizer_widths((3, 3), 64) == (0, 0)  # 3 does not divide 64: the optimizer would assert
+    assert optimizer_widths((0, 4), 64) == (0, 0)
+
+
+def test_every_fusion_passes_parity_on_blocks_with_different_head_counts(tmp_path: Path) -> None:
+    """Head pruning leaves 3 heads in one block and 1 in the other: no one count fits the model."""
+    model = _nonzero_biases(tiny_vit(num_heads=4, embed_dim=64))
+    plan = head_plan(describe(model), ((0, 1, 3), (2,)), 1.0, model="tiny", img_size=32, method="dsp")
+    pruned = apply_plan(model, plan)
+    heads = get_family("vit").head_counts(pruned)
+    assert heads == (3, 1)
+    src = export_onnx(pruned, tmp_path / "pruned.onnx", INPUT)
+    dst = optimize_for_ort(src, tmp_path / "ort.onnx", num_heads=heads, hidden_size=64, threads=1, config=FUSED)
+    assert count_ops(dst).get("Attention", 0) == 2
+    result = check_parity(dst, pruned, torch.randn(6, *INPUT), classifier=True)
+    assert result.passed and result.top1_agreement == 1.0

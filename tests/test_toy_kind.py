@@ -8,7 +8,8 @@ for a toy kind, ELU linear attention without a DWC (a classic linear transformer
 
 puts it into a tiny timm VisionTransformer next to a softmax block, and runs describe, the planner
 (magnitude scores), surgery, ONNX export, parity in ONNX Runtime and the analytic-against-graph
-MAC count on it, plus the search's gates, capture, attention differences and reweights. Nothing
+MAC count on it, plus the search's gates, capture, attention differences (the kind contract of
+tests/test_kind_contract.py) and reweights. Nothing
 outside this file knows the kind.
 
 Registration happens once per process (``_register`` is idempotent) and the kind recognises only
@@ -30,7 +31,6 @@ from exporter.reweight import HeadReweight, UnitScale, add_reweights, fold_rewei
 from exporter.surgery import apply_plan
 from exporter.parity import check_parity
 from search.methods.acp import AcpConfig, acp_search
-from search.methods.activations import capture
 from search.budget.allocate import SolverConfig, make_plan
 from search.attention import (
     AttentionActivations,
@@ -38,6 +38,7 @@ from search.attention import (
     AttentionShape,
     GateValues,
     HeadWeights,
+    MeasurableKind,
     TokenLayout,
     get_kind,
     head_rows,
@@ -46,7 +47,6 @@ from search.attention import (
     register_kind,
     split_fused_qkv,
 )
-from search.methods.acp_init import attention_differences
 from search.core.runtime import Runtime
 from search.methods.gates import ChannelGates, gated
 from search.methods.importance import BlockScores, magnitude_scores
@@ -55,6 +55,7 @@ from search.budget.plan import Plan
 from search.cut.blocks import BlockPlan
 from search.cut.slicing import slice_linear
 from tests.conftest import tiny_vit
+from tests.test_kind_contract import DIM, EXAMPLES, HEADS, check_cutting, check_measuring
 
 NAME = "toy-elu-linear"
 EPS = 1e-6
@@ -102,7 +103,7 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.reshape(b, n, heads, c // heads).transpose(1, 2)
 
 
-class ToyLinearKind(AttentionKind):
+class ToyLinearKind(MeasurableKind):
     """The kind for :class:`ToyLinearAttention`.
 
     - MACs: qkv N·D·H·(2·d_qk + d_v), kᵀv and q·(kᵀv) H·N·d_qk·d_v each, the normaliser H·N·d_qk, proj N·H·d_v·D.
@@ -198,6 +199,21 @@ KIND = _register()
 PATTERN = "TST"  # T: toy, S: timm's softmax Attention
 
 
+def _example() -> ToyLinearAttention:
+    """A toy module for the kind contract (tests/test_kind_contract.py), non-zero biases included."""
+    torch.manual_seed(0)
+    module = ToyLinearAttention(DIM, HEADS, DIM // HEADS, DIM // HEADS)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return module.eval()
+
+
+EXAMPLES.setdefault(NAME, _example)  # every registered kind has an example there
+
+
 def toy_vit(pattern: str = PATTERN, seed: int = 0) -> nn.Module:
     """A tiny timm ViT (4 heads of 16, a register token) with toy attention where ``pattern`` says T."""
     model = tiny_vit(depth=len(pattern), num_heads=4, embed_dim=64, reg_tokens=1)
@@ -218,6 +234,11 @@ def test_registration_is_once_per_process_and_claims_only_the_toy_class() -> Non
     model = toy_vit()
     assert [kind_of(b.attn).name for b in model.blocks] == [NAME, "softmax", NAME]
     assert not KIND.matches(tiny_vit().blocks[0].attn)  # timm's Attention stays softmax
+
+
+def test_the_toy_kind_keeps_the_kind_contract() -> None:
+    check_cutting(KIND, _example)
+    check_measuring(KIND, _example)
 
 
 def test_describe_reads_the_toy_blocks_through_the_kind() -> None:
@@ -269,37 +290,6 @@ def test_surgery_equals_the_dense_model_gated_to_zero() -> None:
     with torch.no_grad():
         got = apply_plan(model, plan)(x)
     assert torch.allclose(got, reference, atol=1e-5), (got - reference).abs().max()
-
-
-def _attention_output(attn: nn.Module, x: torch.Tensor, qk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    handles = KIND.gate(attn, lambda: (qk, v))
-    try:
-        return attn(x)
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@torch.no_grad()
-def test_attention_differences_equal_removing_one_channel() -> None:
-    model = toy_vit()
-    x = torch.randn(2, 3, 32, 32)
-    acts = capture(model, describe(model), x)
-    diffs = attention_differences(model, 2, acts[2])
-    attn = model.blocks[2].attn
-    tokens = []
-    hook = attn.register_forward_pre_hook(lambda _m, inputs: tokens.append(inputs[0]))
-    model(x)
-    hook.remove()
-    ones = torch.ones(4, 16)
-    base = _attention_output(attn, tokens[0], ones, ones)
-    for head, ch in ((0, 3), (3, 15), (1, 0)):
-        off = ones.clone()
-        off[head, ch] = 0.0
-        change = _attention_output(attn, tokens[0], off, ones) - base
-        assert change.pow(2).sum().item() == pytest.approx(diffs.qk[head, ch].item(), rel=1e-3)
-        change = _attention_output(attn, tokens[0], ones, off) - base
-        assert change.pow(2).sum().item() == pytest.approx(diffs.v[head, ch].item(), rel=1e-4)
 
 
 def test_acp_search_and_reweights_run_through_the_toy_kind() -> None:

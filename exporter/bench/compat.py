@@ -143,7 +143,7 @@ def _prune_tiny(family: Family, work: Path) -> dict[str, Any]:
     from exporter.surgery import apply_plan
     from exporter.parity import check_parity
     from search.budget.allocate import SolverConfig, make_plan
-    from search.families import prepare
+    from search.families import family_of, prepare
     from search.methods.importance import magnitude_scores
     from search.budget.macs import describe, model_macs
 
@@ -167,7 +167,8 @@ def _prune_tiny(family: Family, work: Path) -> dict[str, Any]:
     if graph_pruned > BUDGET * graph_dense:
         raise AssertionError(f"graph MAC ratio {graph_pruned / graph_dense:.4f} is above the budget {BUDGET}")
     inputs = torch.randn(4, *size, generator=torch.Generator().manual_seed(1))
-    parity = {batch: check_parity(pruned_path, pruned, inputs[:batch], model.num_classes > 0, batch_size=batch)
+    classifier = family_of(model).classes(model) > 0
+    parity = {batch: check_parity(pruned_path, pruned, inputs[:batch], classifier, batch_size=batch)
               for batch in (1, 3)}
     return {
         "tokens": geometry.tokens, "blocks": len(geometry.blocks), "dense_macs": graph_dense, "pruned_macs": graph_pruned,

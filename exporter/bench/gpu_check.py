@@ -40,7 +40,7 @@ from exporter.recovery import RecoveryConfig, recover
 from exporter.reweight import add_reweights
 from exporter.surgery import apply_plan
 from search.methods.acp import AcpConfig, acp_search
-from search.methods.gate_loop import batch_indices
+from search.methods.train_loop import batch_indices
 from search.core.atomic import atomic_path
 from search.methods.distill import DistillStudent, distill_step_loss
 from search.core.errors import UserError

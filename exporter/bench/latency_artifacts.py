@@ -34,6 +34,7 @@ from search.budget.allocate import SolverConfig, make_plan
 from search.budget.macs import describe, model_macs, parameter_count
 from search.core.atomic import atomic_path
 from search.core.errors import ParityError
+from search.families import family_of
 from search.methods.baselines import torch_pruning_search
 from search.methods.importance import magnitude_scores
 from search.models.load import OFFLINE_ENV, load_model
@@ -149,7 +150,7 @@ class ArtifactBuilder:
         params, macs = parameter_count(pruned), plan.pruned_macs
         tag = f"{budget:g}"
         portable = self._file(f"portable-{tag}", lambda p: export_onnx(pruned, p, self.input_size))
-        heads = self.geometry.blocks[0].attention.num_heads
+        heads = family_of(pruned).head_counts(pruned)
         ort_path = self._file(f"ort-{tag}", lambda p: optimize_for_ort(portable, p, heads, self.geometry.embed_dim, self.threads))
         int8 = self._file(f"int8-{tag}", lambda p: quantize_int8(portable, p))
         self._add(f"portable@{tag}", "portable", budget, portable, macs, params, _fp32_parity(portable, pruned, self.images))

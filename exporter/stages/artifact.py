@@ -13,6 +13,7 @@ from exporter.stages.config import RunConfig
 from exporter.stages.images import Images
 from exporter.parity import check_parity
 from search.budget.macs import ModelGeometry
+from search.families import family_of
 
 
 def describe_parity(parity: dict[str, Any]) -> str:
@@ -39,7 +40,8 @@ def build_artifact(
     """
     work, path, parity = cfg.work_dir, portable, portable_parity
     if cfg.target == "ort":
-        path = optimize_for_ort(portable, work / "pruned-ort.onnx", geometry.blocks[0].attention.num_heads, geometry.embed_dim, threads)
+        heads = family_of(pruned).head_counts(pruned)  # the pruned blocks', which head pruning leaves unequal
+        path = optimize_for_ort(portable, work / "pruned-ort.onnx", heads, geometry.embed_dim, threads)
         parity = asdict(check_parity(path, pruned, parity_images, classifier=classifier))
     if cfg.precision == "fp16":
         path = convert_fp16(path, work / f"{path.stem}-fp16.onnx")

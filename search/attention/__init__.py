@@ -16,11 +16,13 @@ from search.attention.base import (
     GateValues,
     HeadValues,
     HeadWeights,
+    MeasurableKind,
     TokenLayout,
     get_kind,
     head_rows,
     kind_names,
     kind_of,
+    measurable,
     register_kind,
     split_fused_qkv,
 )
@@ -30,6 +32,6 @@ for _module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "AttentionActivations", "AttentionKind", "AttentionShape", "GateValues", "HeadValues", "HeadWeights", "TokenLayout",
-    "get_kind", "head_rows", "kind_names", "kind_of", "register_kind", "split_fused_qkv",
+    "AttentionActivations", "AttentionKind", "AttentionShape", "GateValues", "HeadValues", "HeadWeights", "MeasurableKind",
+    "TokenLayout", "get_kind", "head_rows", "kind_names", "kind_of", "measurable", "register_kind", "split_fused_qkv",
 ]

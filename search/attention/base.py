@@ -1,18 +1,20 @@
-"""What an attention kind is: the interface, the shapes it reports, and the registry.
+"""What an attention kind is: the two interfaces, the shapes they report, and the registry.
 
 An attention kind owns everything that differs between kinds of attention, so that the MAC count,
 the gates, the activation capture, the initialisation, the surgery and the reweight folding go
-through it and never look inside an attention module themselves:
+through it and never look inside an attention module themselves. As Torch-Pruning keeps
+importance apart from per-layer slicing, a kind has two sides, and implements only what it has:
 
-- recognising a module (``matches``) and reading its dense shape (``shape``);
-- every MAC of the module at given widths, extra ops included (``macs``);
-- its weights seen per head, for scoring (``head_weights``);
-- where the indicators act (``gate``) and what the search captures (``capture``);
-- how much the output changes when one channel goes (``attention_differences``);
-- slicing it into its own physically smaller module (``slice``);
-- the linear layer that reweights fold into (``reweight_target``);
-- a mask per head on its output, for head pruning (``head_gate``; one implementation here serves
-  every kind that merges its heads head-major right before that layer).
+- **cutting** (:class:`AttentionKind`, every kind; surgery, export and the MAC count ask for it):
+  recognising a module (``matches``), reading its dense shape (``shape``), every MAC of the module
+  at given widths, extra ops included (``macs``), slicing it into its own physically smaller module
+  (``slice``), and the linear layer that reweights fold into (``reweight_target``);
+- **measuring** (:class:`MeasurableKind`, the kinds the search can score; the searches ask for it
+  with :func:`measurable`, which refuses any other kind in one line): its weights seen per head
+  (``head_weights``), where the indicators act (``gate``), what the search captures (``capture``),
+  how much the output changes when one channel goes (``attention_differences``), and a mask per
+  head on its output for head pruning (``head_gate``; one implementation here serves every kind
+  that merges its heads head-major right before its reweight target).
 
 Kinds register themselves when their module is imported; ``search.attention`` imports every module
 of its package, so a new kind is a new file and nothing else.
@@ -112,7 +114,11 @@ HeadValues = Callable[[], torch.Tensor]
 
 
 class AttentionKind(ABC):
-    """One kind of attention, as search and surgery see it. Subclasses register an instance.
+    """One kind of attention, as surgery, export and the MAC count see it: the cutting side. Subclasses register an instance.
+
+    Every kind has this side, even one with nothing to measure (a block whose heads were all
+    pruned): recognise a module, read its widths, count its MACs, slice it, name the layer that
+    reweights fold into. What the search needs besides is :class:`MeasurableKind`.
 
     Contracts the generic code relies on, beyond each method's own:
     - ``kind_of`` tries the registered kinds in registration order (the package imports its kind
@@ -149,6 +155,27 @@ class AttentionKind(ABC):
         """
 
     @abstractmethod
+    def slice(self, module: nn.Module, plan: BlockPlan) -> nn.Module:
+        """A new, physically smaller module that keeps the plan's heads and channels."""
+
+    def reweight_target(self, module: nn.Module) -> nn.Linear | None:
+        """The linear layer right after the ``reweight`` slot (heads × v_dim inputs): reweights fold into it.
+
+        None for a module with no such layer (no head left): nothing is reweighted there.
+        """
+        return module.proj
+
+
+class MeasurableKind(AttentionKind):
+    """A kind the search can measure: the measuring side, on top of the cutting side it also needs.
+
+    The searches (magnitude, acp, DSP) score channels and heads by reading the weights per head,
+    gating the module's channels and heads, capturing its activations and measuring how much its
+    output changes when one channel goes. A kind whose modules have nothing to measure is a plain
+    :class:`AttentionKind`, and :func:`measurable` refuses it in one line.
+    """
+
+    @abstractmethod
     def head_weights(self, module: nn.Module) -> HeadWeights:
         """The q/k/v/proj weights seen per head."""
 
@@ -171,14 +198,6 @@ class AttentionKind(ABC):
         Returns (qk, v) of shapes (heads, qk_dim) and (heads, v_dim), on the activations' device.
         """
 
-    @abstractmethod
-    def slice(self, module: nn.Module, plan: BlockPlan) -> nn.Module:
-        """A new, physically smaller module that keeps the plan's heads and channels."""
-
-    def reweight_target(self, module: nn.Module) -> nn.Linear:
-        """The linear layer right after the ``reweight`` slot (heads × v_dim inputs): reweights fold into it."""
-        return module.proj
-
     def head_gate(self, module: nn.Module, values: HeadValues) -> list[RemovableHandle]:
         """Scale head h's output by ``values()[h]`` right before ``reweight_target``; returns the hooks to remove.
 
@@ -193,7 +212,19 @@ class AttentionKind(ABC):
             scaled = x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads) * mask.to(x.dtype)[:, None]
             return (scaled.reshape(x.shape), *inputs[1:])
 
-        return [self.reweight_target(module).register_forward_pre_hook(hook)]
+        target = self.reweight_target(module)
+        if target is None:
+            raise ValueError(f"the {self.name} kind has no layer after its merged heads: override head_gate")
+        return [target.register_forward_pre_hook(hook)]
+
+
+def measurable(kind: AttentionKind, where: str = "") -> MeasurableKind:
+    """``kind`` as the search needs it; UnknownModelError naming the kind (and ``where``) if it has nothing to measure."""
+    if isinstance(kind, MeasurableKind):
+        return kind
+    at = f" ({where})" if where else ""
+    raise UnknownModelError(f"the search cannot measure attention of kind {kind.name!r}{at}: it has no channels or heads "
+                            "to score; search the dense model, before any head was pruned")
 
 
 _KINDS: dict[str, AttentionKind] = {}

@@ -7,26 +7,18 @@ this kind so that a pruned model is still described, counted and checked like an
 
 - **Shape.** The token width, and 0 heads of 0 channels.
 - **MACs.** None: the exported graph computes nothing for this attention.
-- Nothing to gate, capture, measure or reweight; slicing keeps it only for a plan that keeps no head.
+- **Slicing** keeps it, for a plan that keeps no head; there is no layer to fold a reweight into.
+- It is a cutting kind only (:class:`AttentionKind`, not :class:`MeasurableKind`): nothing to gate,
+  capture or measure, so the search refuses it in one line (``search.attention.measurable``).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
-from search.attention.base import (
-    AttentionActivations,
-    AttentionKind,
-    AttentionShape,
-    GateValues,
-    HeadValues,
-    HeadWeights,
-    TokenLayout,
-    register_kind,
-)
+from search.attention.base import AttentionKind, AttentionShape, TokenLayout, register_kind
 from search.core.errors import PlanError
 
 if TYPE_CHECKING:
@@ -66,29 +58,13 @@ class RemovedAttentionKind(AttentionKind):
     def macs(self, shape: AttentionShape, heads: int, qk: int, v: int, layout: TokenLayout) -> int:
         return 0
 
-    def head_weights(self, module: nn.Module) -> HeadWeights:
-        empty = torch.zeros(0, 0, module.dim)
-        return HeadWeights(q=empty, k=empty, v=empty, proj=torch.zeros(module.dim, 0, 0))
-
-    def gate(self, module: nn.Module, values: GateValues) -> list[RemovableHandle]:
-        return []
-
-    def head_gate(self, module: nn.Module, values: HeadValues) -> list[RemovableHandle]:
-        return []
-
-    def capture(self, module: nn.Module, sink: Callable[[AttentionActivations], None]) -> list[RemovableHandle]:
-        raise ValueError("a block without attention has nothing to capture; search the dense model")
-
-    def attention_differences(self, module: nn.Module, acts: AttentionActivations) -> tuple[torch.Tensor, torch.Tensor]:
-        raise ValueError("a block without attention has no channel to measure")
-
     def slice(self, module: nn.Module, plan: BlockPlan) -> nn.Module:
         if plan.heads:
             raise PlanError("a block without attention cannot keep heads")
         return module
 
-    def reweight_target(self, module: nn.Module) -> nn.Linear:
-        raise ValueError("a block without attention has no layer to fold a reweight into")
+    def reweight_target(self, module: nn.Module) -> None:
+        return None
 
 
 register_kind(RemovedAttentionKind())

@@ -29,10 +29,10 @@ from torch.utils.hooks import RemovableHandle
 
 from search.attention.base import (
     AttentionActivations,
-    AttentionKind,
     AttentionShape,
     GateValues,
     HeadWeights,
+    MeasurableKind,
     TokenLayout,
     head_rows,
     register_kind,
@@ -131,7 +131,7 @@ def qk_differences(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: torc
     return out
 
 
-class SoftmaxAttentionKind(AttentionKind):
+class SoftmaxAttentionKind(MeasurableKind):
     """softmax(q kᵀ·scale) v: timm's ``Attention`` and prune-export's ``PrunedAttention``."""
 
     name = "softmax"

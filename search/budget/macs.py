@@ -90,7 +90,7 @@ def describe(model: nn.Module) -> ModelGeometry:
         kind = kind_of(attn)
         blocks.append(BlockGeometry(kind=kind.name, attention=kind.shape(attn), mlp_hidden=family.mlp_linears(block)[0].out_features))
     return ModelGeometry(
-        family=family.name, layout=family.layout(model), embed_dim=int(model.embed_dim),
+        family=family.name, layout=family.layout(model), embed_dim=family.embed_dim(model),
         fixed_macs=family.fixed_macs(model), blocks=tuple(blocks),
     )
 

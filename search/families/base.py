@@ -1,16 +1,22 @@
 """What a model family is: how blocks, their attention and MLP, and the tokens are found.
 
-Everything generic (MAC count, gates, capture, initialisation, surgery, reweights, distillation)
-reaches into a model only through its family and the attention kind of each block, so a new
-family of models is a new file in this package.
+Everything generic (MAC count, gates, capture, initialisation, surgery, reweights, distillation,
+export and the ORT target) reaches into a model only through its family and the attention kind of
+each block, so a new family of models is a new file in this package (or, for a test, one file in
+tests/: see tests/test_toy_family.py). What a family answers about the whole model: its blocks,
+its token layout, its width (``embed_dim``), the input it is built for (``input_size``), its final
+tokens (``features``), its classes (``classes``), every block's heads (``head_counts``), the MACs no
+plan changes and how to split it for the latency model.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from typing import Sequence
 
+import torch
 from torch import nn
 
+from search.attention import kind_of
 from search.attention.base import TokenLayout
 from search.core.errors import UnknownModelError
 
@@ -82,6 +88,38 @@ class ModelFamily(ABC):
     @abstractmethod
     def layout(self, model: nn.Module) -> TokenLayout:
         """The tokens every block sees."""
+
+    @abstractmethod
+    def embed_dim(self, model: nn.Module) -> int:
+        """Token width D: what every block takes and gives, never pruned."""
+
+    @abstractmethod
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        """(channels, height, width) of the images the model is built for (the token grid follows from it)."""
+
+    @abstractmethod
+    def features(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's final tokens, normalised as its pooling or head reads them: (batch, tokens, embed_dim).
+
+        Backbone distillation matches these after every block's output (``search.methods.distill``): the
+        same shape as a block's output, token 0 being the one a class-token model pools.
+        """
+
+    @abstractmethod
+    def classes(self, model: nn.Module) -> int:
+        """Classes the model's head predicts; 0 for a backbone, whose output is its pooled features."""
+
+    def head_counts(self, model: nn.Module) -> tuple[int, ...]:
+        """Every block's attention heads, in block order (0 for a block that kept none).
+
+        Head pruning leaves blocks with different counts, so nothing may take one block's count for
+        all; read through each block's attention kind, so a family need not override it.
+        """
+        counts = []
+        for block in self.blocks(model):
+            attn = self.attention(block)
+            counts.append(kind_of(attn).shape(attn).num_heads)
+        return tuple(counts)
 
     @abstractmethod
     def fixed_macs(self, model: nn.Module) -> int:

@@ -123,7 +123,7 @@ class BeitFamily(VisionTransformerFamily):
     def drop_attention(self, model: nn.Module, index: int) -> nn.Module:
         block = model.blocks[index]
         if not isinstance(block, BeitAttentionlessBlock):
-            block = BeitAttentionlessBlock(block, int(model.embed_dim)).train(block.training)
+            block = BeitAttentionlessBlock(block, self.embed_dim(model)).train(block.training)
             model.blocks[index] = block
         return block
 

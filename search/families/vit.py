@@ -47,6 +47,8 @@ class AttentionlessBlock(nn.Module):
         super().__init__()
         self.post_norm = isinstance(block, ResPostBlock)
         out = kind_of(block.attn).reweight_target(block.attn)  # the layer after the merged heads
+        if out is None:
+            raise ValueError(f"{type(block.attn).__name__} has no output layer: its block has no attention branch to drop")
         self.attn_bias: nn.Parameter | None = None
         if out.bias is not None or self.post_norm:
             bias = out.bias.detach().clone() if out.bias is not None else out.weight.new_zeros(out.out_features)
@@ -123,7 +125,7 @@ class VisionTransformerFamily(ModelFamily):
     def drop_attention(self, model: nn.Module, index: int) -> nn.Module:
         block = model.blocks[index]
         if not isinstance(block, AttentionlessBlock):
-            block = AttentionlessBlock(block, int(model.embed_dim)).train(block.training)
+            block = AttentionlessBlock(block, self.embed_dim(model)).train(block.training)
             model.blocks[index] = block
         return block
 
@@ -155,6 +157,20 @@ class VisionTransformerFamily(ModelFamily):
 
     def layout(self, model: nn.Module) -> TokenLayout:
         return TokenLayout(prefix=int(getattr(model, "num_prefix_tokens", 1)), grid=tuple(model.patch_embed.grid_size))
+
+    def embed_dim(self, model: nn.Module) -> int:
+        return int(model.embed_dim)
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        embed = model.patch_embed
+        rows, cols = (int(s) for s in embed.img_size)
+        return int(embed.proj.in_channels), rows, cols
+
+    def features(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return model.forward_features(images)  # every token after the final norm, before pooling and the head
+
+    def classes(self, model: nn.Module) -> int:
+        return int(getattr(model, "num_classes", 0))
 
     def fixed_macs(self, model: nn.Module) -> int:
         conv, grid = model.patch_embed.proj, model.patch_embed.grid_size

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from search.methods.activations import BlockActivations
-from search.attention import kind_of
+from search.attention import kind_of, measurable
 from search.families import family_of
 from search.methods.importance import BlockScores
 
@@ -39,7 +39,7 @@ def attention_differences(model: nn.Module, index: int, acts: BlockActivations) 
     family = family_of(model)
     block = family.blocks(model)[index]
     attn = family.attention(block)
-    qk, v = kind_of(attn).attention_differences(attn, acts.attention)
+    qk, v = measurable(kind_of(attn), f"block {index}").attention_differences(attn, acts.attention)
     fc2 = family.mlp_linears(block)[1].weight.float().to(acts.hidden.device)
     mlp = acts.hidden.pow(2).sum(dim=(0, 1)) * fc2.pow(2).sum(0)
     return BlockScores(qk=qk, v=v, mlp=mlp)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from search.attention import AttentionActivations, get_kind
+from search.attention import AttentionActivations, get_kind, measurable
 from search.families import get_family
 from search.budget.macs import ModelGeometry
 
@@ -50,7 +50,8 @@ def capture(model: nn.Module, geometry: ModelGeometry, images: torch.Tensor) -> 
     hidden: dict[int, torch.Tensor] = {}
     handles = []
     for i, (block, g) in enumerate(zip(family.blocks(model), geometry.blocks)):
-        handles += get_kind(g.kind).capture(family.attention(block), lambda acts, i=i: attention.__setitem__(i, acts))
+        kind = measurable(get_kind(g.kind), f"block {i}")
+        handles += kind.capture(family.attention(block), lambda acts, i=i: attention.__setitem__(i, acts))
         handles.append(family.mlp_activation(block).register_forward_hook(
             lambda _m, _a, out, i=i: hidden.__setitem__(i, out.detach().float())))
     try:

@@ -18,6 +18,7 @@ from torch import nn
 
 from search.core.errors import UserError
 from search.budget.macs import describe, model_macs
+from search.families import family_of
 
 INSTALL_HINT = "pip install 'prune-export[bench]'"
 
@@ -49,7 +50,8 @@ def _torch_pruning():
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    return [block.attn for block in model.blocks]
+    family = family_of(model)
+    return [family.attention(block) for block in family.blocks(model)]
 
 
 def _prune_once(model: nn.Module, ratio: float, example_input: torch.Tensor, round_to: int) -> nn.Module:

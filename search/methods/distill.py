@@ -30,10 +30,11 @@ from search.methods.gates import Gates
 
 def block_outputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Every block's output and the final (normed) features: (batch, blocks + 1, tokens, dim)."""
+    family = family_of(model)
     outputs: list[torch.Tensor] = []
-    hooks = [block.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for block in family_of(model).blocks(model)]
+    hooks = [block.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for block in family.blocks(model)]
     try:
-        final = model.forward_features(images)
+        final = family.features(model, images)
     finally:
         for hook in hooks:
             hook.remove()

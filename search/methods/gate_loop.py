@@ -1,54 +1,24 @@
-"""The training loop both searches share: gates over a frozen model, distilled from that model.
+"""The gate searches' loop: gates over a frozen model, distilled from that model.
 
 acp (channel indicators) and DSP (head logits) differ only in their gates and in what they add to
-the distillation loss; batching, sharding over ranks, checkpoint and resume, the barrier and the
-progress bar are the same, and live here once.
-
-Batches are drawn by (seed, step) (``batch_indices``), so every rank draws the same global batch
-and takes its own shard, and a resumed run follows the uninterrupted trajectory. The state (the
-gates, the optimiser, the step) is checkpointed by rank 0 every ``checkpoint_every`` steps and at
-the end; a re-run with a state file resumes from it.
+the distillation loss. The loop's skeleton (batches by (seed, step), sharding over ranks,
+checkpoint and resume, the barrier, the progress bar) is :mod:`search.train_loop`, which the
+recovery runs too; what is the searches' own is here: the frozen model as the teacher, its targets
+computed once, the gated student, and a state file holding the gates and the optimiser.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from search.core.atomic import atomic_path
-from search.core.progress import progress_bar
 from search.core.runtime import Runtime
 from search.methods.distill import DistillStudent, teacher_targets
+from search.methods.train_loop import LoopConfig, batch_indices, freeze, optimise, parallel, resume, run_steps
 
-
-def batch_indices(pool_size: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
-    """The global batch of ``step``: the same on every rank and in every resumed run."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return torch.randint(pool_size, (batch_size,), generator=gen)
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """The schedule of one gate search.
-
-    Attributes:
-        name: what the progress bar says.
-        steps: optimisation steps.
-        batch_size: global batch per step (split over ranks).
-        seed: seeds batch sampling.
-        checkpoint_every: steps between checkpoints.
-    """
-
-    name: str
-    steps: int
-    batch_size: int
-    seed: int
-    checkpoint_every: int
-
+__all__ = ["LoopConfig", "StepLoss", "batch_indices", "train_gates"]
 
 StepLoss = Callable[[int, torch.Tensor, nn.Module, torch.Tensor | None], tuple[torch.Tensor, str]]
 """(step, this rank's batch, the student, the teacher's targets for the batch or None) → (loss to minimise,
@@ -78,38 +48,28 @@ def train_gates(
         classifier: distil logits (True) or token features (False).
         runtime: device and process group.
         step_loss: the loss of one step (the search's distillation loss and its own terms).
-        state_path: where to checkpoint and resume; None disables both.
+        state_path: where to checkpoint (the step, the gates, the optimiser) and resume; None disables both.
         on_step: called after every finished step (progress reporting, tests).
 
     The frozen model is the teacher; its targets for the whole pool are computed once when they fit
     in memory (``search.methods.distill.teacher_targets``) and handed to ``step_loss`` with each batch.
     """
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    start = 0
-    if state_path is not None and state_path.is_file():
-        state = torch.load(state_path, map_location=runtime.device, weights_only=True)
+    freeze(model)
+
+    def restore(state: dict[str, Any]) -> None:
         gates.load_state_dict(state["gates"])
         optimiser.load_state_dict(state["optimiser"])
-        start = int(state["step"])
+
+    start = resume(state_path, runtime, restore)
     targets = teacher_targets(model, pool, classifier, runtime) if start < loop.steps else None
-    student: nn.Module = DistillStudent(model, classifier, gates)
-    if runtime.distributed:
-        student = DistributedDataParallel(student)
-    with progress_bar(loop.name, total=loop.steps, completed=start, enabled=runtime.is_main) as advance:
-        for step in range(start, loop.steps):
-            idx = runtime.shard(batch_indices(len(pool), loop.batch_size, loop.seed, step)).to(pool.device)
-            loss, label = step_loss(step, pool[idx], student, None if targets is None else targets[idx])
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            done = step + 1
-            if state_path is not None and runtime.is_main and (done % loop.checkpoint_every == 0 or done == loop.steps):
-                with atomic_path(state_path) as tmp:
-                    torch.save({"step": done, "gates": gates.state_dict(), "optimiser": optimiser.state_dict()}, tmp)
-            if runtime.distributed:
-                torch.distributed.barrier()
-            advance(label)
-            if on_step is not None:
-                on_step(done)
+    student = parallel(DistillStudent(model, classifier, gates), runtime)
+
+    def step(index: int, idx: torch.Tensor) -> str:
+        loss, label = step_loss(index, pool[idx], student, None if targets is None else targets[idx])
+        optimise(optimiser, loss)
+        return label
+
+    def snapshot() -> dict[str, Any]:
+        return {"gates": gates.state_dict(), "optimiser": optimiser.state_dict()}
+
+    run_steps(loop, len(pool), pool.device, runtime, start, step, snapshot, state_path, on_step)

@@ -29,7 +29,7 @@ from typing import Callable, ContextManager, Iterator, Protocol
 import torch
 from torch import nn
 
-from search.attention import get_kind
+from search.attention import get_kind, measurable
 from search.budget.cost import CostModel
 from search.families import get_family
 from search.methods.importance import BlockScores
@@ -164,7 +164,7 @@ def gated(model: nn.Module, gates: ChannelGates) -> Iterator[nn.Module]:
                 v = gates.values(i)
                 return v.qk, v.v
 
-            handles += get_kind(g.kind).gate(family.attention(block), values)
+            handles += measurable(get_kind(g.kind), f"block {i}").gate(family.attention(block), values)
             handles.append(family.mlp_activation(block).register_forward_hook(_act_hook(gates, i)))
         yield model
     finally:
@@ -176,14 +176,14 @@ def gated(model: nn.Module, gates: ChannelGates) -> Iterator[nn.Module]:
 def head_gated(model: nn.Module, geometry: ModelGeometry, masks: Callable[[int], torch.Tensor]) -> Iterator[nn.Module]:
     """Within the block, head h of block i has its output scaled by ``masks(i)[h]``; hooks removed on exit.
 
-    Each block's attention kind places the mask (``AttentionKind.head_gate``): a mask of 0 acts like
+    Each block's attention kind places the mask (``MeasurableKind.head_gate``): a mask of 0 acts like
     removing the head, as surgery will.
     """
     family = get_family(geometry.family)
     handles = []
     try:
         for i, (block, g) in enumerate(zip(family.blocks(model), geometry.blocks)):
-            handles += get_kind(g.kind).head_gate(family.attention(block), lambda i=i: masks(i))
+            handles += measurable(get_kind(g.kind), f"block {i}").head_gate(family.attention(block), lambda i=i: masks(i))
         yield model
     finally:
         for h in handles:

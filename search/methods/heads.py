@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from search.attention import kind_of
+from search.attention import kind_of, measurable
 from search.core.choices import HEAD_SCOPES
 from search.core.errors import BudgetError, OptionError
 from search.families import family_of
@@ -183,7 +183,7 @@ def head_magnitude_scores(model: nn.Module) -> tuple[torch.Tensor, ...]:
     scores = []
     for block in family.blocks(model):
         attn = family.attention(block)
-        w = kind_of(attn).head_weights(attn)
+        w = measurable(kind_of(attn)).head_weights(attn)
         scores.append(w.q.float().pow(2).sum((1, 2)) + w.k.float().pow(2).sum((1, 2)) + w.v.float().pow(2).sum((1, 2))
                       + w.proj.float().pow(2).sum((0, 2)))
     return tuple(scores)

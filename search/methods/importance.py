@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from search.attention import kind_of
+from search.attention import kind_of, measurable
 from search.families import family_of
 from search.budget.macs import ModelGeometry
 
@@ -43,7 +43,7 @@ def magnitude_scores(model: nn.Module) -> tuple[BlockScores, ...]:
     family = family_of(model)
     for block in family.blocks(model):
         attn = family.attention(block)
-        w = kind_of(attn).head_weights(attn)
+        w = measurable(kind_of(attn)).head_weights(attn)
         qk = w.q.float().pow(2).sum(-1) + w.k.float().pow(2).sum(-1)
         v = w.v.float().pow(2).sum(-1) + w.proj.float().pow(2).sum(0)
         fc1, fc2 = (linear.weight.float() for linear in family.mlp_linears(block))

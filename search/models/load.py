@@ -25,7 +25,7 @@ from torch import nn
 
 from search.budget.macs import ModelGeometry, describe
 from search.core.errors import UnknownModelError, WeightsError
-from search.families import prepare
+from search.families import family_of, prepare
 from search.models import dinov2 as _dinov2  # noqa: F401  (each import registers the names its file defines)
 from search.models.flatten import deit as _flatten_deit  # noqa: F401
 from search.models.flatten import dinov2 as _flatten_dinov2  # noqa: F401
@@ -61,7 +61,7 @@ class LoadedModel:
 
     @property
     def is_classifier(self) -> bool:
-        return int(getattr(self.model, "num_classes", 0)) > 0
+        return family_of(self.model).classes(self.model) > 0
 
 
 def resolve_name(name: str) -> str:
@@ -268,5 +268,5 @@ def load_model(
             model, weights, random = _create(timm_name, False, img_size, pattern), "random-init", True
     model.eval()
     geometry = _describe(model, timm_name)
-    size = int(model.patch_embed.img_size[0])
+    size = family_of(model).input_size(model)[-1]
     return LoadedModel(model, name, timm_name, size, weights, random, _data_config(model, size), geometry)

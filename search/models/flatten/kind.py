@@ -38,11 +38,11 @@ from torch.utils.hooks import RemovableHandle
 
 from search.attention.base import (
     AttentionActivations,
-    AttentionKind,
     AttentionShape,
     GateValues,
     HeadValues,
     HeadWeights,
+    MeasurableKind,
     TokenLayout,
     head_rows,
     register_kind,
@@ -84,7 +84,7 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.reshape(*lead, n, heads, c // heads).transpose(-3, -2)
 
 
-class FocusedLinearKind(AttentionKind):
+class FocusedLinearKind(MeasurableKind):
     """FLatten's focused linear attention with a shared depthwise conv on v."""
 
     name = "linear"
@@ -130,7 +130,7 @@ class FocusedLinearKind(AttentionKind):
                                                     module.focus_k.register_forward_hook(qk_hook)]
 
     def capture(self, module: nn.Module, sink: Callable[[AttentionActivations], None]) -> list[RemovableHandle]:
-        h, dqk, dv = module.num_heads, module.qk_dim, module.v_dim
+        h, dqk = module.num_heads, module.qk_dim
         seen: dict[str, torch.Tensor] = {}
 
         def keep(name: str) -> Callable:
