@@ -10,10 +10,13 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from torch import nn
+
 from search.core.errors import DataError, OptionError, OutputPathError, PlanError
 from search.methods.registry import SEARCHES_CHANNELS
 from search.budget.plan import Plan
 from search.core.runtime import resolve_device
+from search.families import family_of
 
 if TYPE_CHECKING:
     from exporter.stages.config import RunConfig
@@ -190,24 +193,24 @@ def check_image_count(root: Path, found: int, search_images: int, heldout_images
         )
 
 
-def unused_pixels_warning(model: object, img_size: int) -> str | None:
+def unused_pixels_warning(model: nn.Module, img_size: int) -> str | None:
     """A warning when ``img_size`` is not a multiple of the model's patch size, None when it is.
 
     A model built for exactly that size (timm's ``strict_img_size``) runs, but the patch embedding's
     stride drops the last rows and columns: those pixels never reach it. A model that pads to whole
     patches (``dynamic_img_pad``) sees every pixel. Any other model refuses the input at its first
-    forward, so that is an OptionError here, before the search rather than at export.
+    forward, so that is an OptionError here, before the search rather than at export. The model's
+    family says how it cuts patches.
     """
-    embed = getattr(model, "patch_embed", None)
-    patch = getattr(embed, "patch_size", None)
-    if patch is None or getattr(embed, "dynamic_img_pad", False):
+    cut = family_of(model).patch_input(model)
+    if cut is None or cut.pads:
         return None
-    patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+    patch = cut.patch
     unused = img_size % patch
     if unused == 0:
         return None
     lower, upper = img_size - unused, img_size - unused + patch
-    if not getattr(embed, "strict_img_size", True):
+    if not cut.strict:
         raise OptionError(f"--img-size {img_size} is not a multiple of the model's {patch} px patch, which it refuses; "
                           f"use {lower} or {upper}")
     return (f"--img-size {img_size} is not a multiple of the {patch} px patch: the last {unused} pixel rows and columns "

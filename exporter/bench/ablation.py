@@ -38,6 +38,7 @@ from typing import Any, Sequence
 import torch
 from rich.console import Console
 
+from exporter.bench.ablation_plot import plot
 from exporter.bench.quality import knn_of, matches_row, torch_pruning_row
 from exporter.timing import machine_info
 from exporter.onnx_export import export_onnx
@@ -318,45 +319,12 @@ def markdown(summary: list[dict[str, Any]], cfg: BenchConfig, meta: dict[str, An
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: list[dict[str, Any]], path: Path) -> None:
-    """Bars of k-NN after recovery (mean ± s.d.) per row, one panel per budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    budgets = sorted({e["budget"] for e in summary if e["budget"] != 1.0}, reverse=True)
-    dense = next((e for e in summary if e["name"] == "dense"), None)
-    retrained = next((e for e in summary if e["name"] == DENSE_FINAL), None)
-    fig, axes = plt.subplots(1, max(1, len(budgets)), figsize=(6 * max(1, len(budgets)), 4.5), squeeze=False)
-    for ax, budget in zip(axes[0], budgets):
-        rows = [e for e in summary if e["budget"] == budget and "after" in e]
-        names = [e["name"] for e in rows]
-        for i, (phase, colour) in enumerate((("before", "#bbbbbb"), ("after", "#3b75af"))):
-            means = [100 * e[phase][0] if phase in e else 0 for e in rows]
-            sds = [100 * e[phase][1] if phase in e and e[phase][1] == e[phase][1] else 0 for e in rows]
-            ax.barh([j + 0.4 * i for j in range(len(rows))], means, height=0.4, xerr=sds, color=colour, label=f"{phase} recovery")
-        if dense is not None:
-            ax.axvline(100 * dense["after"][0], color="k", linestyle="--", label="dense")
-        if retrained is not None:
-            ax.axvline(100 * retrained["after"][0], color="#b5482e", linestyle=":", label="dense through the same recovery")
-        ax.set_yticks([j + 0.2 for j in range(len(rows))], names, fontsize=8)
-        ax.invert_yaxis()
-        lo = min(100 * e["before"][0] for e in rows if "before" in e) if any("before" in e for e in rows) else 50
-        ax.set_xlim(max(0, lo - 5), None)
-        ax.set_xlabel("k-NN top-1 on Fashion-MNIST test (%)")
-        ax.set_title(f"budget {budget:g}")
-        ax.legend(fontsize="small", loc="lower right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-
-
-def write(bench_rows: list[dict[str, Any]], cfg: BenchConfig, seeds: Sequence[int], out: Path) -> list[dict[str, Any]]:
+def write(bench_rows: list[dict[str, Any]], cfg: BenchConfig, seeds: Sequence[int], out: Path,
+          meta: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """ablation.{json,md,png} from the rows; ``meta`` (when re-rendering) keeps the original run's machine and date."""
     summary = summarise(bench_rows)
     d = AcpConfig(budget=1.0)
-    meta = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": asdict(cfg), "seeds": list(seeds),
+    meta = meta or {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": asdict(cfg), "seeds": list(seeds),
             "defaults": f"indicator {d.indicator}, widths {d.widths}, gate optimiser {d.optimiser}, similarity on, attention init on, reweights on",
             "machine": machine_info()}
     out.mkdir(parents=True, exist_ok=True)
@@ -364,7 +332,7 @@ def write(bench_rows: list[dict[str, Any]], cfg: BenchConfig, seeds: Sequence[in
         tmp.write_text(json.dumps({"meta": meta, "summary": summary, "rows": bench_rows}, indent=1) + "\n")
     with atomic_path(out / "ablation.md") as tmp:
         tmp.write_text(markdown(summary, cfg, meta))
-    plot(summary, out / "ablation.png")
+    plot(summary, out / "ablation.png", DENSE_FINAL)
     return summary
 
 
@@ -382,10 +350,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     budgets = [float(b) for b in args.budgets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     console = Console(stderr=True)
-    if args.render:
-        stored = json.loads((CACHE / "rows.json").read_text()) if (CACHE / "rows.json").is_file() else {}
-    else:
-        stored = run_bench(cfg, budgets, seeds, args.only, console).rows
+    if args.render:  # the committed report's own rows and meta: a re-render changes nothing the inputs did not
+        committed = json.loads((args.out / "ablation.json").read_text())
+        write(committed["rows"], BenchConfig(**committed["meta"]["config"]), committed["meta"]["seeds"], args.out, committed["meta"])
+        console.print(f"re-rendered {args.out}/ablation.md, .png from ablation.json")
+        return 0
+    stored = run_bench(cfg, budgets, seeds, args.only, console).rows
     rows = [r for key, r in stored.items() if json.loads(key)[3] == asdict(cfg)
             and r["seed"] in seeds and (r["budget"] in budgets or r["budget"] == 1.0)]
     write(rows, cfg, seeds, args.out)

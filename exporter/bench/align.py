@@ -235,12 +235,13 @@ def markdown(timings: Sequence[WidthTiming], advice: dict[str, Any], settings: d
     return "\n".join(lines) + "\n"
 
 
-def write(timings: Sequence[WidthTiming], advice: dict[str, Any], settings: dict[str, Any], out: Path) -> dict[str, Path]:
-    """Write align.md and align.json under ``out`` (atomically)."""
+def write(timings: Sequence[WidthTiming], advice: dict[str, Any], settings: dict[str, Any], out: Path,
+          created: str | None = None) -> dict[str, Path]:
+    """Write align.md and align.json under ``out`` (atomically); ``created`` keeps a re-rendered run's date."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "align.md", "json": out / "align.json"}
     payload = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "settings": settings,
         "recommendation": advice,
         "timings": [{**asdict(t), "alignment": t.alignment} for t in timings],
@@ -265,11 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(args.render.read_text())
         fields = {f for f in WidthTiming.__dataclass_fields__}
         timings = [WidthTiming(**{k: v for k, v in t.items() if k in fields}) for t in saved["timings"]]
-        settings = saved["settings"]
+        settings, created = saved["settings"], saved.get("created")
     else:
-        timings, settings = measure(args.runs, args.threads)
+        (timings, settings), created = measure(args.runs, args.threads), None
     advice = recommend(timings)
-    paths = write(timings, advice, settings, args.out)
+    paths = write(timings, advice, settings, args.out, created)
     console.print(f"CPU needs --align {advice['cpu_align']}; recommended default {advice['recommended_align']}; wrote {paths['md']} and {paths['json']} "
                   f"in {time.perf_counter() - start:.0f} s")
     return 0

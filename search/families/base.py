@@ -5,12 +5,14 @@ export and the ORT target) reaches into a model only through its family and the 
 each block, so a new family of models is a new file in this package (or, for a test, one file in
 tests/: see tests/test_toy_family.py). What a family answers about the whole model: its blocks,
 its token layout, its width (``embed_dim``), the input it is built for (``input_size``), its final
-tokens (``features``), its classes (``classes``), every block's heads (``head_counts``), the MACs no
+tokens (``features``), its classes (``classes``), every block's heads (``head_counts``), how it cuts
+patches (``patch_input``), the layers that carry its width outside the blocks (``embedding_layers``), the MACs no
 plan changes and how to split it for the latency model.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -19,6 +21,22 @@ from torch import nn
 from search.attention import kind_of
 from search.attention.base import TokenLayout
 from search.core.errors import UnknownModelError
+
+
+@dataclass(frozen=True)
+class PatchInput:
+    """How a model cuts its input into patches, which decides what an input size that is not a multiple does.
+
+    Attributes:
+        patch: side of a patch in pixels.
+        pads: the model pads the image to whole patches, so every pixel is seen.
+        strict: the model runs only at the size it was built for; a model that is neither strict nor
+            padding refuses a size that is not a multiple of the patch.
+    """
+
+    patch: int
+    pads: bool
+    strict: bool
 
 
 class ModelFamily(ABC):
@@ -96,6 +114,19 @@ class ModelFamily(ABC):
     @abstractmethod
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
         """(channels, height, width) of the images the model is built for (the token grid follows from it)."""
+
+    def patch_input(self, model: nn.Module) -> PatchInput | None:
+        """How the model cuts images into patches; None when it does not say (no input-size warning is given)."""
+        return None
+
+    def embedding_layers(self, model: nn.Module) -> list[nn.Module]:
+        """The layers outside the blocks that make or read the token width (patch projection, classifier).
+
+        A pruner that follows the width through the graph (the Torch-Pruning baseline) must leave them
+        alone to keep D. A family that cannot name them refuses that baseline.
+        """
+        raise UnknownModelError(f"the {self.name} family does not name its embedding layers, which the Torch-Pruning "
+                                "baseline must leave alone; use --method acp or magnitude")
 
     @abstractmethod
     def features(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:

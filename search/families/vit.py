@@ -23,7 +23,7 @@ from search.attention import kind_of
 from search.attention.base import TokenLayout
 from search.attention.removed import RemovedAttention
 from search.core.errors import UnknownModelError
-from search.families.base import ModelFamily, register_family
+from search.families.base import ModelFamily, PatchInput, register_family
 from search.cut.slicing import slice_linear
 
 
@@ -165,6 +165,15 @@ class VisionTransformerFamily(ModelFamily):
         embed = model.patch_embed
         rows, cols = (int(s) for s in embed.img_size)
         return int(embed.proj.in_channels), rows, cols
+
+    def patch_input(self, model: nn.Module) -> PatchInput:
+        embed = model.patch_embed
+        patch = embed.patch_size
+        return PatchInput(patch=int(patch[0] if isinstance(patch, (tuple, list)) else patch),
+                          pads=bool(getattr(embed, "dynamic_img_pad", False)), strict=bool(getattr(embed, "strict_img_size", True)))
+
+    def embedding_layers(self, model: nn.Module) -> list[nn.Module]:
+        return [model.patch_embed.proj] + ([model.head] if isinstance(model.head, nn.Linear) else [])
 
     def features(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         return model.forward_features(images)  # every token after the final norm, before pooling and the head

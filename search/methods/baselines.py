@@ -63,7 +63,7 @@ def _prune_once(model: nn.Module, ratio: float, example_input: torch.Tensor, rou
         if type(attn).__name__ != "Attention":
             raise BaselineError(f"the Torch-Pruning baseline handles timm's Attention only, not {type(attn).__name__}")
     # The patch embedding roots the embedding-dim group: ignoring it keeps D everywhere.
-    ignored = [pruned.patch_embed.proj, pruned.head] if isinstance(pruned.head, nn.Linear) else [pruned.patch_embed.proj]
+    ignored = family_of(pruned).embedding_layers(pruned)
     settings = dict(
         model=pruned,
         example_inputs=example_input,
