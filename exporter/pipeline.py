@@ -124,6 +124,50 @@ class _Replan:
         self.budget, self.record, self.reason = budget, record, reason
 
 
+def _say_what_runs(cfg: RunConfig, acp: Any, effort: Effort, identity: bool, random_weights: bool, rt: Runtime,
+                   console: Console) -> None:
+    """One dim line of what the run will do: the effort's numbers, or that budget 1 removes nothing; then the method."""
+    if identity:
+        console.print("[dim]budget 1 removes nothing: no search and no recovery; the dense model is exported and "
+                      "checked through the same path[/]")
+        return
+    console.print(f"[dim]{escape(effort.describe())}[/]")
+    console.print(
+        f"[dim]method {cfg.method}, {'latency ' if cfg.latency_budget is not None else ''}budget {cfg.budget:g}, "
+        f"align {'auto' if cfg.align is None else cfg.align}, "
+        + (f"search steps {cfg.search_steps}, " if cfg.method in SEARCHED else "")
+        + (f"indicator {acp.indicator} ({acp.optimiser}), widths from the {'search' if acp.widths == 'search' else 'greedy solver'}, "
+           if cfg.method in SEARCHES_CHANNELS else "")
+        + f"recovery steps {cfg.finetune_steps}, device {rt.device}"
+        + (", images: built-in photographs (no --data)" if cfg.data is None and not random_weights else "")
+        + (f", {rt.world_size} ranks" if rt.distributed else "") + "[/]"
+    )
+
+
+def _latency_on_target(cfg: RunConfig, stage: Stages, latency_target: Any, table: Any, table_path: Any, table_reused: bool,
+                       cost: Any, geometry: Any, plan: Any, dense: tuple[Path, Any], pruned: tuple[Path, Any],
+                       input_size: tuple[int, ...], latencies: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, Any], _Replan | None]:
+    """The report's latency-model section: predicted against measured on the target, and, when a latency
+    budget was missed by more than the noise on the first round, the re-plan that corrects it."""
+    measured = None
+    if cfg.latency_runs > 0:
+        with stage(f"latency on the target: {latency_target.label}") as notes:
+            measured = measure_target(cfg, latency_target, dense, pruned, input_size, latencies, cfg.latency_runs)
+            notes.append(f"measured {measured['measured_ratio']:.3f} ± {measured['noise']:.3f}, "
+                         f"predicted {table_ratio(table, geometry, plan):.3f} ({measured['measured_by']})")
+    section = latency_model_section(cfg, plan, geometry, table, latency_target, table_path, table_reused, measured)
+    if measured is None or cfg.latency_budget is None or cfg.latency_correction is not None:
+        return section, None
+    budget = corrected_budget(cfg.latency_budget, cfg.solver_budget or cfg.latency_budget,
+                              section["predicted_ratio"], measured["measured_ratio"], measured["noise"])
+    if budget is None:
+        return section, None
+    budget = max(budget, cheapest_ratio(cfg, geometry, cost) * (1 + 1e-9))  # the best a correction can do
+    record = {"first_round": {k: section[k] for k in ("predicted_ratio", "measured_ratio", "noise")}, "solver_budget": budget}
+    return section, _Replan(budget, record, f"measured {measured['measured_ratio']:.3f} against a budget of "
+                                            f"{cfg.latency_budget:g} (noise {measured['noise']:.3f})")
+
+
 def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | _Replan | None:
     started = time.perf_counter()
     stage = Stages(console)
@@ -147,22 +191,8 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | _Rep
     if identity:
         cfg = replace(cfg, finetune_steps=0, search_images=min(cfg.search_images, IDENTITY_IMAGES),
                       heldout_images=min(cfg.heldout_images, IDENTITY_IMAGES))
-        console.print("[dim]budget 1 removes nothing: no search and no recovery; the dense model is exported and "
-                      "checked through the same path[/]")
-    else:
-        console.print(f"[dim]{escape(effort.describe())}[/]")
     acp = cfg.acp_config()
-    if not identity:
-        console.print(
-            f"[dim]method {cfg.method}, {'latency ' if cfg.latency_budget is not None else ''}budget {cfg.budget:g}, "
-            f"align {'auto' if cfg.align is None else cfg.align}, "
-            + (f"search steps {cfg.search_steps}, " if cfg.method in SEARCHED else "")
-            + (f"indicator {acp.indicator} ({acp.optimiser}), widths from the {'search' if acp.widths == 'search' else 'greedy solver'}, "
-               if cfg.method in SEARCHES_CHANNELS else "")
-            + f"recovery steps {cfg.finetune_steps}, device {rt.device}"
-            + (", images: built-in photographs (no --data)" if cfg.data is None and not loaded.random_weights else "")
-            + (f", {rt.world_size} ranks" if rt.distributed else "") + "[/]"
-        )
+    _say_what_runs(cfg, acp, effort, identity, loaded.random_weights, rt, console)
 
     threads = cfg.threads or _default_threads()
     cost, table, latency_target, table_path, table_reused = cost_stage(cfg, loaded, stage, threads)
@@ -227,23 +257,10 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | _Rep
                                         cfg.latency_batches, threads, cfg.latency_runs, input_size, cfg.seed)
     latency_model = None
     if table is not None and latency_target is not None:
-        measured = None
-        if cfg.latency_runs > 0:
-            with stage(f"latency on the target: {latency_target.label}") as notes:
-                measured = measure_target(cfg, latency_target, (dense_path, model), (pruned_path, pruned), input_size,
-                                          latencies, cfg.latency_runs)
-                notes.append(f"measured {measured['measured_ratio']:.3f} ± {measured['noise']:.3f}, "
-                             f"predicted {table_ratio(table, geometry, plan):.3f} ({measured['measured_by']})")
-        latency_model = latency_model_section(cfg, plan, geometry, table, latency_target, table_path, table_reused, measured)
-        if measured is not None and cfg.latency_budget is not None and cfg.latency_correction is None:
-            budget = corrected_budget(cfg.latency_budget, cfg.solver_budget or cfg.latency_budget,
-                                      latency_model["predicted_ratio"], measured["measured_ratio"], measured["noise"])
-            if budget is not None:
-                budget = max(budget, cheapest_ratio(cfg, geometry, cost) * (1 + 1e-9))  # the best a correction can do
-                record = {"first_round": {k: latency_model[k] for k in ("predicted_ratio", "measured_ratio", "noise")},
-                          "solver_budget": budget}
-                return _Replan(budget, record, f"measured {measured['measured_ratio']:.3f} against a budget of "
-                                               f"{cfg.latency_budget:g} (noise {measured['noise']:.3f})")
+        latency_model, replan = _latency_on_target(cfg, stage, latency_target, table, table_path, table_reused, cost, geometry, plan,
+                                                   (dense_path, model), (pruned_path, pruned), input_size, latencies)
+        if replan is not None:
+            return replan
 
     report = build_report(RunResults(
         cfg=cfg, loaded=loaded, pruned=pruned, plan=plan, acp=acp, target=target, runtime=rt, images=images,
