@@ -133,8 +133,9 @@ def invoke(*args) -> object:
 def test_cli_latency_budget_end_to_end(cli_env: Path) -> None:
     out = cli_env / "m.onnx"
     # test_vit's blocks are so small that a runtime call's overhead is most of their time: the
-    # smallest aligned model still takes about 0.88 of the dense latency, so the budget is 0.97.
-    result = invoke("test_vit", "--random-init", "--latency-budget", "0.97", "-o", out, "--threads", "1",
+    # smallest model aligned to 8 takes about 0.88 of the dense latency on a quiet machine and up to
+    # 0.97 on a loaded one, so the budget is 0.97 and --align 1 keeps it reachable however noisy the table.
+    result = invoke("test_vit", "--random-init", "--latency-budget", "0.97", "--align", "1", "-o", out, "--threads", "1",
                     "--latency-runs", "10", "--calib-images", "4", "--keep-work")
     assert result.exit_code == 0, result.output
     report = json.loads(out.with_suffix(".json").read_text())
@@ -152,7 +153,7 @@ def test_cli_latency_budget_end_to_end(cli_env: Path) -> None:
     assert "latency model" in out.with_suffix(".md").read_text()
     plan = json.loads((out.with_suffix(".work") / "plan.json").read_text())
     assert plan["cost"] == "latency" and plan["cost_table"] == section["table_key"]
-    again = invoke("test_vit", "--random-init", "--latency-budget", "0.97", "-o", cli_env / "n.onnx", "--threads", "1",
+    again = invoke("test_vit", "--random-init", "--latency-budget", "0.97", "--align", "1", "-o", cli_env / "n.onnx", "--threads", "1",
                    "--latency-runs", "0", "--calib-images", "4")
     assert again.exit_code == 0, again.output
     assert "reused" in again.output and len(list((cli_env / "cache" / "latency").glob("*.json"))) == 1
@@ -237,7 +238,8 @@ def test_a_missed_latency_budget_replans_once_and_a_remaining_miss_is_stated(cli
 
     monkeypatch.setattr(pipeline, "measure_target", measured_above_prediction)
     out = cli_env / "m.onnx"
-    result = invoke("test_vit", "--random-init", "--latency-budget", "0.97", "-o", out, "--threads", "1",
+    # --align 1: the smallest model stays far below 0.97 however noisy the table timed on this machine is
+    result = invoke("test_vit", "--random-init", "--latency-budget", "0.97", "--align", "1", "-o", out, "--threads", "1",
                     "--latency-runs", "2", "--calib-images", "4")
     assert result.exit_code == 0, result.output
     assert len(rounds) == 2 and rounds[0][0] is None and rounds[1][0] < 0.97
