@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PRUNE_EXPORT_OFFLINE", "1")
     console = Console(stderr=True)
     torch.manual_seed(0)
+    bench_started, load_start = time.perf_counter(), os.getloadavg()[0]
     root = Path(".cache/fashion-mnist")
     train = write_image_folder("train", root / "train300", 300, seed=0) if args.data else None
     bank_dir = write_image_folder("train", root / "bank100", 100, seed=1)
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "img_size": args.img_size,
                "steps": args.steps, "data": "Fashion-MNIST train (300/class)" if args.data else "built-in photographs",
                "images": cfg.search_images, "batch": cfg.batch_size, "dense_knn": dense_knn, "mac_ratio": plan.mac_ratio,
-               "machine": machine_info(), "rows": rows}
+               "machine": machine_info(), "rows": rows, "only": args.only,
+               "wall_s": time.perf_counter() - bench_started, "load": [load_start, os.getloadavg()[0]]}
     stem = f"recovery_curve_{'data' if args.data else 'builtin'}"
     OUT.mkdir(parents=True, exist_ok=True)
     with atomic_path(OUT / f"{stem}.json") as tmp:
@@ -118,7 +120,12 @@ def write_markdown(payload: dict[str, Any], path: Path) -> None:
         "- k-NN top-1 (cosine, k=20, T=0.07), PyTorch features: bank 100/class from Fashion-MNIST train, queries "
         f"100/class from its test split; dense {100 * payload['dense_knn']:.1f}%",
         f"- machine: {payload['machine'].get('cpu_model')}; created {payload['created']}",
-        "- reproduce: `python -m exporter.bench.recovery_curve" + (" --data" if "Fashion" in payload["data"] else "") + "`", "",
+        "- reproduce: `python -m exporter.bench.recovery_curve" + (" --data" if "Fashion" in payload["data"] else "")
+        + f" --steps {payload['steps']} --img-size {payload['img_size']}"
+        + "".join(f' --only "{o}"' for o in payload.get("only") or ()) + "`",
+        f"- wall: {payload['wall_s'] / 60:.0f} min in all, load average {payload['load'][0]:.1f} at the start and "
+        f"{payload['load'][1]:.1f} at the end (minutes per row below are as slow as the machine was shared)"
+        if "wall_s" in payload else f"- wall: not recorded; {payload.get('note', '')}", "",
         "| schedule | k-NN at step 0 | kept step (relation agreement) | k-NN of kept state | best k-NN (step) | last k-NN | minutes |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
