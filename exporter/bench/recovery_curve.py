@@ -125,7 +125,7 @@ def write_markdown(payload: dict[str, Any], path: Path) -> None:
         + "".join(f' --only "{o}"' for o in payload.get("only") or ()) + "`",
         f"- wall: {payload['wall_s'] / 60:.0f} min in all, load average {payload['load'][0]:.1f} at the start and "
         f"{payload['load'][1]:.1f} at the end (minutes per row below are as slow as the machine was shared)"
-        if "wall_s" in payload else f"- wall: not recorded; {payload.get('note', '')}", "",
+        if "wall_s" in payload else "- wall: not recorded" + (f"; {payload['note']}" if "note" in payload else ""), "",
         "| schedule | k-NN at step 0 | kept step (relation agreement) | k-NN of kept state | best k-NN (step) | last k-NN | minutes |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
