@@ -30,7 +30,7 @@ from exporter.stages.config import PRECISIONS, QUANTIZE, TARGETS, RunConfig, res
 from exporter.stages.images import Images, load_images
 from exporter.stages.effort import Effort
 from exporter.stages.latency import (cheapest_ratio, check_latency_options, check_reachable, corrected_budget, cost_stage,
-                                     latency_model_section, measure_target, resolve_align)
+                                     latency_model_section, measure_target, resolve_align, table_check_warning)
 from exporter.stages.plan import head_target, plan_stage, removes_nothing
 from exporter.stages.recovery import recovery_stage
 from exporter.stages.workdir import release_work_dir
@@ -196,6 +196,9 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | _Rep
 
     threads = cfg.threads or _default_threads()
     cost, table, latency_target, table_path, table_reused = cost_stage(cfg, loaded, stage, threads)
+    if (warning := table_check_warning(cfg, table)) is not None:
+        warnings.append(warning)
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if cfg.align is None:
         cfg = replace(cfg, align=resolve_align(cfg, table, geometry, cost))
         console.print(f"[dim]--align auto: {cfg.align} ({'from the latency table' if table else 'no latency table, so 8'})[/]")

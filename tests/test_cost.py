@@ -182,3 +182,23 @@ def test_table_round_trip_and_bad_files(tmp_path, geometry: ModelGeometry) -> No
     other = describe(__import__("tests.conftest", fromlist=["tiny_vit"]).tiny_vit())
     with pytest.raises(LatencyTableError, match="no curves"):
         table.check(other)
+
+
+def test_a_table_that_missed_its_held_out_check_warns_a_latency_budget(geometry: ModelGeometry, tmp_path) -> None:
+    from dataclasses import replace
+
+    from exporter.stages.config import RunConfig
+    from exporter.stages.latency import CHECK_TOLERANCE, table_check_warning
+
+    def checked(calibrated: float, measured: float) -> LatencyTable:
+        check = {"calibrated_ratio": calibrated, "measured_ratio": measured, "held_out": True}
+        return replace(synthetic_table(geometry, 0.01, 0.002, 0.003, 0.05),
+                       additivity={"checked_on": "channels-halved", "channels-halved": check})
+
+    latency = RunConfig("test_vit", 0.6, tmp_path / "m.onnx", latency_budget=0.6)
+    missed = table_check_warning(latency, checked(0.670, 0.586))  # the dinov2_s table at 112 px on a 2-core Xeon
+    assert missed is not None and "+0.084" in missed and "--budget" in missed
+    assert table_check_warning(latency, checked(0.586 + CHECK_TOLERANCE - 1e-6, 0.586)) is None
+    assert "-0.040" in table_check_warning(latency, checked(0.546, 0.586))  # too slow is a miss too
+    assert table_check_warning(replace(latency, latency_budget=None), checked(0.670, 0.586)) is None  # MAC budgets plan without it
+    assert table_check_warning(latency, synthetic_table(geometry, 0.01, 0.002, 0.003, 0.05)) is None  # no check recorded

@@ -41,6 +41,9 @@ def equal_latency_run(cfg: RunConfig, twin: dict[str, Any], console: Console) ->
 
     ``cfg`` must name a ``target_runtime`` so that the run measures its latency on the same target.
     """
+    if cfg.latency_runs <= 0 or twin.get("latency_measured") is None:
+        raise ValueError("an equal-latency row needs measured latencies: give it and its twin latency_runs > 0 "
+                         "and a target_runtime")
     goal = twin["latency_measured"]
     budget = min(1.0, twin["mac_ratio"])
     tries: list[dict[str, float]] = []
