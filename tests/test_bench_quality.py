@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from exporter.bench.quality import merged, rows
+from exporter.bench.quality import measured_on, merged, rows
 
 
 def test_a_partial_run_replaces_its_rows_in_place_and_appends_new_ones(tmp_path):
@@ -13,6 +13,22 @@ def test_a_partial_run_replaces_its_rows_in_place_and_appends_new_ones(tmp_path)
     fresh = [{"row": "dense", "knn_top1": 0.71}, {"row": "acp @ 0.63", "knn_top1": 0.76}, {"row": "new", "knn_top1": 0.6}]
     out = merged(fresh, previous)
     assert [(r["row"], r["knn_top1"]) for r in out] == [("dense", 0.71), ("acp @ 0.63", 0.76), ("random @ 0.63", 0.74), ("new", 0.6)]
+
+
+def test_merged_rows_keep_the_machine_that_measured_them(tmp_path):
+    from exporter.bench.quality import _machine_lines
+
+    earlier = {"cpu_model": "AMD EPYC", "cpus_usable": 2}
+    now = {"cpu_model": "Intel Xeon", "cpus_usable": 2, "instruction_sets": ["AVX2"]}
+    previous = tmp_path / "quality.json"
+    previous.write_text(json.dumps({"meta": {"machine": earlier, "created": "2026-11-23"},
+                                    "rows": [{"row": "dense"}, {"row": "acp @ 0.63"}, {"row": "x", "measured_on": "older"}]}))
+    stamp = measured_on(now, "2026-11-27")
+    out = merged([{"row": "dense", "measured_on": stamp}], previous)
+    assert [r["measured_on"] for r in out] == [stamp, measured_on(earlier, "2026-11-23"), "older"]
+    lines = _machine_lines(out, {"machine": now, "created": "2026-11-27"})
+    assert len(lines) == 4 and "Intel Xeon" in lines[1] and "`dense`" in lines[1] and "`acp @ 0.63`" in lines[2]
+    assert len(_machine_lines(out[:1], {"machine": now, "created": "2026-11-27"})) == 1  # one machine: one line
 
 
 def test_a_first_partial_run_keeps_just_its_rows(tmp_path):

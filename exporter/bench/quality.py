@@ -257,9 +257,10 @@ def merged(results: list[dict[str, Any]], previous: Path) -> list[dict[str, Any]
     if not previous.is_file():
         return results
     stored = json.loads(previous.read_text())
-    earlier = measured_on(stored["meta"]["machine"], stored["meta"]["created"])
+    meta = stored.get("meta")
+    earlier = {"measured_on": measured_on(meta["machine"], meta["created"])} if meta else {}
     fresh = {r["row"]: r for r in results}
-    rows_ = [fresh.pop(r["row"], {"measured_on": earlier, **r}) for r in stored["rows"]]
+    rows_ = [fresh.pop(r["row"], {**earlier, **r}) for r in stored["rows"]]
     return rows_ + list(fresh.values())
 
 
