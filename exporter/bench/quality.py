@@ -235,8 +235,6 @@ def main(argv: list[str] | None = None) -> int:
             except UserError as exc:
                 results.append({"row": "Torch-Pruning @ 0.63", "method": "torch-pruning", "budget": 0.63, "knn_top1": None, "skipped": str(exc)})
             advance("torch-pruning")
-    stamp = measured_on(machine_info(), datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    results = [{**r, "measured_on": stamp} for r in results]
     if args.only is not None:
         results = merged(results, OUT / "quality.json")
     write_outputs(results, cfg, args.quick)
@@ -278,10 +276,14 @@ def recovery_summary(recovery: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _machine_lines(results: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
-    """The machine line: one when every row was measured on one machine and day, else one per group of rows."""
+    """The machine line: one when every row was measured on one machine and day, else one per group of rows.
+
+    Rows of this run carry no stamp (``meta`` is theirs); ``merged`` stamps the rows it keeps from an earlier run.
+    """
+    this_run = measured_on(meta["machine"], meta["created"])
     groups: dict[str, list[str]] = {}
     for r in results:
-        groups.setdefault(r.get("measured_on") or measured_on(meta["machine"], meta["created"]), []).append(r["row"])
+        groups.setdefault(r.get("measured_on", this_run), []).append(r["row"])
     if len(groups) <= 1:
         return [f"- machine: {describe_cpu(meta['machine'])}; created {meta['created']}"]
     return ["- rows were measured in separate runs (`--only`), each of which re-measured the dense row (the table shows "
