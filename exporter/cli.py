@@ -192,6 +192,9 @@ def prune_export(
                                                  "weights, 0 for random ones).", rich_help_panel=RECOVERY_PANEL),
     no_reweight: bool = typer.Option(False, "--no-reweight", help="Ablation: no reweight modules in recovery.",
                                      rich_help_panel=RECOVERY_PANEL),
+    no_compensate: bool = typer.Option(False, "--no-compensate", help="Ablation: no closed-form compensation after the "
+                                       "cut (proj, fc2 and the queries refitted to the dense model before recovery).",
+                                       rich_help_panel=RECOVERY_PANEL),
     heads: Optional[int] = typer.Option(
         None, min=0, help="Heads kept in the whole model. Left out: the most heads whose head-only model fits --budget. "
         "Given to dsp or head-magnitude: the MACs follow from it, so leave --budget out.", rich_help_panel=HEADS_PANEL),
@@ -257,7 +260,7 @@ def prune_export(
             checkpoint=checkpoint, random_init=random_init, img_size=img_size, data=data, plan=plan,
             per_head_indices=per_head_indices, similarity=not no_similarity, attn_init=not no_attn_init,
             indicator=indicator, widths=widths, gate_optimiser=gate_optimiser,
-            reweight=not no_reweight, effort=effort, search_steps=search_steps, finetune_steps=finetune_steps, batch_size=batch_size,
+            reweight=not no_reweight, compensate=not no_compensate, effort=effort, search_steps=search_steps, finetune_steps=finetune_steps, batch_size=batch_size,
             search_images=search_images, heldout_images=heldout_images, device=device, seed=seed,
             calib_images=calib_images, target=target, precision=precision, quantize=quantize,
             quantize_mode=quantize_mode, latency_runs=latency_runs, threads=threads, pattern=pattern,

@@ -221,12 +221,12 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | _Rep
         cfg = replace(cfg, method=plan.method)
 
     with stage("surgery and recovery") as notes:
-        pruned, recovery = recovery_stage(cfg, loaded, plan, images, rt, wkey, notes)
+        pruned, recovery, compensation = recovery_stage(cfg, loaded, plan, images, rt, wkey, notes)
     if not rt.is_main:
         return None
 
     parity_images = images.held_out.images[: cfg.calib_images]
-    pruned_key = key_of(**wkey, plan=plan.to_json(), recovery=recovery, opset=cfg.opset)
+    pruned_key = key_of(**wkey, plan=plan.to_json(), recovery=recovery, compensation=compensation, opset=cfg.opset)
     with stage("export ONNX") as notes:
         dense_path, dense_reused = cached_file(
             work, "dense.onnx", key_of(**wkey, opset=cfg.opset), lambda p: export_onnx(model, p, input_size, cfg.opset)
@@ -267,7 +267,7 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | _Rep
 
     report = build_report(RunResults(
         cfg=cfg, loaded=loaded, pruned=pruned, plan=plan, acp=acp, target=target, runtime=rt, images=images,
-        recovery=recovery, accuracy=accuracy, fidelity=fidelity, effort=effort.to_dict(), graph_macs=(onnx_dense, onnx_pruned), parities=parities,
+        recovery=recovery, compensation=compensation, accuracy=accuracy, fidelity=fidelity, effort=effort.to_dict(), graph_macs=(onnx_dense, onnx_pruned), parities=parities,
         artifact=artifact_path, artifact_parity=artifact_parity, latencies=latencies, threads=threads,
         stage_seconds=stage.times, wall_seconds=time.perf_counter() - started, warnings=tuple(warnings),
         latency_model=latency_model,

@@ -158,6 +158,18 @@ def _search_line(search: dict[str, Any]) -> str:
     return f"- search: {search.get('method', '?')} on {search.get('device', '?')}{ranks}" + (f"; {', '.join(parts)}" if parts else "")
 
 
+def _compensation_line(compensation: dict[str, Any] | None) -> str:
+    if not compensation:
+        return "- compensation: none"
+    blocks = compensation.get("blocks") or []
+    last = f"; last block's error to dense {blocks[-1]['before']:.4f} → {blocks[-1]['after']:.4f}" if blocks else ""
+    reverted = sum(1 for b in blocks if b.get("reverted"))
+    notes = compensation.get("notes") or []
+    return (f"- compensation: closed-form refit of {len(blocks)} blocks from {compensation.get('images')} images in "
+            f"{compensation.get('seconds', 0):.0f} s{last}" + (f", {reverted} block(s) left as cut" if reverted else "")
+            + (f" ({'; '.join(notes)})" if notes else ""))
+
+
 def _recovery_line(recovery: dict[str, Any] | None) -> str:
     if not recovery:
         return "- recovery: none (--finetune-steps 0)"
@@ -199,6 +211,7 @@ def _run_lines(report: dict[str, Any]) -> list[str]:
         *([_effort_line(report["effort"])] if report.get("effort") else []),
         *([_search_line(report["search"])] if report.get("search") else []),
         f"- search and recovery images: {report.get('images', 'n/a')}",
+        *([_compensation_line(report.get("compensation"))] if "compensation" in report else []),
         *([_recovery_line(report.get("recovery"))] if "recovery" in report else []),
         *latency_model_lines(report.get("latency_model")),
     ]

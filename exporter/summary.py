@@ -50,6 +50,7 @@ class RunResults:
         runtime: where search and recovery ran.
         images: the images the run learned from and checked on.
         recovery: the recovery summary, None without recovery.
+        compensation: the compensation summary (``exporter.compensation``), None without it.
         accuracy: held-out k-NN accuracy (labelled --data on a backbone), else None.
         graph_macs: MACs counted in the dense and pruned ONNX graphs.
         parities: parity of the portable graph per runtime (first: the report's top-level "parity").
@@ -72,6 +73,7 @@ class RunResults:
     runtime: Runtime
     images: Images
     recovery: dict[str, Any] | None
+    compensation: dict[str, Any] | None
     accuracy: dict[str, Any] | None
     graph_macs: tuple[int, int]
     parities: dict[str, Any]
@@ -128,6 +130,7 @@ def build_report(r: RunResults) -> dict[str, Any]:
             "path": str(cfg.plan) if cfg.plan is not None else (str(work / "plan.json") if cfg.keep_work else None),
         },
         "search": _search_section(r),
+        "compensation": r.compensation,
         "recovery": r.recovery,
         "images": r.images.label,
         "accuracy": r.accuracy,

@@ -39,6 +39,8 @@ class RunConfig:
         widths: acp: ``search`` or ``greedy`` plan widths; None for AcpConfig's default.
         gate_optimiser: acp: ``shared-scale`` or ``adam`` for the indicators; None for AcpConfig's default.
         reweight: train reweight modules during recovery (folded before export).
+        compensate: refit the layers that read a cut dimension in closed form right after the cut
+            (``exporter.compensation``); real weights only.
         effort: ``fast``, ``default`` or ``best`` (``exporter.stages.effort``): sets the four numbers
             below that are None, sized for the device the run trains on.
         search_steps: search steps (acp, DSP); None for the effort's.
@@ -98,6 +100,7 @@ class RunConfig:
     widths: str | None = None
     gate_optimiser: str | None = None
     reweight: bool = True
+    compensate: bool = True
     effort: str = "default"
     search_steps: int | None = None
     finetune_steps: int | None = None

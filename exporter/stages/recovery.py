@@ -1,4 +1,4 @@
-"""Stage: surgery, then recovery by distillation (or its resumed result), reweights folded."""
+"""Stage: surgery, compensation in closed form, then recovery by distillation (or their resumed results), reweights folded."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from exporter.compensation import CompensationConfig, compensate
 from exporter.recovery import RecoveryConfig, recover
 from exporter.reweight import add_reweights, fold_reweights
 from exporter.stages.cache import cached_file, is_fresh, key_of
@@ -17,6 +18,7 @@ from exporter.stages.plan import sync
 from exporter.stages.workdir import resumed_note
 from exporter.surgery import apply_plan
 from search.core.atomic import atomic_path
+from search.core.progress import progress_bar
 from search.core.runtime import Runtime
 from search.models.load import LoadedModel
 from search.budget.plan import Plan
@@ -29,26 +31,60 @@ def recovery_config(cfg: RunConfig) -> RecoveryConfig:
     return RecoveryConfig(steps=cfg.finetune_steps, batch_size=cfg.batch_size, seed=cfg.seed, eval_every=every, checkpoint_every=every)
 
 
+def compensation_config(cfg: RunConfig) -> CompensationConfig:
+    """The compensation settings of a resolved run: its calibration images come from the search pool."""
+    return CompensationConfig(images=min(CompensationConfig.images, cfg.search_images or CompensationConfig.images))
+
+
+def compensation_stage(cfg: RunConfig, loaded: LoadedModel, plan: Plan, pruned: torch.nn.Module, images: Images, rt: Runtime,
+                       weights_key: dict, notes: list[str]) -> dict[str, Any]:
+    """Compensate ``pruned`` in place (``exporter.compensation``), or load the compensated weights a previous run saved."""
+    work, config = cfg.work_dir, compensation_config(cfg)
+    key = key_of(**weights_key, plan=plan.to_json(), compensation=asdict(config), data=str(cfg.data), images=[cfg.search_images, cfg.heldout_images])
+    path = work / "compensated.pt"
+    if is_fresh(work, "compensated.pt", key):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        pruned.load_state_dict(saved["model"])
+        notes.append(f"resumed the compensated weights {path}")
+        return json.loads(saved["summary"])
+    with progress_bar("compensation", len(plan.blocks), enabled=rt.is_main) as advance:
+        result = compensate(loaded.model, pruned, plan, images.pool, config, rt, advance)
+    summary = result.to_dict()
+    if rt.is_main:
+        def save(p: Path) -> None:
+            with atomic_path(p) as tmp:
+                torch.save({"model": pruned.state_dict(), "summary": json.dumps(summary)}, tmp)
+
+        cached_file(work, "compensated.pt", key, save)
+    sync(rt)
+    notes.append(f"compensation: {result.describe()}")
+    return summary
+
+
 def recovery_stage(
     cfg: RunConfig, loaded: LoadedModel, plan: Plan, images: Images, rt: Runtime, weights_key: dict, notes: list[str]
-) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+) -> tuple[torch.nn.Module, dict[str, Any] | None, dict[str, Any] | None]:
+    """The pruned model as it is exported: cut, compensated (``cfg.compensate``), recovered; with both summaries."""
     pruned = apply_plan(loaded.model, plan, loaded.geometry)
     if plan.removes_nothing:
-        notes.append("the plan removes nothing: no recovery")
-        return pruned, None
+        notes.append("the plan removes nothing: no compensation, no recovery")
+        return pruned, None, None
+    compensation = None
+    if cfg.compensate and not loaded.random_weights:
+        compensation = compensation_stage(cfg, loaded, plan, pruned, images, rt, weights_key, notes)
     if cfg.finetune_steps == 0:
         notes.append("no recovery (--finetune-steps 0)")
-        return pruned, None
+        return pruned, None, compensation
     work = cfg.work_dir
     recovery = recovery_config(cfg)
     key = key_of(**weights_key, plan=plan.to_json(), recovery=asdict(recovery), reweight=cfg.reweight, data=str(cfg.data),
-               images=[cfg.search_images, cfg.heldout_images])
+                 images=[cfg.search_images, cfg.heldout_images], compensation=compensation and asdict(compensation_config(cfg)))
     path = work / "recovered.pt"
     if is_fresh(work, "recovered.pt", key):
         saved = torch.load(path, map_location="cpu", weights_only=True)
         pruned.load_state_dict(saved["model"])
         notes.append(f"resumed the recovered weights {path}")
-        return pruned.eval(), json.loads(saved["summary"])
+        return pruned.eval(), json.loads(saved["summary"]), compensation
     if cfg.reweight:
         add_reweights(pruned)
     state_path = work / f"recovery-{key}.pt"
@@ -67,4 +103,4 @@ def recovery_stage(
         cached_file(work, "recovered.pt", key, save)
     sync(rt)
     notes.append(f"{result.metric}: {result.history[0][1]:.4f} → best {result.best_value:.4f} at step {result.best_step}")
-    return pruned, summary
+    return pruned, summary, compensation

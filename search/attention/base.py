@@ -158,6 +158,19 @@ class AttentionKind(ABC):
     def slice(self, module: nn.Module, plan: BlockPlan) -> nn.Module:
         """A new, physically smaller module that keeps the plan's heads and channels."""
 
+    def fit_logits(self, dense: nn.Module, pruned: nn.Module, plan: BlockPlan, dense_inputs: torch.Tensor,
+                   pruned_inputs: torch.Tensor, ridge: float) -> bool:
+        """Refit ``pruned``'s queries, in place, so that its kept q/k channels give ``dense``'s attention logits.
+
+        Compensation after the cut (``exporter.compensation``) calls this before it refits the
+        output layer. ``dense_inputs`` are what ``dense`` saw on the calibration images, ``pruned_inputs``
+        what ``pruned`` sees there now (the already compensated earlier blocks' output, normalised), both
+        (images, tokens, embed_dim); ``plan`` is the block's plan, which maps ``pruned``'s heads and
+        channels to ``dense``'s. Returns False, changing nothing, when the kind's logits are not a
+        bilinear form of its q and k (the default; FLatten's focusing map is not).
+        """
+        return False
+
     def reweight_target(self, module: nn.Module) -> nn.Linear | None:
         """The linear layer right after the ``reweight`` slot (heads × v_dim inputs): reweights fold into it.
 

@@ -39,12 +39,17 @@ from search.attention.base import (
     split_fused_qkv,
 )
 from search.core.errors import UnknownModelError
+from search.cut.least_squares import NormalEquations, load_fit, prior_of, ridge_solve
 from search.cut.slicing import slice_linear
 
 if TYPE_CHECKING:
     from search.cut.blocks import BlockPlan
 
 CHUNK_BYTES = 256 * 2**20
+FIT_CHUNK = 16
+"""Images per batch when the logit fit runs the q/k projections over the calibration inputs."""
+KEY_RIDGE = 1e-6
+"""Ridge of the regression of the dense keys on the kept ones: a guard against a singular Gram, no more."""
 
 
 class PrunedAttention(nn.Module):
@@ -196,6 +201,54 @@ class SoftmaxAttentionKind(MeasurableKind):
         out = (scores if bias is None else scores + bias).softmax(-1) @ acts.v
         v = out.pow(2).sum(dim=(0, 2)) * proj.pow(2).sum(0)
         return qk, v
+
+    @torch.no_grad()
+    def fit_logits(self, dense: nn.Module, pruned: nn.Module, plan: BlockPlan, dense_inputs: torch.Tensor,
+                   pruned_inputs: torch.Tensor, ridge: float) -> bool:
+        """Refit the kept q rows of ``pruned.qkv`` so that q'·k' reproduces the dense q·k (the scores before softmax).
+
+        Two least-squares fits per block:
+        1. each kept head's dense keys as an affine map of its kept keys, k ≈ A k' + c, pooled over
+           tokens and images (its intercept adds q·c to every score of a query alike, which softmax
+           ignores). Then q·k ≈ (Aᵀq)·k', so Aᵀq is the best query for the kept keys;
+        2. the kept q rows refitted by ridge (toward the sliced dense rows) to give Aᵀq_dense from
+           the inputs the pruned block now sees, each q channel weighted by the mean square of its key.
+        The softmax scale, the score bias and k are left as they are; v is left to the output layer's fit.
+        """
+        sd, sp = self.shape(dense), self.shape(pruned)
+        if sp.num_heads == 0:
+            return False
+        chunks = list(zip(dense_inputs.split(FIT_CHUNK), pruned_inputs.split(FIT_CHUNK)))
+        heads = list(plan.heads)
+
+        def queries_keys(module: nn.Module, shape: AttentionShape, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            q, k, _ = _split_heads(module.qkv(x.to(module.qkv.weight.dtype)).float(), shape)
+            return q, k
+
+        keys = [NormalEquations(sp.qk_dim, sd.qk_dim) for _ in heads]
+        for xd, xp in chunks:
+            _, kd = queries_keys(dense, sd, xd)
+            _, kp = queries_keys(pruned, sp, xp)
+            for i, h in enumerate(heads):
+                keys[i].add(kp[:, i], kd[:, h])
+        maps = []
+        for i, eq in enumerate(keys):
+            select = torch.zeros(sd.qk_dim, sp.qk_dim + 1, dtype=torch.float64)
+            select[list(plan.qk[i]), torch.arange(sp.qk_dim)] = 1.0  # the cut itself: kept channel j is dense channel qk[i][j]
+            maps.append(ridge_solve(eq, select, KEY_RIDGE)[:, :-1].float())
+        fit = NormalEquations(sp.embed_dim, sp.num_heads * sp.qk_dim)
+        key_power = torch.zeros(sp.num_heads * sp.qk_dim, dtype=torch.float64)
+        for xd, xp in chunks:
+            qd, _ = queries_keys(dense, sd, xd)
+            _, kp = queries_keys(pruned, sp, xp)
+            best = torch.stack([qd[:, h] @ maps[i].to(qd.device) for i, h in enumerate(heads)], dim=2)  # (b, n, h', d')
+            fit.add(xp, best.reshape(*best.shape[:2], -1))
+            key_power += kp.pow(2).sum(dim=(0, 2)).reshape(-1).double().cpu()
+        rows = slice(0, sp.num_heads * sp.qk_dim)
+        fitted = ridge_solve(fit, prior_of(pruned.qkv)[rows], ridge, row_weights=key_power.clamp_min(1e-12),
+                             bias=pruned.qkv.bias is not None)
+        load_fit(pruned.qkv, fitted, rows)
+        return True
 
     def slice(self, module: nn.Module, plan: BlockPlan) -> PrunedAttention:
         shape = self.shape(module)

@@ -152,6 +152,18 @@ class ModelFamily(ABC):
             counts.append(kind_of(attn).shape(attn).num_heads)
         return tuple(counts)
 
+    def residual_scales(self, block: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """How the attention's output layer and fc2 reach the residual stream: a per-channel scale each, or None.
+
+        A pre-norm block adds γ ⊙ (output layer) to its input, γ being LayerScale or ones; then the
+        stream a fit must reproduce is a linear function of that layer's output, and compensation
+        (``exporter.compensation``) fits the layer to the dense stream itself, which also takes back
+        the drift of the blocks before it. None for a branch that normalises or otherwise transforms
+        the layer's output on its way (post-norm blocks), or that the family does not describe (the
+        default): compensation then fits that layer's own dense output instead, and says so.
+        """
+        return None, None
+
     @abstractmethod
     def fixed_macs(self, model: nn.Module) -> int:
         """MACs at batch 1 that no plan changes (patch embedding, head)."""

@@ -127,6 +127,15 @@ class BeitFamily(VisionTransformerFamily):
             model.blocks[index] = block
         return block
 
+    def residual_scales(self, block: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        width = self.mlp_linears(block)[1].out_features
+
+        def scale(gamma: torch.Tensor | None) -> torch.Tensor:
+            return torch.ones(width) if gamma is None else gamma.detach().float()
+
+        attn = None if isinstance(block, BeitAttentionlessBlock) else scale(block.gamma_1)
+        return attn, scale(block.gamma_2)
+
     def layout(self, model: nn.Module) -> TokenLayout:
         return TokenLayout(prefix=1, grid=tuple(model.patch_embed.grid_size))
 

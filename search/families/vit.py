@@ -145,6 +145,13 @@ class VisionTransformerFamily(ModelFamily):
     def mlp_reweight(self, block: nn.Module) -> nn.Module:
         return getattr(block.mlp, "norm", nn.Identity())
 
+    def residual_scales(self, block: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if isinstance(block, ResPostBlock) or getattr(block, "post_norm", False):
+            return None, None
+        width = self.mlp_linears(block)[1].out_features
+        attn = None if isinstance(block, AttentionlessBlock) else layer_scale(block.ls1, width)
+        return attn, layer_scale(block.ls2, width)
+
     def keep_blocks(self, model: nn.Module, indices: Sequence[int]) -> nn.Module:
         blocks = model.blocks
         model.blocks = nn.Sequential()
@@ -193,6 +200,14 @@ class VisionTransformerFamily(ModelFamily):
             layout = self.layout(model)
             fixed += attention_pool_macs(pool, layout.tokens if model.pool_include_prefix else layout.patches)
         return fixed
+
+
+def layer_scale(module: nn.Module, width: int) -> torch.Tensor | None:
+    """The per-channel scale a LayerScale slot applies (ones for an identity); None for anything else."""
+    if isinstance(module, nn.Identity):
+        return torch.ones(width)
+    gamma = getattr(module, "gamma", None)
+    return gamma.detach().float() if isinstance(gamma, torch.Tensor) and gamma.shape == (width,) else None
 
 
 def attention_pool_macs(pool: AttentionPoolLatent, tokens: int) -> int:
