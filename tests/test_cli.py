@@ -107,6 +107,10 @@ def test_checkpoint_and_data_are_used(tmp_path):
     assert report["model"]["weights"].startswith("checkpoint:") and report["model"]["random_weights"] is False
     assert "3 search + 3 held-out images from" in report["parity"]["inputs"]
     assert report["recovery"]["steps"] == 2 and len(report["recovery"]["history"]) == 2
+    repair = report["compensation"]  # real weights: compensated before recovery, and still within parity after the fold
+    assert len(repair["blocks"]) == 6 and all(b["after"] <= b["before"] for b in repair["blocks"])
+    assert "compensation: closed-form refit of 6 blocks" in out.with_suffix(".md").read_text()
+    assert report["parity"]["passed"]
     assert report["plan"]["method"] == "acp"  # the default with --data
     assert report["search"]["steps"] == resolve_effort("default", "cpu").search_steps
 

@@ -71,15 +71,21 @@ def test_an_unknown_effort_is_one_line_and_exit_2(tmp_path):
 
 def test_the_run_prints_and_records_its_effort(tmp_path):
     out = tmp_path / "m.onnx"
-    result = invoke("test_vit", "--random-init", "--effort", "fast", "--search-steps", "2", "--method", "acp",
+    result = invoke("test_vit", "--random-init", "--effort", "default", "--search-steps", "2", "--method", "acp",
                     "--latency-runs", "0", "-o", out)
     assert result.exit_code == 0, result.output
-    assert "effort fast on cpu" in result.output and "given: --search-steps 2" in result.output
+    assert "effort default on cpu" in result.output and "given: --search-steps 2" in result.output
     effort = json.loads(out.with_suffix(".json").read_text())["effort"]
+    default = resolve_effort("default", "cpu")
+    assert effort["name"] == "default" and effort["search_steps"] == 2 and effort["batch_size"] == default.batch_size
+    assert default.finetune_steps > 0 and effort["finetune_steps"] == 0 and "random weights" in effort["reason"]
+    assert "effort: default" in out.with_suffix(".md").read_text()
+
+
+def test_fast_is_compensation_alone():
     fast = resolve_effort("fast", "cpu")
-    assert effort["name"] == "fast" and effort["search_steps"] == 2 and effort["batch_size"] == fast.batch_size
-    assert effort["finetune_steps"] == 0 and "random weights" in effort["reason"]
-    assert "effort: fast" in out.with_suffix(".md").read_text()
+    assert fast.finetune_steps == 0 and "compensation" in fast.reason
+    assert resolve_defaults(RunConfig("m", 0.63, "m.onnx", effort="fast"), False, "cpu").compensate
 
 
 def test_budget_1_searches_nothing_and_matches_the_dense_model(tmp_path):

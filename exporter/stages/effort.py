@@ -65,9 +65,9 @@ class Effort:
 
 _LEVELS: dict[tuple[str, str], tuple[int, int, int, int, int, str]] = {
     # (name, device): (search steps, recovery steps, search images, held-out images, batch, reason)
-    ("fast", "cpu"): (20, 30, 128, 200, 16, "a check in minutes; expect several points below dense"),
-    ("default", "cpu"): (60, 200, 512, 200, 16,
-                         "no GPU: sized for under 30 minutes for dinov2_s at 224 px on 2 cores"),
+    ("fast", "cpu"): (20, 0, 128, 200, 16, "a check in minutes: the search and compensation in closed form, no recovery"),
+    ("default", "cpu"): (40, 80, 512, 200, 16,
+                         "no GPU: compensation then a short recovery, sized for under 15 minutes for dinov2_s at 224 px on 2 cores"),
     ("best", "cpu"): (150, 600, 1024, 200, 16, "no GPU: the longest CPU setting, an hour or more on 2 cores"),
     ("fast", "cuda"): (100, 300, 1024, 200, 32, "GPU: a quick run, about a minute for dinov2_s"),
     ("default", "cuda"): (300, 1000, 2048, 256, 64,

@@ -67,7 +67,7 @@ def recovery_stage(
     """The pruned model as it is exported: cut, compensated (``cfg.compensate``), recovered; with both summaries."""
     pruned = apply_plan(loaded.model, plan, loaded.geometry)
     if plan.removes_nothing:
-        notes.append("the plan removes nothing: no compensation, no recovery")
+        notes.append("the plan removes nothing: no recovery, no compensation")
         return pruned, None, None
     compensation = None
     if cfg.compensate and not loaded.random_weights:
