@@ -31,6 +31,26 @@ def recovery_config(cfg: RunConfig) -> RecoveryConfig:
     return RecoveryConfig(steps=cfg.finetune_steps, batch_size=cfg.batch_size, seed=cfg.seed, eval_every=every, checkpoint_every=every)
 
 
+def _resumed_weights(work: Path, name: str, key: str, pruned: torch.nn.Module) -> dict[str, Any] | None:
+    """Load the weights and summary a previous run saved as ``name`` for ``key`` into ``pruned``; None when there are none."""
+    if not is_fresh(work, name, key):
+        return None
+    saved = torch.load(work / name, map_location="cpu", weights_only=True)
+    pruned.load_state_dict(saved["model"])
+    return json.loads(saved["summary"])
+
+
+def _save_weights(work: Path, name: str, key: str, pruned: torch.nn.Module, summary: dict[str, Any], rt: Runtime) -> None:
+    """Save ``pruned``'s weights and ``summary`` as stage ``name`` (rank 0, atomically), then wait for every rank."""
+    if rt.is_main:
+        def save(p: Path) -> None:
+            with atomic_path(p) as tmp:
+                torch.save({"model": pruned.state_dict(), "summary": json.dumps(summary)}, tmp)
+
+        cached_file(work, name, key, save)
+    sync(rt)
+
+
 def compensation_config(cfg: RunConfig) -> CompensationConfig:
     """The compensation settings of a resolved run: its calibration images come from the search pool."""
     return CompensationConfig(images=min(CompensationConfig.images, cfg.search_images or CompensationConfig.images))
@@ -41,22 +61,14 @@ def compensation_stage(cfg: RunConfig, loaded: LoadedModel, plan: Plan, pruned: 
     """Compensate ``pruned`` in place (``exporter.compensation``), or load the compensated weights a previous run saved."""
     work, config = cfg.work_dir, compensation_config(cfg)
     key = key_of(**weights_key, plan=plan.to_json(), compensation=asdict(config), data=str(cfg.data), images=[cfg.search_images, cfg.heldout_images])
-    path = work / "compensated.pt"
-    if is_fresh(work, "compensated.pt", key):
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        pruned.load_state_dict(saved["model"])
-        notes.append(f"resumed the compensated weights {path}")
-        return json.loads(saved["summary"])
+    resumed = _resumed_weights(work, "compensated.pt", key, pruned)
+    if resumed is not None:
+        notes.append(f"resumed the compensated weights {work / 'compensated.pt'}")
+        return resumed
     with progress_bar("compensation", len(plan.blocks), enabled=rt.is_main) as advance:
         result = compensate(loaded.model, pruned, plan, images.pool, config, rt, advance)
     summary = result.to_dict()
-    if rt.is_main:
-        def save(p: Path) -> None:
-            with atomic_path(p) as tmp:
-                torch.save({"model": pruned.state_dict(), "summary": json.dumps(summary)}, tmp)
-
-        cached_file(work, "compensated.pt", key, save)
-    sync(rt)
+    _save_weights(work, "compensated.pt", key, pruned, summary, rt)
     notes.append(f"compensation: {result.describe()}")
     return summary
 
@@ -79,12 +91,10 @@ def recovery_stage(
     recovery = recovery_config(cfg)
     key = key_of(**weights_key, plan=plan.to_json(), recovery=asdict(recovery), reweight=cfg.reweight, data=str(cfg.data),
                  images=[cfg.search_images, cfg.heldout_images], compensation=compensation and asdict(compensation_config(cfg)))
-    path = work / "recovered.pt"
-    if is_fresh(work, "recovered.pt", key):
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        pruned.load_state_dict(saved["model"])
-        notes.append(f"resumed the recovered weights {path}")
-        return pruned.eval(), json.loads(saved["summary"]), compensation
+    resumed_summary = _resumed_weights(work, "recovered.pt", key, pruned)
+    if resumed_summary is not None:
+        notes.append(f"resumed the recovered weights {work / 'recovered.pt'}")
+        return pruned.eval(), resumed_summary, compensation
     if cfg.reweight:
         add_reweights(pruned)
     state_path = work / f"recovery-{key}.pt"
@@ -95,12 +105,6 @@ def recovery_stage(
     fold_reweights(pruned)
     pruned.eval()
     summary = {**asdict(result), "steps": recovery.steps, "lr": recovery.lr, "batch_size": recovery.batch_size, "reweight": cfg.reweight}
-    if rt.is_main:
-        def save(p: Path) -> None:
-            with atomic_path(p) as tmp:
-                torch.save({"model": pruned.state_dict(), "summary": json.dumps(summary)}, tmp)
-
-        cached_file(work, "recovered.pt", key, save)
-    sync(rt)
+    _save_weights(work, "recovered.pt", key, pruned, summary, rt)
     notes.append(f"{result.metric}: {result.history[0][1]:.4f} → best {result.best_value:.4f} at step {result.best_step}")
     return pruned, summary, compensation
