@@ -26,16 +26,19 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from search.attention import kind_of
+from search.attention.base import head_rows
 from search.budget.plan import Plan
+from search.cut.blocks import BlockPlan
 from search.core.runtime import Runtime, on_device
 from search.cut.least_squares import NormalEquations, load_fit, prior_of, ridge_solve
+from search.cut.selection import keep_least_loss
 from search.families import family_of
 
 STREAM_CHECK = 1e-3
@@ -55,6 +58,8 @@ class CompensationConfig:
             fits the calibration crops, not the model.
         logits: refit the queries to the dense logits where the kind allows it.
         stream: fit to the dense residual stream where the family describes it (else each layer's own output).
+        rearrange: re-choose which channels and units a block keeps (the same counts) by the error left after
+            the refit (``search.cut.selection``), not by importance before it.
         batch: images per forward pass.
     """
 
@@ -62,6 +67,7 @@ class CompensationConfig:
     ridge: float = 0.1
     logits: bool = True
     stream: bool = True
+    rearrange: bool = True
     batch: int = 16
 
 
@@ -89,6 +95,7 @@ class CompensationResult:
     images: int
     seconds: float
     notes: tuple[str, ...] = field(default_factory=tuple)
+    plan: Plan | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"images": self.images, "seconds": round(self.seconds, 2), "notes": list(self.notes),
@@ -192,6 +199,82 @@ def _stream_target(layer_out: list[torch.Tensor], dense_stream: list[torch.Tenso
     return [o + (d - p) / safe for o, d, p in zip(layer_out, dense_stream, pruned_stream)]
 
 
+def _full_hidden(dense_block: nn.Module, fc1: nn.Linear, fc2: nn.Linear, dense_inputs: list[tuple[torch.Tensor, dict]],
+                 mlp_inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every dense hidden unit's activation on the inputs the pruned MLP sees: the dense block is run with its
+    fc1 input replaced by the pruned block's, and fc2's input is kept."""
+    feed = iter(mlp_inputs)
+    recorder = _Recorder()
+    recorder.input_of("h", fc2)
+    swap = fc1.register_forward_pre_hook(lambda _m, _args: (next(feed),))
+    try:
+        for x, kwargs in dense_inputs:
+            dense_block(x, **kwargs)
+    finally:
+        swap.remove()
+        recorder.remove()
+    return recorder.kept["h"]
+
+
+def _rearrange_attention(kind: Any, dense: nn.Module, block: BlockPlan, dense_inputs: torch.Tensor, pruned_inputs: torch.Tensor,
+                         batches: list[torch.Tensor], targets: list[torch.Tensor], token_w: list[torch.Tensor] | None,
+                         scale: torch.Tensor | None, ridge: float) -> BlockPlan:
+    """The block's plan with its q/k channels chosen by the kind (:meth:`~search.attention.base.AttentionKind.choose_qk`)
+    and its v channels as those from which the output layer's refit loses least, the counts unchanged.
+
+    The output layer's inputs for every v channel are read from the dense attention run on the inputs the
+    pruned block sees (its attention map is what the logit fit then aims at). v channels are re-chosen only
+    when every head keeps the same ones (the default); a plan with indices per head keeps its v channels.
+    """
+    qk = kind.choose_qk(dense, block, dense_inputs, pruned_inputs, ridge) or block.qk
+    if not block.shared_indices:
+        return replace(block, qk=qk)
+    proj = kind.reweight_target(dense)
+    dv = kind.shape(dense).v_dim
+    every = tuple(range(dv))
+    cols = head_rows(0, dv, block.heads, (every,) * len(block.heads))
+    eq = NormalEquations(len(cols), proj.out_features)
+    recorder = _Recorder()
+    recorder.input_of("z", proj)
+    try:
+        for x in batches:
+            dense(x)
+    finally:
+        recorder.remove()
+    for n, (z, t) in enumerate(zip(recorder.kept["z"], targets)):
+        eq.add(z[..., cols], t, None if token_w is None else token_w[n])
+    metric = None if scale is None else scale.double().pow(2).clamp_min(1e-12)
+    prior = prior_of(proj)
+    prior = torch.cat([prior[:, cols], prior[:, -1:]], dim=1)
+    full = ridge_solve(eq, prior, ridge, row_weights=metric)
+    heads = len(block.heads)
+    groups = [[h * dv + j for h in range(heads)] for j in range(dv)]
+    v = tuple(keep_least_loss(eq.gram, full, len(block.v[0]), groups, metric, damp=ridge))
+    return replace(block, qk=qk, v=(v,) * heads)
+
+
+def _rearrange_mlp(dense_block: nn.Module, fc1_d: nn.Linear, fc2_d: nn.Linear, fc1_p: nn.Linear, fc2_p: nn.Linear,
+                   dense_inputs: list[tuple[torch.Tensor, dict]], mlp_inputs: list[torch.Tensor], targets: list[torch.Tensor],
+                   token_w: list[torch.Tensor] | None, scale: torch.Tensor | None, ridge: float
+                   ) -> tuple[tuple[int, ...], list[torch.Tensor]]:
+    """Re-choose the block's kept MLP units (as many as it keeps) as those from which fc2's refit loses least,
+    and copy the dense fc1 rows and fc2 columns of the new units into the pruned layers; also every unit's activations."""
+    hidden = _full_hidden(dense_block, fc1_d, fc2_d, dense_inputs, mlp_inputs)
+    eq = NormalEquations(fc2_d.in_features, fc2_d.out_features)
+    for n, (h, t) in enumerate(zip(hidden, targets)):
+        eq.add(h, t, None if token_w is None else token_w[n])
+    metric = None if scale is None else scale.double().pow(2).clamp_min(1e-12)
+    full = ridge_solve(eq, prior_of(fc2_d), ridge, row_weights=metric)
+    groups = [[u] for u in range(fc2_d.in_features)]
+    units = tuple(keep_least_loss(eq.gram, full, fc2_p.in_features, groups, metric, damp=ridge))
+    index = torch.tensor(units, device=fc1_d.weight.device)
+    fc1_p.weight.copy_(fc1_d.weight[index])
+    if fc1_p.bias is not None:
+        fc1_p.bias.copy_(fc1_d.bias[index])
+    fc2_p.weight.copy_(fc2_d.weight[:, index])
+    return units, hidden
+
+
 @torch.no_grad()
 def compensate(dense: nn.Module, pruned: nn.Module, plan: Plan, images: torch.Tensor, config: CompensationConfig,
                runtime: Runtime, on_block: Callable[[str], None] | None = None) -> CompensationResult:
@@ -212,12 +295,13 @@ def _compensate(dense: nn.Module, pruned: nn.Module, plan: Plan, images: torch.T
     xp = _first_block_inputs(pruned, images, config.batch, device)
     notes: set[str] = set()
     repairs = []
+    blocks_plan = list(plan.blocks)
     for i, (bd, bp) in enumerate(zip(dense_blocks, pruned_blocks)):
         attn_d, attn_p = family_of(dense).attention(bd), family.attention(bp)
         kind = kind_of(attn_p)
         has_heads = kind.shape(attn_p).num_heads > 0
         proj_d, proj_p = kind_of(attn_d).reweight_target(attn_d), kind.reweight_target(attn_p) if has_heads else None
-        fc2_d, fc2_p = family_of(dense).mlp_linears(bd)[1], family.mlp_linears(bp)[1]
+        (fc1_d, fc2_d), (fc1_p, fc2_p) = family_of(dense).mlp_linears(bd), family.mlp_linears(bp)
 
         def record_dense(r: _Recorder) -> None:
             r.input_of("attn_in", attn_d)
@@ -245,39 +329,60 @@ def _compensate(dense: nn.Module, pruned: nn.Module, plan: Plan, images: torch.T
         yp, pruned_kept = _run_block(bp, xp, record_attn_in)
         before = _relative_error(yp, yd)
         fitted: list[str] = []
-        if has_heads and config.logits:
-            if kind.fit_logits(attn_d, attn_p, plan.blocks[i], torch.cat(dense_kept["attn_in"]), torch.cat(pruned_kept["attn_in"]),
-                               config.ridge):
-                fitted.append("logits")
-            else:
-                notes.add(f"{kind.name} attention: no logit fit (its scores are not q·k)")
-        del pruned_kept
         if has_heads and proj_p is not None:
-            _, kept = _run_block(bp, xp, lambda r: r.input_of("z", proj_p))
-            targets = dense_kept["proj"]
+            targets, weights = dense_kept["proj"], None
             if g1 is not None:
                 mid_d = [x + g1.to(device) * p for (x, _), p in zip(xd, dense_kept["proj"])]
                 targets = _stream_target([torch.zeros_like(p) for p in dense_kept["proj"]], mid_d, [x for x, _ in xp], g1)
-            _fit_layer(proj_p, kept["z"], targets, config.ridge, g1, [token_weights(m) for m in mid_d] if g1 is not None else None)
+                weights = [token_weights(m) for m in mid_d]
+            batches = pruned_kept.pop("attn_in")
+            attn_in_d, attn_in_p = torch.cat(dense_kept["attn_in"]), torch.cat(batches)
+            if config.rearrange:
+                blocks_plan[i] = _rearrange_attention(kind, attn_d, blocks_plan[i], attn_in_d, attn_in_p, batches,
+                                                      targets, weights, g1, config.ridge)
+                family.set_attention(bp, kind.slice(attn_d, blocks_plan[i]))
+                attn_p = family.attention(bp)
+                proj_p = kind.reweight_target(attn_p)
+                fitted.append("channels")
+            if config.logits:
+                if kind.fit_logits(attn_d, attn_p, blocks_plan[i], attn_in_d, attn_in_p, config.ridge):
+                    fitted.append("logits")
+                else:
+                    notes.add(f"{kind.name} attention: no logit fit (its scores are not q·k)")
+            del attn_in_d, attn_in_p, batches
+            _, kept = _run_block(bp, xp, lambda r: r.input_of("z", proj_p))
+            _fit_layer(proj_p, kept["z"], targets, config.ridge, g1, weights)
             fitted.append("proj")
-        outs, kept = _run_block(bp, xp, lambda r: (r.input_of("h", fc2_p), r.output_of("fc2", fc2_p)))
+            del kept, targets, weights
+        outs, kept = _run_block(bp, xp, lambda r: (r.input_of("h", fc2_p), r.output_of("fc2", fc2_p), r.input_of("u", fc1_p)))
         targets = dense_kept["fc2"]
         if g2 is not None:
             mid_p = [y - g2.to(device) * f for y, f in zip(outs, kept["fc2"])]
             mid_d = [y - g2.to(device) * f for y, f in zip(yd, dense_kept["fc2"])]
             targets = _stream_target(dense_kept["fc2"], mid_d, mid_p, g2)
-        _fit_layer(fc2_p, kept["h"], targets, config.ridge, g2, [token_weights(y) for y in yd] if g2 is not None else None)
+        token_w = [token_weights(y) for y in yd] if g2 is not None else None
+        hidden = kept["h"]
+        if config.rearrange:
+            units, full = _rearrange_mlp(bd, fc1_d, fc2_d, fc1_p, fc2_p, xd, kept["u"], targets, token_w, g2, config.ridge)
+            hidden = [h[..., list(units)] for h in full]
+            del full
+            blocks_plan[i] = replace(blocks_plan[i], mlp=units)
+            fitted.append("units")
+        _fit_layer(fc2_p, hidden, targets, config.ridge, g2, token_w)
         fitted.append("fc2")
+        del hidden
         del kept, targets
         yp_new, _ = _run_block(bp, xp)
         after = _relative_error(yp_new, yd)
         reverted = after > before
         if reverted:
             bp.load_state_dict(saved)
+            blocks_plan[i] = plan.blocks[i]
             yp_new, after = yp, before
         repairs.append(BlockRepair(i, before, after, tuple(fitted), target, reverted))
         if on_block is not None:
             on_block(f"block {i}: error {before:.4f} → {after:.4f}")
         xd = [(y, kwargs) for y, (_, kwargs) in zip(yd, xd)]
         xp = [(y, kwargs) for y, (_, kwargs) in zip(yp_new, xp)]
-    return CompensationResult(tuple(repairs), len(images), time.perf_counter() - started, tuple(sorted(notes)))
+    return CompensationResult(tuple(repairs), len(images), time.perf_counter() - started, tuple(sorted(notes)),
+                              replace(plan, blocks=tuple(blocks_plan)))

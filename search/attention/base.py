@@ -171,6 +171,16 @@ class AttentionKind(ABC):
         """
         return False
 
+    def choose_qk(self, dense: nn.Module, plan: BlockPlan, dense_inputs: torch.Tensor, pruned_inputs: torch.Tensor,
+                  ridge: float) -> tuple[tuple[int, ...], ...] | None:
+        """Per kept head, the q/k channels (as many as ``plan`` keeps, the same in every head when the plan's are)
+        from which :meth:`fit_logits` reproduces the dense logits best; None (the default) keeps the plan's.
+
+        Compensation after the cut calls this before it re-slices the block; the inputs are as for
+        :meth:`fit_logits`. Only a kind that has a logit fit has a criterion for it.
+        """
+        return None
+
     def reweight_target(self, module: nn.Module) -> nn.Linear | None:
         """The linear layer right after the ``reweight`` slot (heads × v_dim inputs): reweights fold into it.
 

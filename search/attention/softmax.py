@@ -40,6 +40,7 @@ from search.attention.base import (
 )
 from search.core.errors import UnknownModelError
 from search.cut.least_squares import NormalEquations, load_fit, prior_of, ridge_solve
+from search.cut.selection import keep_least_loss
 from search.cut.slicing import slice_linear
 
 if TYPE_CHECKING:
@@ -96,6 +97,18 @@ class PrunedAttention(nn.Module):
                 attn_mask = bias if attn_mask is None else attn_mask + bias
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
         return self.proj(self.reweight(x.transpose(1, 2).reshape(b, n, h * self.v_dim)))
+
+
+def _keep_jointly(keys: list[NormalEquations], fits: list[torch.Tensor], queries: torch.Tensor, keep: int,
+                  ridge: float) -> list[int]:
+    """The ``keep`` channels, the same in every head, that lose least over all heads: one system with the heads'
+    Gram matrices, fits and query moments on the diagonal, a group per channel holding it in every head."""
+    heads, d = len(keys), queries.shape[-1]
+    gram = torch.block_diag(*[eq.gram.cpu() for eq in keys])
+    fit = torch.block_diag(*fits)
+    metric = torch.block_diag(*queries)
+    groups = [[h * (d + 1) + j for h in range(heads)] for j in range(d)]
+    return keep_least_loss(gram, fit, keep, groups, metric, ridge)
 
 
 def _split_heads(qkv: torch.Tensor, shape: AttentionShape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -249,6 +262,37 @@ class SoftmaxAttentionKind(MeasurableKind):
                              bias=pruned.qkv.bias is not None)
         load_fit(pruned.qkv, fitted, rows)
         return True
+
+    @torch.no_grad()
+    def choose_qk(self, dense: nn.Module, plan: BlockPlan, dense_inputs: torch.Tensor, pruned_inputs: torch.Tensor,
+                  ridge: float) -> tuple[tuple[int, ...], ...] | None:
+        """The q/k channels whose removal the logit fit repairs best (``search.cut.selection``).
+
+        Per kept head, the dense keys k are regressed on all of the dense model's keys as the pruned block's
+        inputs give them (k̃); removing channels of k̃ and refitting the rest leaves a key residual r, and
+        the logits err by q·r, whose mean square is tr(Σ_q Σ_r) with Σ_q the dense queries' second
+        moment. That is the loss :func:`~search.cut.selection.keep_least_loss` minimises, with the
+        heads side by side and a channel removed from every head at once when the plan shares indices.
+        """
+        sd = self.shape(dense)
+        if not plan.heads or len(plan.qk[0]) >= sd.qk_dim:
+            return None
+        heads, d = list(plan.heads), sd.qk_dim
+        keys = [NormalEquations(d, d) for _ in heads]
+        queries = torch.zeros(len(heads), d, d, dtype=torch.float64)
+        for xd, xp in zip(dense_inputs.split(FIT_CHUNK), pruned_inputs.split(FIT_CHUNK)):
+            qd, kd, _ = _split_heads(dense.qkv(xd.to(dense.qkv.weight.dtype)).float(), sd)
+            _, kp, _ = _split_heads(dense.qkv(xp.to(dense.qkv.weight.dtype)).float(), sd)
+            for i, h in enumerate(heads):
+                keys[i].add(kp[:, h], kd[:, h])
+                flat = qd[:, h].reshape(-1, d)
+                queries[i] += (flat.T @ flat).double().cpu()
+        identity = torch.cat([torch.eye(d, dtype=torch.float64), torch.zeros(d, 1, dtype=torch.float64)], dim=1)
+        fits = [ridge_solve(eq, identity, KEY_RIDGE) for eq in keys]
+        if plan.shared_indices:
+            return (tuple(_keep_jointly(keys, fits, queries, len(plan.qk[0]), ridge)),) * len(heads)
+        return tuple(tuple(keep_least_loss(eq.gram, fit, len(plan.qk[0]), [[j] for j in range(d)], q, ridge))
+                     for eq, fit, q in zip(keys, fits, queries))
 
     def slice(self, module: nn.Module, plan: BlockPlan) -> PrunedAttention:
         shape = self.shape(module)
