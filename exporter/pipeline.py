@@ -221,7 +221,7 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | _Rep
         cfg = replace(cfg, method=plan.method)
 
     with stage("surgery and recovery") as notes:
-        pruned, recovery, compensation = recovery_stage(cfg, loaded, plan, images, rt, wkey, notes)
+        pruned, recovery, compensation, plan = recovery_stage(cfg, loaded, plan, images, rt, wkey, notes)
     if not rt.is_main:
         return None
 

@@ -166,7 +166,8 @@ def _compensation_line(compensation: dict[str, Any] | None) -> str:
     reverted = sum(1 for b in blocks if b.get("reverted"))
     notes = compensation.get("notes") or []
     return (f"- compensation: closed-form refit of {len(blocks)} blocks from {compensation.get('images')} images in "
-            f"{compensation.get('seconds', 0):.0f} s{last}" + (f", {reverted} block(s) left as cut" if reverted else "")
+            f"{compensation.get('seconds', 0):.0f} s{last}; {compensation.get('rechosen', 0):.0%} of the kept channels and units "
+            "re-chosen by the error left after the refit" + (f", {reverted} block(s) left as cut" if reverted else "")
             + (f" ({'; '.join(notes)})" if notes else ""))
 
 

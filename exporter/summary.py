@@ -18,6 +18,7 @@ import torch
 from exporter.timing import machine_info
 from exporter.onnx_macs import count_ops
 from exporter.report import block_rows
+from exporter.stages.recovery import COMPENSATED_PLAN
 from exporter.stages.runtimes import runtimes_report
 from exporter.stages.config import RunConfig
 from exporter.stages.images import Images
@@ -106,6 +107,15 @@ def _search_section(r: RunResults) -> dict[str, Any]:
     return section
 
 
+def _plan_path(cfg: Any, work: Path, compensation: dict[str, Any] | None) -> str | None:
+    """Where the plan the exported model keeps is saved: the replayed file, unless compensation re-chose its
+    indices; else the work folder's, when it is kept."""
+    rechosen = bool(compensation and compensation.get("rechosen"))
+    if cfg.plan is not None and not rechosen:
+        return str(cfg.plan)
+    return str(work / (COMPENSATED_PLAN if rechosen else "plan.json")) if cfg.keep_work else None
+
+
 def build_report(r: RunResults) -> dict[str, Any]:
     """The report dict of a finished run (before its files are written)."""
     cfg, loaded, plan = r.cfg, r.loaded, r.plan
@@ -127,7 +137,7 @@ def build_report(r: RunResults) -> dict[str, Any]:
             "method": plan.method, "budget": cfg.budget, "align": plan.align, "cost": plan.cost,
             **({"solver_budget": plan.budget} if plan.budget != cfg.budget else {}),
             "per_head_indices": not all(b.shared_indices for b in plan.blocks),
-            "path": str(cfg.plan) if cfg.plan is not None else (str(work / "plan.json") if cfg.keep_work else None),
+            "path": _plan_path(cfg, work, r.compensation),
         },
         "search": _search_section(r),
         "compensation": r.compensation,

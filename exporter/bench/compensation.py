@@ -34,9 +34,13 @@ from search.models.load import load_model
 SETTINGS: dict[str, dict[str, Any] | None] = {
     "cut, no compensation": None,
     "compensation (defaults)": {},
+    "no rearrangement": {"rearrange": False},
+    "no fc1 refit": {"inputs": False},
     "no query fit": {"logits": False},
     "own-output targets": {"stream": False},
     "ridge 0.01": {"ridge": 0.01},
+    "512 images": {"images": 512},
+    "512 images, ridge 0.03": {"images": 512, "ridge": 0.03},
     "ridge 1": {"ridge": 1.0},
 }
 

@@ -14,7 +14,7 @@ from exporter.reweight import add_reweights, fold_reweights
 from exporter.stages.cache import cached_file, is_fresh, key_of
 from exporter.stages.config import RunConfig
 from exporter.stages.images import Images
-from exporter.stages.plan import sync
+from exporter.stages.plan import sync, write_plan
 from exporter.stages.workdir import resumed_note
 from exporter.surgery import apply_plan
 from search.core.atomic import atomic_path
@@ -22,6 +22,9 @@ from search.core.progress import progress_bar
 from search.core.runtime import Runtime
 from search.models.load import LoadedModel
 from search.budget.plan import Plan
+
+COMPENSATED_PLAN = "plan-compensated.json"
+"""The plan as compensated, in the work folder: the searched plan's counts with the kept indices compensation chose."""
 
 
 def recovery_config(cfg: RunConfig) -> RecoveryConfig:
@@ -57,36 +60,44 @@ def compensation_config(cfg: RunConfig) -> CompensationConfig:
 
 
 def compensation_stage(cfg: RunConfig, loaded: LoadedModel, plan: Plan, pruned: torch.nn.Module, images: Images, rt: Runtime,
-                       weights_key: dict, notes: list[str]) -> dict[str, Any]:
-    """Compensate ``pruned`` in place (``exporter.compensation``), or load the compensated weights a previous run saved."""
+                       weights_key: dict, notes: list[str]) -> tuple[dict[str, Any], Plan]:
+    """Compensate ``pruned`` in place (``exporter.compensation``), or load the compensated weights a previous run saved.
+
+    Returns the report's section and the plan as compensated (its kept indices re-chosen, its counts the
+    same), which is also saved as ``plan-compensated.json`` in the work folder.
+    """
     work, config = cfg.work_dir, compensation_config(cfg)
     key = key_of(**weights_key, plan=plan.to_json(), compensation=asdict(config), data=str(cfg.data), images=[cfg.search_images, cfg.heldout_images])
     resumed = _resumed_weights(work, "compensated.pt", key, pruned)
     if resumed is not None:
         notes.append(f"resumed the compensated weights {work / 'compensated.pt'}")
-        return resumed
+        return resumed, Plan.from_dict(resumed.pop("plan"))
     with progress_bar("compensation", len(plan.blocks), enabled=rt.is_main) as advance:
         result = compensate(loaded.model, pruned, plan, images.pool, config, rt, advance)
+    final = result.plan or plan
     summary = result.to_dict()
-    _save_weights(work, "compensated.pt", key, pruned, summary, rt)
+    if rt.is_main:
+        cached_file(work, COMPENSATED_PLAN, key, lambda p: write_plan(final, p))
+    _save_weights(work, "compensated.pt", key, pruned, {**summary, "plan": final.to_dict()}, rt)
     notes.append(f"compensation: {result.describe()}")
-    return summary
+    return summary, final
 
 
 def recovery_stage(
     cfg: RunConfig, loaded: LoadedModel, plan: Plan, images: Images, rt: Runtime, weights_key: dict, notes: list[str]
-) -> tuple[torch.nn.Module, dict[str, Any] | None, dict[str, Any] | None]:
-    """The pruned model as it is exported: cut, compensated (``cfg.compensate``), recovered; with both summaries."""
+) -> tuple[torch.nn.Module, dict[str, Any] | None, dict[str, Any] | None, Plan]:
+    """The pruned model as it is exported: cut, compensated (``cfg.compensate``), recovered; with both summaries
+    and the plan it keeps (compensation may re-choose the kept indices, never their counts)."""
     pruned = apply_plan(loaded.model, plan, loaded.geometry)
     if plan.removes_nothing:
         notes.append("the plan removes nothing: no recovery, no compensation")
-        return pruned, None, None
+        return pruned, None, None, plan
     compensation = None
     if cfg.compensate and not loaded.random_weights:
-        compensation = compensation_stage(cfg, loaded, plan, pruned, images, rt, weights_key, notes)
+        compensation, plan = compensation_stage(cfg, loaded, plan, pruned, images, rt, weights_key, notes)
     if cfg.finetune_steps == 0:
         notes.append("no recovery (--finetune-steps 0)")
-        return pruned, None, compensation
+        return pruned, None, compensation, plan
     work = cfg.work_dir
     recovery = recovery_config(cfg)
     key = key_of(**weights_key, plan=plan.to_json(), recovery=asdict(recovery), reweight=cfg.reweight, data=str(cfg.data),
@@ -94,7 +105,7 @@ def recovery_stage(
     resumed_summary = _resumed_weights(work, "recovered.pt", key, pruned)
     if resumed_summary is not None:
         notes.append(f"resumed the recovered weights {work / 'recovered.pt'}")
-        return pruned.eval(), resumed_summary, compensation
+        return pruned.eval(), resumed_summary, compensation, plan
     if cfg.reweight:
         add_reweights(pruned)
     state_path = work / f"recovery-{key}.pt"
@@ -107,4 +118,4 @@ def recovery_stage(
     summary = {**asdict(result), "steps": recovery.steps, "lr": recovery.lr, "batch_size": recovery.batch_size, "reweight": cfg.reweight}
     _save_weights(work, "recovered.pt", key, pruned, summary, rt)
     notes.append(f"{result.metric}: {result.history[0][1]:.4f} → best {result.best_value:.4f} at step {result.best_step}")
-    return pruned, summary, compensation
+    return pruned, summary, compensation, plan
