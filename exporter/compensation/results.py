@@ -25,7 +25,7 @@ class CompensationConfig:
         batch: images per forward pass.
     """
 
-    images: int = 256
+    images: int = 384
     ridge: float = 0.1
     logits: bool = True
     stream: bool = True
