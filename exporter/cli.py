@@ -11,6 +11,8 @@ choices and defaults the help shows come from torch-free modules (``search.core.
 """
 from __future__ import annotations
 
+import ast
+
 import os
 import sys
 from pathlib import Path
@@ -90,6 +92,24 @@ def parse_budget(text: str) -> float:
     return value
 
 
+def parse_model_args(pairs: list[str]) -> tuple[tuple[str, Any], ...]:
+    """``--model-arg KEY=VALUE`` pairs as (key, value), each value a Python literal where it reads as one, else a string."""
+    parsed = []
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise OptionError(f"--model-arg {pair!r}: expected KEY=VALUE with KEY a timm keyword argument, e.g. global_pool=avg")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        if key in ("num_classes", "img_size", "pretrained"):
+            raise OptionError(f"--model-arg {key}: use --{key.replace('_', '-')} instead" if key != "pretrained"
+                              else "--model-arg pretrained: weights come from --checkpoint or timm's pretrained weights")
+        parsed.append((key, value))
+    return tuple(parsed)
+
+
 def check_fixed_values(values: dict[str, Optional[str]], device: str) -> None:
     """Refuse a value outside an option's choices, or a malformed --device, before torch is imported."""
     choices = {"--method": METHOD_NAMES, "--indicator": INDICATORS, "--widths": WIDTHS, "--gate-optimiser": OPTIMISERS,
@@ -125,6 +145,12 @@ def prune_export(
     checkpoint: Optional[Path] = typer.Option(
         None, help="State dict to load: .pth or .pt (a dict of tensors, or one under 'model_ema', 'state_dict' or "
         "'model') or .safetensors, with the timm model's parameter names.", rich_help_panel=MODEL_PANEL),
+    num_classes: Optional[int] = typer.Option(
+        None, min=0, help="Classes of the model's head (0: none, a backbone). Default: read from --checkpoint's head.weight, "
+        "else the model's own.", rich_help_panel=MODEL_PANEL),
+    model_arg: Optional[list[str]] = typer.Option(
+        None, "--model-arg", help="A timm.create_model keyword argument as KEY=VALUE (VALUE read as a Python literal, "
+        "else a string); repeatable, e.g. --model-arg global_pool=avg.", rich_help_panel=MODEL_PANEL, show_default=False),
     random_init: bool = typer.Option(False, "--random-init", help="Allow random weights when no others are found "
                                      "(latency only: accuracy means nothing).", rich_help_panel=MODEL_PANEL),
     img_size: Optional[int] = typer.Option(None, min=16, help="Input resolution in pixels, square (default: the model's); "
@@ -257,7 +283,8 @@ def prune_export(
         budget_value, align_value = replay_settings(plan, explicit_budget, parse_align(align), method, (budget_default, None))
         cfg = RunConfig(
             model=model, budget=budget_value, output=output, method=method, align=align_value,
-            checkpoint=checkpoint, random_init=random_init, img_size=img_size, data=data, plan=plan,
+            checkpoint=checkpoint, num_classes=num_classes, model_args=parse_model_args(model_arg or []),
+            random_init=random_init, img_size=img_size, data=data, plan=plan,
             per_head_indices=per_head_indices, similarity=not no_similarity, attn_init=not no_attn_init,
             indicator=indicator, widths=widths, gate_optimiser=gate_optimiser,
             reweight=not no_reweight, compensate=not no_compensate, effort=effort, search_steps=search_steps, finetune_steps=finetune_steps, batch_size=batch_size,

@@ -175,8 +175,10 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | _Rep
     torch.manual_seed(cfg.seed)
 
     with stage("load model") as notes:
-        loaded = load_model(cfg.model, cfg.checkpoint, cfg.random_init, cfg.img_size, cfg.pattern)
+        loaded = load_model(cfg.model, cfg.checkpoint, cfg.random_init, cfg.img_size, cfg.pattern, cfg.num_classes,
+                            dict(cfg.model_args))
         notes.append(f"{loaded.timm_name} @ {loaded.img_size}px, weights {loaded.weights}")
+        notes.extend(loaded.notes)
     if loaded.random_weights:
         console.print("[bold red]RANDOM WEIGHTS[/]: no checkpoint or pretrained weights; accuracy figures mean nothing")
     warnings = [w for w in (unused_pixels_warning(loaded.model, loaded.img_size),) if w]

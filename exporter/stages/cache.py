@@ -49,7 +49,8 @@ def cached_file(work: Path, name: str, key: str, build: Callable[[Path], Any]) -
 def weights_key(cfg: RunConfig, loaded: LoadedModel) -> dict[str, Any]:
     """What identifies the dense weights of a run: every cached stage is keyed on it."""
     key: dict[str, Any] = {"model": loaded.timm_name, "weights": loaded.weights, "img_size": loaded.img_size,
-                           "pattern": cfg.pattern}
+                           "pattern": cfg.pattern, "num_classes": cfg.num_classes,
+                           "model_args": [list(a) for a in cfg.model_args]}
     if cfg.checkpoint is not None:
         stat = Path(cfg.checkpoint).stat()
         key["checkpoint_stat"] = [stat.st_size, stat.st_mtime_ns]

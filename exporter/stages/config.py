@@ -27,6 +27,8 @@ class RunConfig:
         align: kept widths are multiples of this; None (``--align auto``) takes the latency table's
             alignment when there is a table (``--latency-budget`` or ``--target-runtime``), else 8.
         checkpoint: state dict to load instead of pretrained weights.
+        num_classes: the classifier head's size (0: a backbone); None reads it from the checkpoint.
+        model_args: further ``timm.create_model`` keyword arguments, as (name, value) pairs.
         random_init: allow random weights when no others are available.
         img_size: input resolution; None for the model's default.
         data: ImageFolder for search, recovery, calibration and parity; None for the built-in
@@ -89,6 +91,8 @@ class RunConfig:
     method: str | None = None
     align: int | None = None
     checkpoint: Path | None = None
+    num_classes: int | None = None
+    model_args: tuple[tuple[str, Any], ...] = ()
     random_init: bool = False
     img_size: int | None = None
     data: Path | None = None

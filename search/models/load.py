@@ -48,6 +48,7 @@ class LoadedModel:
         random_weights: True when the weights are random; accuracy figures are then meaningless.
         data_config: timm preprocessing (input_size, mean, std, interpolation, crop_pct).
         geometry: the model's geometry, read once here and passed on to every stage.
+        notes: what loading decided for the user, in words (e.g. the head size read from the checkpoint).
     """
 
     model: nn.Module = field(repr=False)
@@ -58,6 +59,7 @@ class LoadedModel:
     random_weights: bool
     data_config: dict[str, Any]
     geometry: ModelGeometry = field(repr=False)
+    notes: tuple[str, ...] = ()
 
     @property
     def is_classifier(self) -> bool:
@@ -126,10 +128,20 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"checkpoint {path} is corrupt or not a PyTorch state dict ({reason})") from None
 
 
-def _load_checkpoint(model: nn.Module, path: Path) -> None:
+HEAD_KEY = "head.weight"
+"""The classifier's weight in a timm ViT state dict: (classes, width). No such key: a backbone (no head)."""
+
+
+def head_size(state: dict[str, torch.Tensor]) -> int:
+    """The number of classes of the head a state dict holds (0 when it holds none: a backbone)."""
+    head = state.get(HEAD_KEY)
+    return int(head.shape[0]) if head is not None and head.dim() == 2 else 0
+
+
+def _load_checkpoint(model: nn.Module, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    state = read_checkpoint(path)
+    state = read_checkpoint(path) if state is None else state
     try:
         state = checkpoint_filter_fn(state, model)
     except Exception:
@@ -148,8 +160,9 @@ def _load_checkpoint(model: nn.Module, path: Path) -> None:
         )
 
 
-def _build(timm_name: str, pretrained: bool, img_size: int | None, pattern: str | None = None) -> nn.Module:
-    kwargs: dict[str, Any] = {} if img_size is None else {"img_size": img_size}
+def _build(timm_name: str, pretrained: bool, img_size: int | None, pattern: str | None = None,
+           model_args: dict[str, Any] | None = None) -> nn.Module:
+    kwargs: dict[str, Any] = {**(model_args or {}), **({} if img_size is None else {"img_size": img_size})}
     if pattern is None:
         return timm.create_model(timm_name, pretrained=pretrained, **kwargs)
     try:
@@ -158,14 +171,16 @@ def _build(timm_name: str, pretrained: bool, img_size: int | None, pattern: str 
         raise UnknownModelError(f"--pattern {pattern}: {exc}") from None
 
 
-def _create(timm_name: str, pretrained: bool, img_size: int | None, pattern: str | None = None) -> nn.Module:
+def _create(timm_name: str, pretrained: bool, img_size: int | None, pattern: str | None = None,
+            model_args: dict[str, Any] | None = None) -> nn.Module:
     """The timm model; UnknownModelError when timm cannot build it with these arguments (e.g. ``--img-size``)."""
     try:
-        return _build(timm_name, pretrained, img_size, pattern)
+        return _build(timm_name, pretrained, img_size, pattern, model_args)
     except (TypeError, AssertionError) as exc:
         size = f" at --img-size {img_size}" if img_size is not None else ""
+        args = "".join(f" --model-arg {k}={v}" for k, v in (model_args or {}).items())
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise UnknownModelError(f"timm cannot build {timm_name}{size} ({reason}); choose another model or size") from None
+        raise UnknownModelError(f"timm cannot build {timm_name}{size}{args} ({reason}); choose another model, size or argument") from None
 
 
 def _describe(model: nn.Module, timm_name: str) -> ModelGeometry:
@@ -177,7 +192,8 @@ def _describe(model: nn.Module, timm_name: str) -> ModelGeometry:
         raise UnknownModelError(f"{timm_name}: {exc}") from None
 
 
-def check_architecture(timm_name: str, img_size: int | None = None, pattern: str | None = None) -> bool:
+def check_architecture(timm_name: str, img_size: int | None = None, pattern: str | None = None,
+                       model_args: dict[str, Any] | None = None) -> bool:
     """Refuse a model prune-export cannot prune before any weights are read, built or fetched.
 
     The architecture is built on the meta device (shapes only, no memory, no initialisation), so a
@@ -190,7 +206,7 @@ def check_architecture(timm_name: str, img_size: int | None = None, pattern: str
     """
     try:
         with torch.device("meta"):
-            skeleton = _create(timm_name, False, img_size, pattern)
+            skeleton = _create(timm_name, False, img_size, pattern, model_args)
     except UnknownModelError:
         raise
     except Exception:  # e.g. an op the meta device lacks; the model is checked again once built
@@ -199,13 +215,13 @@ def check_architecture(timm_name: str, img_size: int | None = None, pattern: str
     return True
 
 
-def _pretrained(timm_name: str, img_size: int | None, pattern: str | None) -> nn.Module | None:
+def _pretrained(timm_name: str, img_size: int | None, pattern: str | None, model_args: dict[str, Any]) -> nn.Module | None:
     """timm's pretrained weights from the cache, or from the hub when reachable; None if neither."""
     try:
         if not _hub_reachable():
             with _hub_offline():
-                return _create(timm_name, True, img_size, pattern)
-        return _create(timm_name, True, img_size, pattern)
+                return _create(timm_name, True, img_size, pattern, model_args)
+        return _create(timm_name, True, img_size, pattern, model_args)
     except (OSError, RuntimeError, ValueError, WeightsError):
         return None
 
@@ -222,19 +238,25 @@ def load_model(
     random_init: bool = False,
     img_size: int | None = None,
     pattern: str | None = None,
+    num_classes: int | None = None,
+    model_args: dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Build the dense model for ``name`` with the best weights available.
 
     Args:
         name: a bundled name, an alias, or a timm ViT name.
-        checkpoint: a state dict to load instead of pretrained weights.
+        checkpoint: a state dict to load instead of pretrained weights (a plain state dict, or one
+            under ``model``/``state_dict``/``model_ema``, ``.safetensors``, keys with DDP's ``module.``).
         random_init: allow random weights when neither a checkpoint nor pretrained weights exist.
         img_size: input resolution; defaults to the model's own.
         pattern: for FLatten models, "L" (focused linear) or "S" (softmax) attention per block.
+        num_classes: the classifier head's size (0: no head, a backbone). Default: read from the
+            checkpoint when there is one (its ``head.weight``; none there means a backbone), else the name's own.
+        model_args: further timm keyword arguments of ``timm.create_model``.
 
     Raises:
-        UnknownModelError: the name is unknown, timm cannot build it at ``img_size``, or it is not a
-            model prune-export can prune (refused before any weights are read).
+        UnknownModelError: the name is unknown, timm cannot build it at ``img_size`` with ``model_args``, or it
+            is not a model prune-export can prune (refused before any weights are read).
         WeightsError: no weights could be had, or the checkpoint is missing, corrupt or does not fit.
     """
     timm_name = resolve_name(name)
@@ -244,20 +266,32 @@ def load_model(
             f"--pattern chooses softmax or linear attention per block of a FLatten model "
             f"({', '.join(pattern_names())}); {name} has no such choice"
         )
+    if num_classes is not None and num_classes < 0:
+        raise UnknownModelError(f"--num-classes must be 0 (no head) or more, not {num_classes}")
     bundled = entry if entry is not None and entry.bundled else None
     if bundled is None:
-        check_architecture(timm_name, img_size, pattern)
+        check_architecture(timm_name, img_size, pattern, model_args)
+    notes: list[str] = []
+    state = read_checkpoint(Path(checkpoint)) if checkpoint is not None else None
+    if state is not None and num_classes is None:
+        num_classes = head_size(state)
+        notes.append(f"head: {num_classes} classes, read from the checkpoint" if num_classes else
+                     "head: none in the checkpoint, so a backbone (features out)")
+    args = {**(model_args or {}), **({} if num_classes is None else {"num_classes": num_classes})}
+    if bundled is not None and checkpoint is None and args:
+        raise WeightsError(f"{name}'s bundled weights come with their own head; --num-classes and --model-arg need "
+                           "--checkpoint (the weights of the model they describe)")
     if bundled is not None and checkpoint is None:
         size = img_size or bundled.img_size
         create_args = (size, pattern) if bundled.pattern else (size,)
         model, weights, random = bundled.create(*create_args), f"bundled:{bundled.weights}", False
     elif checkpoint is not None:
         size = img_size or (bundled.img_size if bundled else None)
-        model = _create(timm_name, False, size, pattern)
-        _load_checkpoint(model, Path(checkpoint))
+        model = _create(timm_name, False, size, pattern, args)
+        _load_checkpoint(model, Path(checkpoint), state)
         weights, random = f"checkpoint:{Path(checkpoint).resolve()}", False
     else:
-        model = _pretrained(timm_name, img_size, pattern)
+        model = _pretrained(timm_name, img_size, pattern, args)
         weights, random = "pretrained:timm", False
         if model is None:
             if not random_init:
@@ -265,8 +299,8 @@ def load_model(
                     f"no pretrained weights for {timm_name} (offline and not in the local cache); "
                     "pass --checkpoint PATH, or --random-init for a latency-only run"
                 )
-            model, weights, random = _create(timm_name, False, img_size, pattern), "random-init", True
+            model, weights, random = _create(timm_name, False, img_size, pattern, args), "random-init", True
     model.eval()
     geometry = _describe(model, timm_name)
     size = family_of(model).input_size(model)[-1]
-    return LoadedModel(model, name, timm_name, size, weights, random, _data_config(model, size), geometry)
+    return LoadedModel(model, name, timm_name, size, weights, random, _data_config(model, size), geometry, tuple(notes))
