@@ -32,6 +32,7 @@ from exporter.stages.effort import Effort
 from exporter.stages.latency import (cheapest_ratio, check_latency_options, check_reachable, corrected_budget, cost_stage,
                                      latency_model_section, measure_target, resolve_align, table_check_warning)
 from exporter.stages.plan import head_target, plan_stage, removes_nothing
+from exporter.pruned_file import save_pruned
 from exporter.stages.recovery import recovery_stage
 from exporter.stages.workdir import release_work_dir
 from exporter.summary import SEARCHED, RunResults, build_report
@@ -274,5 +275,6 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | _Rep
         stage_seconds=stage.times, wall_seconds=time.perf_counter() - started, warnings=tuple(warnings),
         latency_model=latency_model,
     ))
-    write_outputs(report, artifact_path, out)
+    write_outputs(report, artifact_path, out,
+                  lambda path: save_pruned(path, pruned, plan, loaded.timm_name, loaded.create_args))
     return report

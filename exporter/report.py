@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from exporter.metadata import write_stamped
 from exporter.report_text import (  # noqa: F401  (re-exported: the report's renderers are imported from here)
@@ -111,8 +111,11 @@ def write_report(report: dict[str, Any], onnx_path: Path) -> dict[str, Path]:
     return paths
 
 
-def write_outputs(report: dict[str, Any], artifact: Path, onnx_path: Path) -> dict[str, Path]:
+def write_outputs(report: dict[str, Any], artifact: Path, onnx_path: Path,
+                  model_file: Callable[[Path], None] | None = None) -> dict[str, Path]:
     """Copy ``artifact`` to ``onnx_path``, stamped with its metadata, and write its report files beside it: all, or none.
+
+    ``model_file`` writes the pruned PyTorch model (``OUT.pt``) to the path it is given, with the others.
 
     Every file is built under a temporary name first; only when all are complete are they renamed
     into place, the ONNX last (:func:`search.core.atomic.atomic_paths`). A failure anywhere, in the
@@ -120,11 +123,14 @@ def write_outputs(report: dict[str, Any], artifact: Path, onnx_path: Path) -> di
     an ONNX never sits beside a report of another run, or without one.
 
     Returns:
-        The paths written, keyed ``json``, ``md``, ``png`` and ``onnx``.
+        The paths written, keyed ``json``, ``md``, ``png``, ``pt`` (with ``model_file``) and ``onnx``.
     """
-    paths = {**report_paths(onnx_path), "onnx": Path(onnx_path)}
+    paths = {**report_paths(onnx_path), **({"pt": Path(onnx_path).with_suffix(".pt")} if model_file else {}),
+             "onnx": Path(onnx_path)}
     with atomic_paths(list(paths.values())) as temps:
         staged = dict(zip(paths, temps))
         _write_files(report, staged)
+        if model_file is not None:
+            model_file(staged["pt"])
         write_stamped(artifact, staged["onnx"], report)
     return paths

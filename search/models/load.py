@@ -49,6 +49,7 @@ class LoadedModel:
         data_config: timm preprocessing (input_size, mean, std, interpolation, crop_pct).
         geometry: the model's geometry, read once here and passed on to every stage.
         notes: what loading decided for the user, in words (e.g. the head size read from the checkpoint).
+        create_args: the ``timm.create_model`` arguments that rebuild this architecture (without weights).
     """
 
     model: nn.Module = field(repr=False)
@@ -60,6 +61,7 @@ class LoadedModel:
     data_config: dict[str, Any]
     geometry: ModelGeometry = field(repr=False)
     notes: tuple[str, ...] = ()
+    create_args: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_classifier(self) -> bool:
@@ -302,5 +304,7 @@ def load_model(
             model, weights, random = _create(timm_name, False, img_size, pattern, args), "random-init", True
     model.eval()
     geometry = _describe(model, timm_name)
-    size = family_of(model).input_size(model)[-1]
-    return LoadedModel(model, name, timm_name, size, weights, random, _data_config(model, size), geometry, tuple(notes))
+    family = family_of(model)
+    size = family.input_size(model)[-1]
+    rebuild = {**(model_args or {}), "num_classes": family.classes(model), "img_size": size, **({"pattern": pattern} if pattern else {})}
+    return LoadedModel(model, name, timm_name, size, weights, random, _data_config(model, size), geometry, tuple(notes), rebuild)
