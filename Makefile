@@ -16,13 +16,13 @@ system:
 	@[ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || \
 	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-## Python packages, all from pyproject.toml, into ./.venv.
+## Python packages, all from pyproject.toml, into ./.venv, at the exact versions of constraints.txt (the tested set).
 install: system $(STAMP)
 
 ## The test suite (tiny models; minutes-long real-model checks are marked slow and left out).
