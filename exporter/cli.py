@@ -79,6 +79,7 @@ class OneLineErrors(TyperCommand):
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
 info_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
+export_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
 
 
 def parse_budget(text: str) -> float:
@@ -333,9 +334,44 @@ def info(
         print(line)
 
 
+@export_app.command(cls=OneLineErrors)
+def export(
+    path: Path = typer.Argument(..., help="A pruned model written by prune-export (OUT.pt), perhaps fine-tuned since.",
+                                show_default=False),
+    output: Path = typer.Option(..., "-o", "--output", help="The ONNX file to write; its report goes beside it."),
+    checkpoint: Optional[Path] = typer.Option(None, help="The dense model's weights, when they are no longer where the "
+                                              "pruning run read them (the reference for MACs, fidelity and latency)."),
+    data: Optional[Path] = typer.Option(None, help="ImageFolder for the parity and fidelity images (default: built-in photographs)."),
+    latency_runs: Optional[int] = typer.Option(None, min=0, help="Timed runs per model (0 skips latency)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Export a pruned model file (OUT.pt) to a validated ONNX file: the same export, parity, MACs, fidelity and
+    latency checks as a pruning run, with no search, compensation or recovery."""
+    err = Console(stderr=True, soft_wrap=True)
+    try:
+        from exporter.export_pruned import export_pruned
+        from exporter.report import print_summary
+
+        report = export_pruned(path, output, checkpoint=checkpoint, data=data, latency_runs=latency_runs, device=device, console=err)
+        if report is not None:
+            print_summary(report, Console())
+    except UserError as exc:
+        raise _fail(err, exc) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} (set {DEBUG_ENV}=1 for the traceback)", highlight=False)
+        raise typer.Exit(1) from None
+
+
 def main() -> None:
-    """Console-script entry point: ``prune-export info FILE`` reads a file, anything else runs the pruner."""
+    """Console-script entry point: ``prune-export info FILE`` reads a file, ``prune-export export OUT.pt`` exports a
+    pruned model, anything else runs the pruner."""
     if sys.argv[1:2] == ["info"]:
         info_app(args=sys.argv[2:], prog_name="prune-export info")
+    elif sys.argv[1:2] == ["export"]:
+        export_app(args=sys.argv[2:], prog_name="prune-export export")
     else:
         app()

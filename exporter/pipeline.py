@@ -275,6 +275,9 @@ def _run(cfg: RunConfig, console: Console, rt: Runtime) -> dict[str, Any] | _Rep
         stage_seconds=stage.times, wall_seconds=time.perf_counter() - started, warnings=tuple(warnings),
         latency_model=latency_model,
     ))
+    dense = {"model": cfg.model, "checkpoint": None if cfg.checkpoint is None else str(Path(cfg.checkpoint).resolve()),
+             "num_classes": cfg.num_classes, "model_args": [list(a) for a in cfg.model_args], "pattern": cfg.pattern,
+             "img_size": loaded.img_size, "random_init": loaded.random_weights}
     write_outputs(report, artifact_path, out,
-                  lambda path: save_pruned(path, pruned, plan, loaded.timm_name, loaded.create_args))
+                  lambda path: save_pruned(path, pruned, plan, loaded.timm_name, loaded.create_args, dense))
     return report

@@ -9,6 +9,7 @@ with ``weights_only=True``, so a file from elsewhere can run no code.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +24,24 @@ FORMAT = "prune-export/pruned-model"
 VERSION = 1
 
 
-def pruned_payload(model: nn.Module, plan: Plan, timm_name: str, create_args: dict[str, Any]) -> dict[str, Any]:
-    """What :func:`save_pruned` writes: plain data and tensors only."""
+def pruned_payload(model: nn.Module, plan: Plan, timm_name: str, create_args: dict[str, Any],
+                   dense: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What :func:`save_pruned` writes: plain data and tensors only. ``dense`` says where the dense model came from
+    (the run's model name, checkpoint, head size, timm arguments), so ``prune-export export`` can compare against it."""
     return {"format": FORMAT, "version": VERSION, "timm_name": timm_name, "create_args": dict(create_args),
-            "plan": plan.to_json(), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+            "dense": json.dumps(dense or {}), "plan": plan.to_json(),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
 
-def save_pruned(path: Path, model: nn.Module, plan: Plan, timm_name: str, create_args: dict[str, Any]) -> None:
+def save_pruned(path: Path, model: nn.Module, plan: Plan, timm_name: str, create_args: dict[str, Any],
+                dense: dict[str, Any] | None = None) -> None:
     """Write the pruned model to ``path`` (the caller makes the write atomic)."""
-    torch.save(pruned_payload(model, plan, timm_name, create_args), Path(path))
+    torch.save(pruned_payload(model, plan, timm_name, create_args, dense), Path(path))
+
+
+def dense_source(path: Path) -> dict[str, Any]:
+    """Where the dense model of a pruned-model file came from (empty when the file does not say)."""
+    return json.loads(read_pruned(path).get("dense") or "{}")
 
 
 def read_pruned(path: Path) -> dict[str, Any]:
@@ -53,8 +63,6 @@ def read_pruned(path: Path) -> dict[str, Any]:
 
 def load_pruned(path: Path) -> nn.Module:
     """The pruned model saved at ``path`` (an ``OUT.pt``), in eval mode, on the CPU."""
-    import json
-
     import timm
 
     from search.families import prepare
@@ -74,6 +82,4 @@ def load_pruned(path: Path) -> nn.Module:
 
 def plan_of(path: Path) -> Plan:
     """The plan a pruned-model file keeps."""
-    import json
-
     return Plan.from_dict(json.loads(read_pruned(path)["plan"]))

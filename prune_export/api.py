@@ -13,7 +13,7 @@ from torch import nn
 from exporter.options import DEFAULT_BUDGET
 from exporter.pipeline import run
 from exporter.pruned_file import load_pruned as _load_pruned
-from exporter.pruned_file import plan_of, save_pruned
+from exporter.pruned_file import dense_source, plan_of, save_pruned
 from exporter.stages.config import RunConfig
 from search.budget.plan import Plan
 from search.core.errors import OptionError, UnknownModelError
@@ -129,17 +129,37 @@ def save(result: PruneResult | nn.Module, path: PathLike, *, plan: Plan | None =
     plan = result.plan if isinstance(result, PruneResult) and plan is None else plan
     if plan is None:
         raise OptionError("save() of a module needs plan=: the Plan it was cut by (PruneResult.plan)")
+    dense = dense_source(result.model_file) if isinstance(result, PruneResult) and result.model_file.is_file() else None
     family = family_of(model)
     name = timm_name or _architecture(model)
     args = create_args if create_args is not None else {"num_classes": family.classes(model), "img_size": family.input_size(model)[-1]}
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     try:
-        save_pruned(tmp, model, plan, name, args)
+        save_pruned(tmp, model, plan, name, args, dense)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def export(source: PruneResult | PathLike, path: PathLike, *, checkpoint: PathLike | None = None, data: PathLike | None = None,
+           latency_runs: int | None = None, device: str = "auto") -> dict[str, Any]:
+    """Write the validated ONNX of a pruned model to ``path``, as ``prune-export export`` does; returns its report.
+
+    ``source`` is a :class:`PruneResult` (after fine-tuning its ``model`` in place, the tuned weights are exported)
+    or a pruned-model file (a run's ``OUT.pt``, or one :func:`save` wrote from a :class:`PruneResult`). The dense
+    model it was pruned from is the reference; ``checkpoint`` gives its weights when they have moved.
+    """
+    from exporter.export_pruned import export_pruned
+
+    with tempfile.TemporaryDirectory(prefix="prune-export-tuned-") as held:
+        file = save(source, Path(held) / "model.pt") if isinstance(source, PruneResult) else Path(source)
+        report = export_pruned(file, Path(path), checkpoint=Path(checkpoint) if checkpoint is not None else None,
+                               data=Path(data) if data is not None else None, latency_runs=latency_runs, device=device)
+    if report is None:
+        raise OptionError("export() returns its report on rank 0 only")
+    return report
 
 
 def load_pruned(path: PathLike) -> nn.Module:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from exporter.cli import app
+from exporter.cli import app, export_app
 from exporter.pruned_file import load_pruned, plan_of
 from search.budget.plan import Plan
 from search.core.errors import WeightsError
@@ -48,3 +48,41 @@ def test_a_missing_corrupt_or_foreign_file_is_refused_with_the_fix(tmp_path, wri
     torch.save({"weight": torch.zeros(2)}, tmp_path / "plain.pt")
     with pytest.raises(WeightsError, match="--checkpoint"):
         load_pruned(tmp_path / "plain.pt")
+
+
+def test_export_writes_a_validated_onnx_of_a_pruned_model_fine_tuned_since(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    dense = timm.create_model("test_vit", pretrained=False, num_classes=10).eval()
+    checkpoint = tmp_path / "dense.pth"
+    torch.save(dense.state_dict(), checkpoint)
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(app, ["test_vit", "--checkpoint", str(checkpoint), "--budget", "0.6", "--method", "magnitude",
+                                      "--finetune-steps", "0", "--search-images", "16", "--heldout-images", "8",
+                                      "--latency-runs", "0", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    model = load_pruned(out.with_suffix(".pt"))
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(3):  # the user's own training, a few steps
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 160, 160)), torch.randint(0, 10, (4,)))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+    import prune_export
+
+    tuned = prune_export.save(model, tmp_path / "tuned.pt", plan=plan_of(out.with_suffix(".pt")))
+    # save() reads the architecture from the module: the dense source is not in it, so export needs the checkpoint
+    exported = tmp_path / "tuned.onnx"
+    refused = CliRunner().invoke(export_app, [str(tuned), "-o", str(exported), "--latency-runs", "0"])
+    assert refused.exit_code != 0 and "pruned from" in refused.output and "Traceback" not in refused.output
+    done = CliRunner().invoke(export_app, [str(out.with_suffix(".pt")), "-o", str(tmp_path / "again.onnx"), "--latency-runs", "0"])
+    assert done.exit_code == 0, done.output
+    report = json.loads((tmp_path / "again.json").read_text())
+    assert report["parity"]["max_abs_diff"] < 1e-4 and report["compensation"] is None and report["recovery"] is None
+    x = np.random.default_rng(2).standard_normal((2, 3, 160, 160)).astype(np.float32)
+    session = ort.InferenceSession(str(tmp_path / "again.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        reference = load_pruned(out.with_suffix(".pt"))(torch.from_numpy(x)).numpy()
+    assert np.abs(session.run(None, {session.get_inputs()[0].name: x})[0] - reference).max() < 1e-4

@@ -54,6 +54,9 @@ def weights_key(cfg: RunConfig, loaded: LoadedModel) -> dict[str, Any]:
     if cfg.checkpoint is not None:
         stat = Path(cfg.checkpoint).stat()
         key["checkpoint_stat"] = [stat.st_size, stat.st_mtime_ns]
+    if cfg.pruned_weights is not None:  # a fine-tuned pruned model exported again: its weights are part of every key
+        stat = Path(cfg.pruned_weights).stat()
+        key["pruned_weights_stat"] = [str(Path(cfg.pruned_weights).resolve()), stat.st_size, stat.st_mtime_ns]
     if loaded.random_weights:
         key["init_seed"] = cfg.seed
     return key

@@ -29,6 +29,8 @@ class RunConfig:
         checkpoint: state dict to load instead of pretrained weights.
         num_classes: the classifier head's size (0: a backbone); None reads it from the checkpoint.
         model_args: further ``timm.create_model`` keyword arguments, as (name, value) pairs.
+        pruned_weights: a pruned-model file (``OUT.pt``, perhaps fine-tuned since) to export instead of
+            cutting and repairing: its plan is replayed, and no compensation or recovery runs.
         random_init: allow random weights when no others are available.
         img_size: input resolution; None for the model's default.
         data: ImageFolder for search, recovery, calibration and parity; None for the built-in
@@ -93,6 +95,7 @@ class RunConfig:
     checkpoint: Path | None = None
     num_classes: int | None = None
     model_args: tuple[tuple[str, Any], ...] = ()
+    pruned_weights: Path | None = None
     random_init: bool = False
     img_size: int | None = None
     data: Path | None = None

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from exporter.compensation import CompensationConfig, compensate
+from exporter.pruned_file import load_pruned
 from exporter.recovery import RecoveryConfig, recover
 from exporter.reweight import add_reweights, fold_reweights
 from exporter.stages.cache import cached_file, is_fresh, key_of
@@ -87,7 +88,11 @@ def recovery_stage(
     cfg: RunConfig, loaded: LoadedModel, plan: Plan, images: Images, rt: Runtime, weights_key: dict, notes: list[str]
 ) -> tuple[torch.nn.Module, dict[str, Any] | None, dict[str, Any] | None, Plan]:
     """The pruned model as it is exported: cut, compensated (``cfg.compensate``), recovered; with both summaries
-    and the plan it keeps (compensation may re-choose the kept indices, never their counts)."""
+    and the plan it keeps (compensation may re-choose the kept indices, never their counts). With
+    ``cfg.pruned_weights`` it is that file's model, as it is."""
+    if cfg.pruned_weights is not None:
+        notes.append(f"the pruned model of {cfg.pruned_weights}, as it is: no compensation, no recovery")
+        return load_pruned(cfg.pruned_weights), None, None, plan
     pruned = apply_plan(loaded.model, plan, loaded.geometry)
     if plan.removes_nothing:
         notes.append("the plan removes nothing: no recovery, no compensation")
