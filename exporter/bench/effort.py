@@ -76,6 +76,12 @@ def rows() -> list[Row]:
     return [Row(e, d, b) for b in BUDGETS for d in (False, True) for e in EFFORTS] + [Row("fast", False, b, False) for b in BUDGETS]
 
 
+def _machine() -> str:
+    """The machine a row ran on, as the table names it: wall times compare only within one machine."""
+    info = machine_info()
+    return f"{info.get('cpu_model')}, {info.get('cpu_count')} CPUs"
+
+
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -132,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "row": row.name, "device": device, "effort": row.effort, "data": row.data, "budget": row.budget,
             "compensate": row.compensate, "compensation_s": (report.get("compensation") or {}).get("seconds"),
+            "machine": _machine(),
             "wall_s": wall, "load_at_start": load, "load_at_end": os.getloadavg()[0],
             "search_steps": effort.search_steps, "finetune_steps": effort.finetune_steps,
             "images": effort.search_images, "batch": effort.batch_size,
@@ -178,16 +185,18 @@ def write_outputs(stored: dict[str, Any]) -> None:
         "# Effort bench: what each --effort level buys",
         "",
         f"- {meta.get('model')}; {meta.get('protocol')}",
-        f"- machine: {meta.get('machine', {}).get('cpu_model')}, {meta.get('machine', {}).get('cpu_count')} CPUs; updated {meta.get('updated')}",
+        f"- last run on: {meta.get('machine', {}).get('cpu_model')}, {meta.get('machine', {}).get('cpu_count')} CPUs; updated "
+        f"{meta.get('updated')}; each row names its machine",
         "- wall: from the start of the run to the written file, export, parity and fidelity included (latency skipped); "
-        "the load average at the start and end says whether the machine was shared",
+        "the load average at the start and end says whether the machine was shared; wall times compare only between rows "
+        "of the same machine",
         "- fidelity (the run's report, on its own held-out images): feature cosine to dense, share of k-NN neighbours kept, "
         "relation agreement",
         "- reproduce: `python -m exporter.bench.effort` (rows already in effort.json for this device are kept)",
         "",
-        "| row | device | steps (search/recovery), images, batch | wall | load | MAC ratio | cosine | neighbours | relations | "
-        "Fashion-MNIST k-NN | vs dense | digits k-NN | vs dense |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| row | device | machine | steps (search/recovery), images, batch | wall | load | MAC ratio | cosine | neighbours | "
+        "relations | Fashion-MNIST k-NN | vs dense | digits k-NN | vs dense |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     dense = {r["device"]: r for r in results if r["row"] == "dense"}
 
@@ -200,11 +209,11 @@ def write_outputs(stored: dict[str, Any]) -> None:
     for r in results:
         fashion, digits = knn(r, "knn_top1"), knn(r, "knn_digits")
         if r["row"] == "dense":
-            lines.append(f"| dense | {r['device']} | | | | 1.0000 | | | | {fashion[0]} | | {digits[0]} | |")
+            lines.append(f"| dense | {r['device']} | {r.get('machine', '')} | | | | 1.0000 | | | | {fashion[0]} | | {digits[0]} | |")
             continue
         f = r["fidelity"]
         lines.append(
-            f"| {r['row']} | {r['device']} | {r['search_steps']}/{r['finetune_steps']}, {r['images']}, {r['batch']} | "
+            f"| {r['row']} | {r['device']} | {r.get('machine', '')} | {r['search_steps']}/{r['finetune_steps']}, {r['images']}, {r['batch']} | "
             f"{r['wall_s'] / 60:.1f} min | {r['load_at_start']:.1f}→{r['load_at_end']:.1f} | {r['mac_ratio']:.4f} | "
             f"{f['feature_cosine']:.4f} | {f['knn_agreement']:.3f} | {f['relation_agreement']:.4f} | "
             f"{fashion[0]} | {fashion[1]} | {digits[0]} | {digits[1]} |"
@@ -232,8 +241,11 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             ax.plot([p[0] for p in pts], [p[column] for p in pts], marker="o", label=key)
             for p in pts:
                 ax.annotate(p[3], (p[0], p[column]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ticks = [2, 3, 5, 10, 20, 30, 60]
     for ax, label in zip(axes, ("feature cosine to dense", "relation agreement to dense")):
         ax.set_xscale("log")
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xticks([], minor=True)
         ax.set_xlabel("wall time of the run (minutes, log scale)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
