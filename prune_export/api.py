@@ -75,7 +75,8 @@ def prune(model: nn.Module | str, *, budget: float | None = None, latency_budget
 
     Args:
         model: an ``nn.Module`` (a timm ViT of a supported family, in memory, with whatever head it has), or a
-            name as the CLI takes it. A module is handed to the pipeline as its timm architecture and state dict.
+            name as the CLI takes it. A module is handed to the pipeline as its timm architecture and state dict,
+            saved beside the output as ``OUT.dense.pt``: the dense reference a later :func:`export` compares against.
         budget: fraction of the dense MACs to keep (default 0.63 when ``latency_budget`` is not given).
         latency_budget: fraction of the dense latency on the target, instead of ``budget``.
         data: an ImageFolder of the user's images for search, compensation and recovery (default: built-in photographs).
@@ -100,17 +101,22 @@ def prune(model: nn.Module | str, *, budget: float | None = None, latency_budget
     common = dict(budget=latency_budget if latency_budget is not None else (budget if budget is not None else DEFAULT_BUDGET),
                   output=out, method=method, effort=effort, device=device, data=Path(data) if data is not None else None,
                   latency_budget=latency_budget, **options)
-    with tempfile.TemporaryDirectory(prefix="prune-export-input-") as held:
-        if isinstance(model, str):
-            cfg = RunConfig(model=model, model_args=tuple((model_args or {}).items()), **common)
-        else:  # the module goes in as what the CLI takes: its timm architecture and its weights
-            family = family_of(model)
-            checkpoint = Path(held) / "model.pt"
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, checkpoint)
-            common.setdefault("img_size", family.input_size(model)[-1])
-            cfg = RunConfig(model=_architecture(model), checkpoint=checkpoint, num_classes=family.classes(model),
-                            model_args=tuple((model_args or {}).items()), **common)
-        report = run(cfg)
+    if isinstance(model, str):
+        report = run(RunConfig(model=model, model_args=tuple((model_args or {}).items()), **common))
+    else:  # the module goes in as what the CLI takes: its timm architecture and its weights, kept as OUT.dense.pt
+        family = family_of(model)
+        checkpoint = out.with_name(out.stem + ".dense.pt")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = checkpoint.with_name(checkpoint.name + ".partial")
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, partial)
+        partial.replace(checkpoint)
+        common.setdefault("img_size", family.input_size(model)[-1])
+        try:
+            report = run(RunConfig(model=_architecture(model), checkpoint=checkpoint, num_classes=family.classes(model),
+                                   model_args=tuple((model_args or {}).items()), **common))
+        except BaseException:
+            checkpoint.unlink(missing_ok=True)
+            raise
     if report is None:  # a non-zero rank under torchrun: rank 0 writes and reports
         raise OptionError("prune() returns its result on rank 0 only")
     model_file = out.with_suffix(".pt")

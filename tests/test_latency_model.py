@@ -168,7 +168,10 @@ def test_mac_budget_with_a_target_predicts_latency_and_aligns_from_the_table(cli
     section = report["latency_model"]
     assert section["cost"] == "macs" and section["budget"] is None and "miss" not in section
     assert section["measured_by"] == "timed on torch-cpu" and section["target"]["name"] == "torch-cpu"
-    assert report["plan"]["align"] == section["align"]
+    # auto takes the table's alignment, halved (not below 8) while the budget cannot be reached at it: which one
+    # holds depends on the measured table, so the plan's is the table's or a power-of-two divisor of it
+    align = report["plan"]["align"]
+    assert align >= 8 and section["align"] % align == 0 and (section["align"] // align) & (section["align"] // align - 1) == 0
     assert report["macs"]["ratio"] <= 0.6
 
 

@@ -23,7 +23,7 @@ def test_a_successful_run_removes_its_work_folder_and_says_how_large_it_was(tmp_
     result = invoke("test_vit", "--random-init", "-o", out, *FAST)
     assert result.exit_code == 0, result.output
     assert not out.with_suffix(".work").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.md", "m.onnx", "m.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.md", "m.onnx", "m.png", "m.pt"]
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["work"]["kept"] is False and report["work"]["bytes"] > 100_000 and report["plan"]["path"] is None
     assert f"m.work removed ({human_bytes(report['work']['bytes'])})" in result.output and "--keep-work" in result.output
