@@ -70,7 +70,7 @@ class Effort:
 
 _LEVELS: dict[tuple[str, str], tuple[int, int, int, int, int, str]] = {
     # (name, device): (search steps, recovery steps, search images, held-out images, batch, reason)
-    ("fast", "cpu"): (20, 0, 128, 200, 16, "a check in minutes: the search and compensation in closed form, no recovery"),
+    ("fast", "cpu"): (20, 0, 96, 200, 16, "a check in minutes: the search and compensation in closed form, no recovery"),
     ("default", "cpu"): (40, 0, 384, 200, 16,
                          "no GPU: the search and compensation in closed form, sized for under 15 minutes for dinov2_s at 224 px on 2 cores"),
     ("best", "cpu"): (150, 600, 1024, 200, 16, "no GPU: the longest CPU setting, an hour or more on 2 cores"),
