@@ -39,11 +39,6 @@ def save_pruned(path: Path, model: nn.Module, plan: Plan, timm_name: str, create
     torch.save(pruned_payload(model, plan, timm_name, create_args, dense), Path(path))
 
 
-def dense_source(path: Path) -> dict[str, Any]:
-    """Where the dense model of a pruned-model file came from (empty when the file does not say)."""
-    return json.loads(read_pruned(path).get("dense") or "{}")
-
-
 def read_pruned(path: Path) -> dict[str, Any]:
     """The payload of a pruned-model file, checked; WeightsError naming the fix otherwise."""
     path = Path(path)
@@ -61,18 +56,26 @@ def read_pruned(path: Path) -> dict[str, Any]:
     return payload
 
 
-def load_pruned(path: Path) -> nn.Module:
-    """The pruned model saved at ``path`` (an ``OUT.pt``), in eval mode, on the CPU."""
+def plan_in(payload: dict[str, Any]) -> Plan:
+    """The plan a pruned-model file's payload (:func:`read_pruned`) keeps."""
+    return Plan.from_dict(json.loads(payload["plan"]))
+
+
+def dense_in(payload: dict[str, Any]) -> dict[str, Any]:
+    """Where the dense model of a payload came from (empty when the file does not say)."""
+    return json.loads(payload.get("dense") or "{}")
+
+
+def rebuild(payload: dict[str, Any], path: Path) -> nn.Module:
+    """The pruned model a payload (:func:`read_pruned` of ``path``) holds, in eval mode, on the CPU."""
     import timm
 
     from search.families import prepare
     from search.models import load as _registers  # noqa: F401  (registers the FLatten architectures with timm)
 
-    payload = read_pruned(path)
-    plan = Plan.from_dict(json.loads(payload["plan"]))
     dense = timm.create_model(payload["timm_name"], pretrained=False, **payload["create_args"])
     prepare(dense)
-    pruned = apply_plan(dense.eval(), plan)
+    pruned = apply_plan(dense.eval(), plan_in(payload))
     try:
         pruned.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as exc:
@@ -80,6 +83,11 @@ def load_pruned(path: Path) -> nn.Module:
     return pruned.eval()
 
 
+def load_pruned(path: Path) -> nn.Module:
+    """The pruned model saved at ``path`` (an ``OUT.pt``), in eval mode, on the CPU."""
+    return rebuild(read_pruned(path), Path(path))
+
+
 def plan_of(path: Path) -> Plan:
     """The plan a pruned-model file keeps."""
-    return Plan.from_dict(json.loads(read_pruned(path)["plan"]))
+    return plan_in(read_pruned(path))

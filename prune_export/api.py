@@ -12,10 +12,11 @@ from torch import nn
 
 from exporter.options import DEFAULT_BUDGET
 from exporter.pipeline import run
+from exporter.pruned_file import dense_in, plan_in, read_pruned, rebuild, save_pruned
 from exporter.pruned_file import load_pruned as _load_pruned
-from exporter.pruned_file import dense_source, plan_of, save_pruned
 from exporter.stages.config import RunConfig
 from search.budget.plan import Plan
+from search.core.atomic import atomic_path
 from search.core.errors import OptionError, UnknownModelError
 from search.families import family_of
 from search.models.load import load_model as _load_model
@@ -107,9 +108,8 @@ def prune(model: nn.Module | str, *, budget: float | None = None, latency_budget
         family = family_of(model)
         checkpoint = out.with_name(out.stem + ".dense.pt")
         out.parent.mkdir(parents=True, exist_ok=True)
-        partial = checkpoint.with_name(checkpoint.name + ".partial")
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, partial)
-        partial.replace(checkpoint)
+        with atomic_path(checkpoint) as partial:
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, partial)
         common.setdefault("img_size", family.input_size(model)[-1])
         try:
             report = run(RunConfig(model=_architecture(model), checkpoint=checkpoint, num_classes=family.classes(model),
@@ -120,7 +120,8 @@ def prune(model: nn.Module | str, *, budget: float | None = None, latency_budget
     if report is None:  # a non-zero rank under torchrun: rank 0 writes and reports
         raise OptionError("prune() returns its result on rank 0 only")
     model_file = out.with_suffix(".pt")
-    return PruneResult(model=_load_pruned(model_file), plan=plan_of(model_file), report=report, onnx=out, model_file=model_file)
+    payload = read_pruned(model_file)
+    return PruneResult(model=rebuild(payload, model_file), plan=plan_in(payload), report=report, onnx=out, model_file=model_file)
 
 
 def save(result: PruneResult | nn.Module, path: PathLike, *, plan: Plan | None = None, timm_name: str | None = None,
@@ -135,17 +136,13 @@ def save(result: PruneResult | nn.Module, path: PathLike, *, plan: Plan | None =
     plan = result.plan if isinstance(result, PruneResult) and plan is None else plan
     if plan is None:
         raise OptionError("save() of a module needs plan=: the Plan it was cut by (PruneResult.plan)")
-    dense = dense_source(result.model_file) if isinstance(result, PruneResult) and result.model_file.is_file() else None
+    dense = dense_in(read_pruned(result.model_file)) if isinstance(result, PruneResult) and result.model_file.is_file() else None
     family = family_of(model)
     name = timm_name or _architecture(model)
     args = create_args if create_args is not None else {"num_classes": family.classes(model), "img_size": family.input_size(model)[-1]}
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        save_pruned(tmp, model, plan, name, args, dense)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as partial:
+        save_pruned(partial, model, plan, name, args, dense)
     return path
 
 
