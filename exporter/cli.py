@@ -12,11 +12,12 @@ choices and defaults the help shows come from torch-free modules (``search.core.
 from __future__ import annotations
 
 import ast
+import contextlib
 
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import typer
 from rich.console import Console
@@ -137,6 +138,25 @@ def parse_align(text: Optional[str]) -> Optional[int]:
 def _fail(err: Console, exc: UserError) -> typer.Exit:
     err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)  # "[openvino]" is no markup tag
     return typer.Exit(exc.exit_code)
+
+
+@contextlib.contextmanager
+def _one_line_errors(err: Console, interrupted: str | None = None) -> Iterator[None]:
+    """A command's body: a bad input ends in its one-line message and exit code, Ctrl-C in 130 (with
+    ``interrupted`` said, when given), an internal error in one line and exit 1 (its traceback when DEBUG_ENV is set)."""
+    try:
+        yield
+    except UserError as exc:
+        raise _fail(err, exc) from None
+    except KeyboardInterrupt:
+        if interrupted:
+            err.print(interrupted)
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} (set {DEBUG_ENV}=1 for the traceback)", highlight=False)
+        raise typer.Exit(1) from None
 
 
 @app.command(cls=OneLineErrors, epilog=f"prune-export info FILE.onnx prints what a written file says about itself. "
@@ -263,7 +283,7 @@ def prune_export(
 ) -> None:
     """Prune a vision transformer under a MAC or latency budget and write a validated, self-describing ONNX file."""
     err = Console(stderr=True, soft_wrap=True)
-    try:
+    with _one_line_errors(err, "[bold red]interrupted[/]: finished stages are kept in the .work directory next to -o; re-run to resume"):
         explicit_budget = None if budget is None else parse_budget(budget)
         check_fixed_values({"--method": method, "--indicator": indicator, "--widths": widths, "--gate-optimiser": gate_optimiser,
                             "--heads-scope": heads_scope, "--target": target, "--precision": precision,
@@ -300,16 +320,6 @@ def prune_export(
         report = run(cfg, err)
         if report is not None:
             print_summary(report, Console())
-    except UserError as exc:
-        raise _fail(err, exc) from None
-    except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/]: finished stages are kept in the .work directory next to -o; re-run to resume")
-        raise typer.Exit(130) from None
-    except Exception as exc:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} (set {DEBUG_ENV}=1 for the traceback)", highlight=False)
-        raise typer.Exit(1) from None
 
 
 @info_app.command(cls=OneLineErrors)
@@ -348,22 +358,13 @@ def export(
     """Export a pruned model file (OUT.pt) to a validated ONNX file: the same export, parity, MACs, fidelity and
     latency checks as a pruning run, with no search, compensation or recovery."""
     err = Console(stderr=True, soft_wrap=True)
-    try:
+    with _one_line_errors(err):
         from exporter.export_pruned import export_pruned
         from exporter.report import print_summary
 
         report = export_pruned(path, output, checkpoint=checkpoint, data=data, latency_runs=latency_runs, device=device, console=err)
         if report is not None:
             print_summary(report, Console())
-    except UserError as exc:
-        raise _fail(err, exc) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-    except Exception as exc:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} (set {DEBUG_ENV}=1 for the traceback)", highlight=False)
-        raise typer.Exit(1) from None
 
 
 def main() -> None:
