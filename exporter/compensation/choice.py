@@ -7,10 +7,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from exporter.compensation.fits import normal_equations, row_weights
 from exporter.compensation.recording import Recorder
 from search.attention.base import head_rows
 from search.cut.blocks import BlockPlan
-from search.cut.least_squares import NormalEquations, prior_of, ridge_solve
+from search.cut.least_squares import prior_of, ridge_solve
 from search.cut.selection import keep_least_loss
 
 
@@ -31,7 +32,6 @@ def rearrange_attention(kind: Any, dense: nn.Module, block: BlockPlan, dense_inp
     dv = kind.shape(dense).v_dim
     every = tuple(range(dv))
     cols = head_rows(0, dv, block.heads, (every,) * len(block.heads))
-    eq = NormalEquations(len(cols), proj.out_features)
     recorder = Recorder()
     recorder.input_of("z", proj)
     try:
@@ -39,9 +39,8 @@ def rearrange_attention(kind: Any, dense: nn.Module, block: BlockPlan, dense_inp
             dense(x)
     finally:
         recorder.remove()
-    for n, (z, t) in enumerate(zip(recorder.kept["z"], targets)):
-        eq.add(z[..., cols], t, None if token_w is None else token_w[n])
-    metric = None if scale is None else scale.double().pow(2).clamp_min(1e-12)
+    eq = normal_equations((z[..., cols] for z in recorder.kept["z"]), targets, (len(cols), proj.out_features), token_w)
+    metric = row_weights(scale)
     prior = prior_of(proj)
     prior = torch.cat([prior[:, cols], prior[:, -1:]], dim=1)
     full = ridge_solve(eq, prior, ridge, row_weights=metric)
@@ -72,10 +71,8 @@ def full_hidden(dense_block: nn.Module, fc1: nn.Linear, fc1_source: nn.Linear, f
 def choose_units(hidden: list[torch.Tensor], targets: list[torch.Tensor], token_w: list[torch.Tensor] | None,
                   scale: torch.Tensor | None, fc2: nn.Linear, keep: int, ridge: float) -> tuple[int, ...]:
     """The ``keep`` hidden units (of all of ``hidden``'s) from which fc2's refit to ``targets`` loses least."""
-    eq = NormalEquations(fc2.in_features, fc2.out_features)
-    for n, (h, t) in enumerate(zip(hidden, targets)):
-        eq.add(h, t, None if token_w is None else token_w[n])
-    metric = None if scale is None else scale.double().pow(2).clamp_min(1e-12)
+    eq = normal_equations(hidden, targets, (fc2.in_features, fc2.out_features), token_w)
+    metric = row_weights(scale)
     full = ridge_solve(eq, prior_of(fc2), ridge, row_weights=metric)
     return tuple(keep_least_loss(eq.gram, full, keep, [[u] for u in range(fc2.in_features)], metric, damp=ridge))
 
