@@ -1,6 +1,7 @@
 """The public API from an installed wheel, not from the checkout: what a user who runs `pip install prune-export` gets."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -13,8 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.timeout(600)
 def test_the_built_wheel_installs_and_imports_prune_export_from_site_packages(tmp_path):
+    # built from a copy: setuptools leaves build/ beside the sources, and a stale build/lib there would ship
+    # modules the checkout no longer has in the next wheel
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", ".cache", "build", "dist", "*.egg-info",
+                                                                 "artifacts", "__pycache__", "*.work"))
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)],
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(source)],
                    check=True, cwd=tmp_path)
     wheel = next(dist.glob("prune_export-*.whl"))
     env = tmp_path / "env"
