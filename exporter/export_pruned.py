@@ -37,7 +37,7 @@ def export_config(path: Path, output: Path, checkpoint: Path | None, data: Path 
     return RunConfig(model=dense["model"], budget=plan.budget, output=output, checkpoint=source, num_classes=dense.get("num_classes"),
                      model_args=tuple(tuple(a) for a in dense.get("model_args", [])), pattern=dense.get("pattern"),
                      img_size=dense.get("img_size"), random_init=bool(dense.get("random_init")), data=data, device=device,
-                     pruned_weights=path, compensate=False, finetune_steps=0, **extra), plan
+                     pruned_weights=path, compensate=False, finetune_steps=0, keep_work=False, **extra), plan
 
 
 @contextlib.contextmanager

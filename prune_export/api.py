@@ -87,7 +87,8 @@ def prune(model: nn.Module | str, *, budget: float | None = None, latency_budget
         output: where the ONNX file goes (default: a temporary folder; the report, ``.pt`` and plot go beside it).
         model_args: timm keyword arguments the module was built with beyond its head size and image size.
         **options: any further field of the run configuration (``exporter.stages.config.RunConfig``), named as
-            there (e.g. ``search_steps=20``, ``img_size=112``, ``runtimes=("ort",)``).
+            there (e.g. ``search_steps=20``, ``img_size=112``, ``runtimes=("ort",)``); the work folder goes after a
+            successful run, as on the command line, unless ``keep_work=True``.
 
     Raises:
         UserError: a bad input or a failed check, with the fix in its message; nothing is written then.
@@ -101,7 +102,7 @@ def prune(model: nn.Module | str, *, budget: float | None = None, latency_budget
     out = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="prune-export-")) / "model.onnx"
     common = dict(budget=latency_budget if latency_budget is not None else (budget if budget is not None else DEFAULT_BUDGET),
                   output=out, method=method, effort=effort, device=device, data=Path(data) if data is not None else None,
-                  latency_budget=latency_budget, **options)
+                  latency_budget=latency_budget, **{"keep_work": False, **options})
     if isinstance(model, str):
         report = run(RunConfig(model=model, model_args=tuple((model_args or {}).items()), **common))
     else:  # the module goes in as what the CLI takes: its timm architecture and its weights, kept as OUT.dense.pt

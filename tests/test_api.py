@@ -25,6 +25,7 @@ def test_prune_takes_a_module_in_memory_and_gives_back_the_pruned_model_plan_and
     assert isinstance(result, prune_export.PruneResult)
     assert result.report["macs"]["onnx_ratio"] <= 0.6 + 1e-6 and result.report["model"]["classifier"]
     assert result.plan.pruned_macs == result.report["macs"]["pruned"]
+    assert not (tmp_path / "m.work").exists()  # as the command line: the work folder goes once the run succeeded
     x = np.random.default_rng(1).standard_normal((3, 3, 160, 160)).astype(np.float32)
     session = ort.InferenceSession(str(result.onnx), providers=["CPUExecutionProvider"])
     expected = session.run(None, {session.get_inputs()[0].name: x})[0]

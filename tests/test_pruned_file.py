@@ -79,6 +79,7 @@ def test_export_writes_a_validated_onnx_of_a_pruned_model_fine_tuned_since(tmp_p
     assert refused.exit_code != 0 and "pruned from" in refused.output and "Traceback" not in refused.output
     done = CliRunner().invoke(export_app, [str(out.with_suffix(".pt")), "-o", str(tmp_path / "again.onnx"), "--latency-runs", "0"])
     assert done.exit_code == 0, done.output
+    assert not (tmp_path / "again.work").exists()
     report = json.loads((tmp_path / "again.json").read_text())
     assert report["parity"]["max_abs_diff"] < 1e-4 and report["compensation"] is None and report["recovery"] is None
     x = np.random.default_rng(2).standard_normal((2, 3, 160, 160)).astype(np.float32)
